@@ -1,0 +1,46 @@
+"""fedgen ClientApp: turns Flower Messages into calls of :mod:`client.site`."""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import evaluate_round, train_round
+from common import records as R
+from common.config import parse_node_config, parse_run_config
+from common.logs import setup_logging
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    setup_logging()
+    cfg = parse_run_config(context.run_config)
+    site = parse_node_config(context.node_config)
+    config = msg.content["config"]
+    result = train_round(
+        cfg,
+        site,
+        msg.content["arrays"],
+        server_round=int(config["server-round"]),
+        state=context.state,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        run_id=context.run_id,
+    )
+    content = RecordDict({
+        "metrics": MetricRecord(result.metrics),
+        "status": ConfigRecord({R.STATUS: result.status, R.REASON: result.reason}),
+    })
+    if result.arrays is not None:
+        content["arrays"] = result.arrays
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    setup_logging()
+    cfg = parse_run_config(context.run_config)
+    site = parse_node_config(context.node_config)
+    metrics = evaluate_round(cfg, site, msg.content["arrays"])
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

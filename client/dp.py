@@ -1,0 +1,166 @@
+"""Opacus at a site: wrap the task's private module, restore and persist the accountant.
+
+Privacy state is checkpointed state. A site's spend on a dataset is the accountant
+history, kept in two places: ``Context.state`` (lives as long as the SuperNode
+process) and, when the node config names one, a ledger file on the site's own disk,
+written atomically after every round, which survives restarts and later runs. The
+ledger is the authority when present; a ledger that cannot be read or fails its
+checksum stops the site (fail closed) rather than restarting the count at zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from opacus import PrivacyEngine
+
+from common.privacy import DPPlan, HistoryEntry
+from common.tasks import GenerativeTask
+
+log = logging.getLogger(__name__)
+
+LEDGER_VERSION = 1
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be trusted; the site refuses to train until an operator looks."""
+
+
+@dataclass
+class LedgerEntry:
+    history: list[HistoryEntry] = field(default_factory=list)
+    delta: float = 0.0
+    epsilon: float = 0.0
+    budget: float = 0.0
+    accountant: str = "rdp"
+    rounds: list[dict] = field(default_factory=list)  # one line per round: run, family, round, steps
+
+
+def _checksum(entries: dict) -> str:
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+class Ledger:
+    """A JSON file of ledger entries keyed by dataset identity, with a checksum."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def _read(self) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            doc = json.loads(self.path.read_text())
+            entries = doc["entries"]
+            ok = doc.get("version") == LEDGER_VERSION and doc.get("checksum") == _checksum(entries)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise LedgerError(
+                f"privacy ledger {self.path} is unreadable ({err}); the site will not train until it is "
+                "restored from a backup or an operator decides what was spent"
+            ) from None
+        if not ok:
+            raise LedgerError(
+                f"privacy ledger {self.path} fails its checksum or version check (edited or corrupt); "
+                "the site will not train until it is restored from a backup"
+            )
+        return entries
+
+    def load(self, key: str) -> LedgerEntry:
+        raw = self._read().get(key)
+        if raw is None:
+            return LedgerEntry()
+        raw["history"] = [tuple(h) for h in raw["history"]]
+        return LedgerEntry(**raw)
+
+    def save(self, key: str, entry: LedgerEntry) -> None:
+        entries = self._read()
+        entries[key] = {**entry.__dict__, "history": [list(h) for h in entry.history]}
+        doc = {"version": LEDGER_VERSION, "updated_at": time.time(), "entries": entries,
+               "checksum": _checksum(entries)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(doc, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@dataclass
+class PrivateTraining:
+    """Handles to what Opacus made private for one round."""
+
+    engine: PrivacyEngine
+    loader: torch.utils.data.DataLoader
+    clipped: int = 0
+    seen: int = 0
+
+    @property
+    def history(self) -> list[HistoryEntry]:
+        return [(float(n), float(q), int(s)) for n, q, s in self.engine.accountant.history]
+
+    @property
+    def clip_fraction(self) -> float:
+        return self.clipped / self.seen if self.seen else 0.0
+
+
+def make_private(
+    task: GenerativeTask,
+    optimizers: dict[str, torch.optim.Optimizer],
+    loader: torch.utils.data.DataLoader,
+    plan: DPPlan,
+    history: list[HistoryEntry],
+    grad_sample_mode: str,
+) -> PrivateTraining:
+    """Wrap the task's private module, its optimizer and the loader; restore the history.
+
+    A fresh wrapper every round (Opacus hooks cannot be added twice), but the
+    accountant continues from ``history``, so the epsilon it reports is the
+    composition over every round so far.
+    """
+    if len(task.private_modules) != 1:
+        raise ValueError(f"{task.family}: exactly one private module is supported, got {task.private_modules}")
+    name = task.private_modules[0]
+    engine = PrivacyEngine(accountant=plan.accountant)
+    engine.accountant.history = list(history)
+    module, optimizer, dp_loader = engine.make_private(
+        module=task.modules[name],
+        optimizer=optimizers[name],
+        data_loader=loader,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=grad_sample_mode,
+    )
+    if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
+        # The budget check priced the round at plan.sample_rate; never train at another rate.
+        raise RuntimeError(f"Opacus sample rate {dp_loader.sample_rate} differs from the plan's {plan.sample_rate}")
+    task.modules[name] = module
+    optimizers[name] = optimizer
+    handles = PrivateTraining(engine=engine, loader=dp_loader)
+
+    accountant_hook = optimizer.step_hook
+
+    def step_hook(opt) -> None:
+        # Count per-sample gradients whose norm exceeded the clipping bound (for operators).
+        samples = opt.grad_samples
+        if samples and len(samples[0]):
+            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+            handles.clipped += int((norms > plan.max_grad_norm).sum())
+            handles.seen += len(norms)
+        accountant_hook(opt)
+
+    optimizer.attach_step_hook(step_hook)
+    return handles

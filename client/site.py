@@ -1,0 +1,162 @@
+"""One site's work in a round: load its data, train the global model privately, report.
+
+Plain domain code: no Flower Messages here (``client/app.py`` turns Messages into
+calls of :func:`train_round` / :func:`evaluate_round`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from client.dp import Ledger, LedgerEntry, make_private
+from common import privacy
+from common import records as R
+from common.config import AppConfig, SiteConfig, site_budget
+from common.data.site import site_dataset
+from common.tasks import build_task, pick_device
+from common.train import add_proximal_term, train_local
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "fedgen-privacy"
+
+
+@dataclass
+class RoundResult:
+    status: str  # "ok" | "budget-exhausted"
+    metrics: dict[str, float] = field(default_factory=dict)
+    arrays: ArrayRecord | None = None
+    reason: str = ""
+
+
+def dataset_key(cfg: AppConfig, site: SiteConfig) -> str:
+    """Identity of the records this site spends privacy on (independent of the model)."""
+    d = cfg.data
+    if site.data_path:
+        return f"{d.dataset}|{site.data_path}"
+    return (f"{d.dataset}|{d.path or 'default'}|{d.partitioner}|alpha={d.dirichlet_alpha}|seed={cfg.run.seed}"
+            f"|partition={site.partition_id}/{d.num_partitions or site.num_partitions}")
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrated_noise(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    return privacy.calibrate_noise(target, delta, q, steps, accountant)
+
+
+def make_plan(cfg: AppConfig, num_records: int) -> privacy.DPPlan:
+    p = cfg.privacy
+    q, steps = privacy.steps_per_round(num_records, cfg.train.batch_size, cfg.train.local_epochs, cfg.train.max_steps)
+    delta = p.delta or privacy.auto_delta(num_records)
+    privacy.check_delta(delta, num_records)
+    noise = p.noise_multiplier or _calibrated_noise(p.target_epsilon, delta, q, steps * cfg.run.num_rounds, p.accountant)
+    return privacy.DPPlan(noise, q, steps, delta, p.accountant, p.max_grad_norm)
+
+
+class PrivacyState:
+    """The site's accountant history: ledger file when configured, else Context.state."""
+
+    def __init__(self, state: RecordDict, site: SiteConfig, key: str) -> None:
+        self.state, self.key = state, key
+        self.ledger = Ledger(site.ledger_path) if site.ledger_path else None
+
+    def load(self) -> LedgerEntry:
+        if self.ledger is not None:
+            return self.ledger.load(self.key)
+        rec = self.state.get(STATE_KEY)
+        if rec is None or self.key not in rec:
+            return LedgerEntry()
+        raw = json.loads(rec[self.key])
+        raw["history"] = [tuple(h) for h in raw["history"]]
+        return LedgerEntry(**raw)
+
+    def save(self, entry: LedgerEntry) -> None:
+        if self.ledger is not None:
+            self.ledger.save(self.key, entry)
+        rec = self.state.get(STATE_KEY) or ConfigRecord()
+        rec[self.key] = json.dumps({**entry.__dict__, "history": [list(h) for h in entry.history]})
+        self.state[STATE_KEY] = rec
+
+
+def train_round(
+    cfg: AppConfig,
+    site: SiteConfig,
+    global_arrays: ArrayRecord,
+    server_round: int,
+    state: RecordDict,
+    proximal_mu: float = 0.0,
+    run_id: int | str = 0,
+) -> RoundResult:
+    device = pick_device(cfg.run.device)
+    data, spec = site_dataset(cfg, site)
+    n = len(data)
+    task = build_task(cfg, spec, device)
+    R.load_arrayrecord(task.modules, global_arrays)
+    optimizers = task.make_optimizers()
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + server_round))
+    metrics: dict[str, float] = {R.PARTITION: float(site.partition_id)}
+    torch.manual_seed(cfg.run.seed * 1_000_003 + server_round * 101 + site.partition_id)
+
+    if cfg.privacy.enabled:
+        plan = make_plan(cfg, n)
+        budget = site_budget(cfg, site)
+        pstate = PrivacyState(state, site, dataset_key(cfg, site))
+        entry = pstate.load()
+        spent = privacy.epsilon(entry.history, plan.delta, plan.accountant)
+        would = privacy.epsilon(privacy.compact([*entry.history, (plan.noise_multiplier, plan.sample_rate,
+                                                                  plan.steps_per_round)]),
+                                plan.delta, plan.accountant)
+        metrics.update({R.EPSILON: spent, R.BUDGET: budget, R.DELTA: plan.delta, R.NOISE: plan.noise_multiplier,
+                        R.SAMPLE_RATE: plan.sample_rate})
+        if would > budget * (1 + 1e-9):
+            reason = (f"budget-exhausted: this round would raise epsilon from {spent:.4f} to {would:.4f}, "
+                      f"above the site's budget {budget:g} (delta {plan.delta:g}); nothing was trained or spent")
+            log.warning("site %d: %s", site.partition_id, reason)
+            metrics[R.BUDGET_EXHAUSTED] = 1.0
+            metrics[R.NUM_EXAMPLES] = 0.0
+            return RoundResult(status="budget-exhausted", metrics=metrics, reason=reason)
+        dp = make_private(task, optimizers, loader, plan, entry.history, cfg.privacy.grad_sample_mode)
+        loader = dp.loader
+        steps = plan.steps_per_round
+    else:
+        dp = None
+        q, steps = privacy.steps_per_round(n, cfg.train.batch_size, cfg.train.local_epochs, cfg.train.max_steps)
+
+    hooks = add_proximal_term(optimizers, task.modules, proximal_mu) if proximal_mu > 0 else []
+    result = train_local(task, loader, optimizers, steps)
+    for h in hooks:
+        h.remove()
+    if not math.isfinite(result.mean_loss):
+        raise FloatingPointError(f"local training diverged (loss {result.mean_loss}); lower train.lr")
+
+    if dp is not None:
+        history = privacy.compact(dp.history)
+        eps = privacy.epsilon(history, plan.delta, plan.accountant)
+        entry.history, entry.delta, entry.epsilon = history, plan.delta, eps
+        entry.budget, entry.accountant = budget, plan.accountant
+        entry.rounds.append({"run": str(run_id), "family": cfg.task.family, "round": server_round,
+                             "steps": result.steps, "noise": plan.noise_multiplier, "sample_rate": plan.sample_rate})
+        pstate.save(entry)
+        metrics.update({R.EPSILON: eps, R.CLIP_FRACTION: dp.clip_fraction})
+
+    metrics.update({R.NUM_EXAMPLES: float(n), R.TRAIN_LOSS: result.mean_loss, R.STEPS: float(result.steps)})
+    return RoundResult(status="ok", metrics=metrics, arrays=R.to_arrayrecord(task.modules))
+
+
+def evaluate_round(cfg: AppConfig, site: SiteConfig, global_arrays: ArrayRecord) -> dict[str, Any]:
+    """Score the global model on this site's data (not private: off unless the operator enables it)."""
+    data, spec = site_dataset(cfg, site)
+    task = build_task(cfg, spec, pick_device(cfg.run.device))
+    R.load_arrayrecord(task.modules, global_arrays)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.eval.batch_size)
+    metrics = task.evaluate(loader)
+    metrics[R.NUM_EXAMPLES] = float(len(data))
+    return metrics

@@ -1,0 +1,210 @@
+"""One typed configuration for a fedgen run, parsed once from Flower's run config.
+
+Flower hands every ``[tool.flwr.app.config]`` entry to the apps as a flat dict with
+dotted kebab keys (``privacy.target-epsilon``). :func:`parse_run_config` turns that
+dict into a frozen, validated :class:`AppConfig`; every problem is collected and
+reported at once, each naming the key and what to put there instead.
+
+Site-specific settings (which data a SuperNode holds, its privacy budget, where its
+ledger lives) come from ``context.node_config`` and are parsed into :class:`SiteConfig`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message lists every problem and how to fix it."""
+
+    def __init__(self, problems: list[str], source: str = "run config") -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the {source}:\n{lines}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    num_rounds: int = Field(3, ge=1, description="federated rounds to run")
+    seed: int = Field(0, ge=0)
+    runs_dir: str = Field("runs", min_length=1, description="folder that holds one subfolder per run")
+    name: str = Field("", description="optional run name prefix")
+    round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in a round")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TaskSection(_Section):
+    family: str = Field("vae", description="model family from the registry")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from common.tasks import registered_families  # tasks imports this module
+
+        if value not in registered_families():
+            raise ValueError(f"not a known model family; use one of {sorted(registered_families())}")
+        return value
+
+
+class DataSection(_Section):
+    dataset: Literal["digits", "fashion-mnist", "image-folder", "shakespeare", "text-folder"] = "digits"
+    path: str = Field("", description="dataset folder; empty = the dataset's default location")
+    partitioner: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    num_partitions: int = Field(0, ge=0, description="0 = take it from the node config")
+    image_size: int = Field(0, ge=0, description="0 = the dataset's native size")
+    eval_max_examples: int = Field(2000, ge=1, description="held-out examples the server evaluates on")
+
+
+class VAESection(_Section):
+    latent_dim: int = Field(16, ge=1)
+    width: int = Field(32, ge=4, description="channels of the first conv layer")
+
+
+class TrainSection(_Section):
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1, description="expected batch size (Poisson sampling rate = batch/N)")
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    max_steps: int = Field(0, ge=0, description="cap on local steps per round; 0 = whole epochs")
+
+
+class PrivacySection(_Section):
+    enabled: bool = True
+    target_epsilon: float = Field(8.0, gt=0, description="epsilon reached at the last planned round")
+    delta: float = Field(0.0, ge=0, lt=1, description="0 = automatic: 1/(10 N) for a site with N records")
+    noise_multiplier: float = Field(0.0, ge=0, description="0 = calibrate from target-epsilon")
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: Literal["hooks", "ew", "functorch"] = "hooks"
+    budget: float = Field(0.0, ge=0, description="site budget unless the node sets one; 0 = target-epsilon")
+
+
+class StrategySection(_Section):
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"] = "fedavg"
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    min_train_nodes: int = Field(2, ge=1)
+    min_available_nodes: int = Field(2, ge=1)
+    proximal_mu: float = Field(0.01, ge=0)
+    server_lr: float = Field(0.01, gt=0, description="server learning rate (FedAdam/FedYogi/FedAvgM)")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM momentum")
+    tau: float = Field(1e-3, gt=0, description="FedAdam/FedYogi adaptivity")
+
+    @model_validator(mode="after")
+    def _min_nodes(self) -> StrategySection:
+        if self.min_train_nodes > self.min_available_nodes:
+            raise ValueError(
+                f"min-train-nodes ({self.min_train_nodes}) must not exceed "
+                f"min-available-nodes ({self.min_available_nodes})"
+            )
+        return self
+
+
+class EvalSection(_Section):
+    every: int = Field(1, ge=1, description="evaluate the global model every k rounds (and the last)")
+    num_samples: int = Field(64, ge=1, description="samples drawn for the per-round sample artefact")
+    batch_size: int = Field(256, ge=1)
+
+
+class AppConfig(_Section):
+    run: RunSection = RunSection()
+    task: TaskSection = TaskSection()
+    data: DataSection = DataSection()
+    vae: VAESection = VAESection()
+    train: TrainSection = TrainSection()
+    privacy: PrivacySection = PrivacySection()
+    strategy: StrategySection = StrategySection()
+    eval: EvalSection = EvalSection()
+
+    def to_flat(self) -> dict[str, Any]:
+        """The resolved config as flat dotted kebab keys (the run-config form)."""
+        flat: dict[str, Any] = {}
+        for section, values in self.model_dump().items():
+            for key, value in values.items():
+                flat[f"{section}.{key.replace('_', '-')}"] = value
+        return flat
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.to_flat(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _kebab(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p).replace("_", "-") for p in loc)
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        key = _kebab(e["loc"])
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown key; remove it or check the spelling")
+        elif e["type"] == "value_error":
+            got = e.get("input")
+            shown = f" = {got!r}" if not isinstance(got, dict) else ""
+            problems.append(f"{key}{shown}: {e['ctx']['error']}")
+        else:
+            got = e.get("input")
+            problems.append(f"{key} = {got!r}: {e['msg']}")
+    return problems
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> AppConfig:
+    """Parse Flower's flat run config into an :class:`AppConfig`; raise :class:`ConfigError`."""
+    nested: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for key, value in run_config.items():
+        section, dot, name = key.partition(".")
+        if not dot or not name:
+            problems.append(f"{key}: keys have the form <section>.<name>, e.g. privacy.target-epsilon")
+            continue
+        nested.setdefault(section, {})[name.replace("-", "_")] = value
+    try:
+        cfg = AppConfig.model_validate(nested)
+    except ValidationError as err:
+        problems.extend(_format_errors(err))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+class SiteConfig(_Section):
+    """What one SuperNode (site) holds: from ``context.node_config``."""
+
+    partition_id: int = Field(0, ge=0)
+    num_partitions: int = Field(1, ge=1)
+    data_path: str = Field("", description="the site's own data folder; empty = the run's dataset")
+    ledger_path: str = Field("", description="privacy ledger file; empty = in-process state only")
+    privacy_budget: float = Field(0.0, ge=0, description="0 = the run's privacy.budget")
+
+    @model_validator(mode="after")
+    def _partition_in_range(self) -> SiteConfig:
+        if self.partition_id >= self.num_partitions:
+            raise ValueError(
+                f"partition-id {self.partition_id} must be below num-partitions {self.num_partitions}"
+            )
+        return self
+
+
+def parse_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
+    data = {k.replace("-", "_"): v for k, v in node_config.items()}
+    try:
+        return SiteConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err), source="node config") from None
+
+
+def site_budget(cfg: AppConfig, site: SiteConfig) -> float:
+    """The epsilon this site will never exceed."""
+    if site.privacy_budget > 0:
+        return site.privacy_budget
+    return cfg.privacy.budget if cfg.privacy.budget > 0 else cfg.privacy.target_epsilon

@@ -1,0 +1,68 @@
+"""What data a site trains on and what the server evaluates on, from the config.
+
+Sites get their partition of the training split (or their own folder); the server
+gets the held-out split, which no site ever sees.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from common.config import AppConfig, SiteConfig
+from common.data.images import ImageDataset, load_image_folder, load_images
+from common.data.partition import partition_for_site
+from common.tasks import DataSpec
+
+IMAGE_DATASETS = ("digits", "fashion-mnist", "image-folder")
+DEFAULT_FOLDER_IMAGE_SIZE = 28
+
+
+def _size(cfg: AppConfig) -> int | None:
+    """Requested image size; None keeps the dataset's own (folders need one: 28)."""
+    if cfg.data.image_size:
+        return cfg.data.image_size
+    return DEFAULT_FOLDER_IMAGE_SIZE if cfg.data.dataset == "image-folder" else None
+
+
+def _image_spec(ds: ImageDataset) -> DataSpec:
+    return DataSpec(kind="image", image_size=ds.images.shape[-1], channels=ds.images.shape[1], num_classes=ds.num_classes)
+
+
+def _as_torch(ds: ImageDataset) -> TensorDataset:
+    labels = ds.labels if ds.labels is not None else torch.zeros(len(ds), dtype=torch.long)
+    return TensorDataset(ds.images, labels)
+
+
+def site_dataset(cfg: AppConfig, site: SiteConfig) -> tuple[Dataset, DataSpec]:
+    """The training data this site holds: its partition, or its own folder."""
+    d = cfg.data
+    if d.dataset not in IMAGE_DATASETS:
+        raise NotImplementedError(f"data.dataset = {d.dataset!r} is not an image dataset")
+    if site.data_path:
+        # A site's own data: all of it is the site's training set (no partitioning, no holdout).
+        if d.dataset == "image-folder":
+            ds = load_image_folder(site.data_path, _size(cfg))
+        else:
+            ds = load_images(d.dataset, site.data_path, "train", _size(cfg))
+    else:
+        full = load_images(d.dataset, d.path or None, "train", _size(cfg))
+        num_partitions = d.num_partitions or site.num_partitions
+        if site.partition_id >= num_partitions:
+            raise ValueError(f"partition-id {site.partition_id} is not below data.num-partitions {num_partitions}")
+        ds = partition_for_site(full, site.partition_id, num_partitions, d.partitioner, cfg.run.seed,
+                                d.dirichlet_alpha)
+    return _as_torch(ds), _image_spec(ds)
+
+
+def eval_dataset(cfg: AppConfig) -> tuple[Dataset, DataSpec]:
+    """The server's held-out data (never on any site), capped at data.eval-max-examples."""
+    d = cfg.data
+    if d.dataset not in IMAGE_DATASETS:
+        raise NotImplementedError(f"data.dataset = {d.dataset!r} is not an image dataset")
+    ds = load_images(d.dataset, d.path or None, "test", _size(cfg))
+    if len(ds) > d.eval_max_examples:
+        g = torch.Generator().manual_seed(cfg.run.seed)
+        idx = torch.randperm(len(ds), generator=g)[: d.eval_max_examples].sort().values
+        ds = ds.subset(idx.numpy())
+    return _as_torch(ds), _image_spec(ds)

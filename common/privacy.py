@@ -1,0 +1,95 @@
+"""Differential-privacy arithmetic: calibration and accounting over a site's whole history.
+
+Pure functions over plain data. A site's privacy state is its accountant *history*:
+a list of ``(noise_multiplier, sample_rate, steps)`` entries, exactly what Opacus'
+accountants keep. Composing the history gives the epsilon spent so far; appending the
+next round's entry before training gives the epsilon the site *would* reach, which is
+how budgets are enforced before any private data is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+HistoryEntry = tuple[float, float, int]
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """How one site runs DP-SGD for a whole run."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    delta: float
+    accountant: str
+    max_grad_norm: float
+
+
+def auto_delta(num_records: int) -> float:
+    """A delta well below 1/N (the usual rule of thumb): 1/(10 N), at most 1e-5."""
+    return min(1e-5, 1.0 / (10.0 * num_records))
+
+
+def check_delta(delta: float, num_records: int) -> None:
+    if delta >= 1.0 / num_records:
+        raise ValueError(
+            f"privacy.delta = {delta:g} is not below 1/N = {1.0 / num_records:g} for this site's "
+            f"{num_records} records: such a delta allows leaking whole records; set privacy.delta "
+            f"below {1.0 / num_records:g} or to 0 for the automatic value"
+        )
+
+
+def steps_per_round(num_records: int, batch_size: int, local_epochs: int, max_steps: int) -> tuple[float, int]:
+    """(Poisson sample rate, optimizer steps per round) for a site with N records.
+
+    Matches Opacus: a loader of ``ceil(N / B)`` batches becomes a Poisson loader with
+    sample rate ``1 / ceil(N / B)`` and as many steps per epoch.
+    """
+    per_epoch = math.ceil(num_records / batch_size)
+    sample_rate = 1.0 / per_epoch
+    steps = per_epoch * local_epochs
+    if max_steps > 0:
+        steps = min(steps, max_steps)
+    return sample_rate, steps
+
+
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str
+) -> float:
+    """Noise multiplier so that ``total_steps`` steps at ``sample_rate`` reach ``target_epsilon``."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant=accountant,
+            epsilon_tolerance=0.005,
+        )
+    )
+
+
+def epsilon(history: list[HistoryEntry], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon of the composition of every entry in the history (0 for an empty one)."""
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [(float(n), float(q), int(s)) for n, q, s in history]
+    eps = acc.get_epsilon(delta=delta)
+    return float(eps) if math.isfinite(eps) else math.inf
+
+
+def compact(history: list[HistoryEntry]) -> list[HistoryEntry]:
+    """Merge consecutive entries with the same noise and sample rate (same composition)."""
+    out: list[HistoryEntry] = []
+    for n, q, s in history:
+        if out and out[-1][0] == n and out[-1][1] == q:
+            out[-1] = (n, q, out[-1][2] + s)
+        else:
+            out.append((n, q, s))
+    return out

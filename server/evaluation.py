@@ -1,0 +1,69 @@
+"""Server-side evaluation of the global model on held-out data, and sample artefacts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from PIL import Image
+
+from common import records as R
+from common.config import AppConfig
+from common.data.site import eval_dataset
+from common.tasks import GenerativeTask, build_task, pick_device
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SEED = 1234  # the same latents every round, so sample grids are comparable
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, C, H, W) in [0, 1] -> one uint8 grid image (H', W') or (H', W', 3)."""
+    n, c, h, w = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    grid = np.ones((c, ncol * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y : y + h, x : x + w] = images[i].clamp(0, 1).numpy()
+    out = (grid * 255).round().astype(np.uint8)
+    return out[0] if c == 1 else out.transpose(1, 2, 0)
+
+
+class Evaluator:
+    """Holds the held-out data and a task to load global weights into; built once per run."""
+
+    def __init__(self, cfg: AppConfig) -> None:
+        self.cfg = cfg
+        self.device = pick_device(cfg.run.device)
+        data, self.spec = eval_dataset(cfg)
+        self.loader = torch.utils.data.DataLoader(data, batch_size=cfg.eval.batch_size)
+        self.task: GenerativeTask = build_task(cfg, self.spec, self.device)
+        log.info("server evaluation on %d held-out examples", len(data))
+
+    def initial_arrays(self) -> ArrayRecord:
+        return R.to_arrayrecord(self.task.modules)
+
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+        R.load_arrayrecord(self.task.modules, arrays)
+        return self.task.evaluate(self.loader)
+
+    def save_samples(self, arrays: ArrayRecord, path: Path) -> Path:
+        R.load_arrayrecord(self.task.modules, arrays)
+        samples = self.task.sample(self.cfg.eval.num_samples, SAMPLE_SEED)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(samples, torch.Tensor):
+            grid = image_grid(samples)
+            img = Image.fromarray(grid)
+            if grid.shape[0] < 128:  # small images: enlarge so a person can see them
+                img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
+            path = path.with_suffix(".png")
+            img.save(path)
+        else:
+            path = path.with_suffix(".txt")
+            path.write_text("\n\n---\n\n".join(samples))
+        return path

@@ -1,0 +1,61 @@
+"""One federated job on the server: run folder, store, strategy, rounds, final model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from flwr.serverapp import Grid
+
+from common.config import AppConfig
+from server.evaluation import Evaluator
+from server.rounds import Outcome, RoundRecorder, run_rounds
+from server.store import RunStore
+from server.strategy import build_strategy
+
+log = logging.getLogger(__name__)
+
+
+def new_run_id(cfg: AppConfig, flwr_run_id: int | str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    prefix = f"{cfg.run.name}-" if cfg.run.name else ""
+    return f"{prefix}{stamp}-{flwr_run_id}"
+
+
+def save_model(path: Path, arrays_state: dict[str, torch.Tensor], cfg: AppConfig) -> None:
+    """Plain tensors only (loadable with ``torch.load(..., weights_only=True)``), written atomically."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": arrays_state, "family": cfg.task.family, "config_hash": cfg.config_hash()}, tmp)
+    tmp.replace(path)
+
+
+def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
+    random.seed(cfg.run.seed)  # Flower samples sites with Python's random
+    torch.manual_seed(cfg.run.seed)
+    runs_dir = Path(cfg.run.runs_dir).resolve()
+    run_id = new_run_id(cfg, flwr_run_id)
+    store = RunStore.create(runs_dir, run_id, config=cfg.to_flat(), model=cfg.task.family,
+                            strategy=cfg.strategy.name, num_rounds=cfg.run.num_rounds)
+    run_dir = store.run_dir
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_flat(), indent=1, sort_keys=True))
+    log.info("run %s: %s on %s, %d rounds, strategy %s, DP %s; records in %s", run_id, cfg.task.family,
+             cfg.data.dataset, cfg.run.num_rounds, cfg.strategy.name,
+             f"on (target epsilon {cfg.privacy.target_epsilon:g})" if cfg.privacy.enabled else "OFF", run_dir)
+    try:
+        evaluator = Evaluator(cfg)
+        outcome = run_rounds(grid, cfg, build_strategy(cfg), evaluator, RoundRecorder(run_dir, store, cfg.run.num_rounds),
+                             run_dir)
+        save_model(run_dir / "final_model.pt", outcome.arrays.to_torch_state_dict(), cfg)
+        store.set_status(outcome.status, outcome.reason or None)
+    except BaseException as err:
+        store.set_status("failed", f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        store.close()
+    log.info("run %s %s after %d round(s)%s; final model: %s", run_id, outcome.status, outcome.rounds_done,
+             f" ({outcome.reason})" if outcome.reason else "", run_dir / "final_model.pt")
+    return outcome

@@ -1,0 +1,216 @@
+"""The federated round loop: sample, train at the sites, validate, merge, evaluate, record.
+
+Flower's ``Strategy.start`` runs a fixed loop with no place to drop a bad reply, stop
+sampling a site whose budget is spent, or record a round atomically. This loop calls
+the same strategy methods (``configure_train`` / ``aggregate_train``), so every Flower
+strategy keeps its own sampling and server-side state, and adds what operators need.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common import records as R
+from common.config import AppConfig
+from server.evaluation import Evaluator
+from server.validation import InvalidUpdate, check_train_reply
+
+log = logging.getLogger(__name__)
+
+
+class _ActiveGrid:
+    """The grid as the strategy should see it: without sites that can no longer train."""
+
+    def __init__(self, grid: Grid, excluded: set[int]) -> None:
+        self._grid, self._excluded = grid, excluded
+
+    def get_node_ids(self):  # noqa: ANN201 - mirrors Grid
+        return [n for n in self._grid.get_node_ids() if n not in self._excluded]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+@dataclass
+class Outcome:
+    status: str  # completed | stopped | failed
+    reason: str
+    arrays: ArrayRecord
+    rounds_done: int
+    records: list[dict] = field(default_factory=list)
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def round_line(rec: dict, num_rounds: int) -> str:
+    """One human-readable line per round."""
+    sites = rec["sites"]
+    ok = sum(s["status"] == "ok" for s in sites)
+    failed = sum(s["status"] == "failed" for s in sites)
+    refused = sum(s["status"] == "refused" for s in sites)
+    ev = " ".join(f"{k}={_fmt(v)}" for k, v in rec["eval"].items() if not k.endswith("-n"))
+    parts = [
+        f"round {rec['round']}/{num_rounds}",
+        f"sites ok={ok} failed={failed}" + (f" refused={refused}" if refused else ""),
+        f"train-loss={_fmt(rec['train'].get(R.TRAIN_LOSS))}",
+        ev or "eval=-",
+        f"eps_max={_fmt(rec.get('epsilon_max'), '.3f')}",
+        f"{rec['ended_at'] - rec['started_at']:.1f}s",
+    ]
+    return " | ".join(parts)
+
+
+class RoundRecorder:
+    """Writes each round to ``rounds.jsonl`` and to the run store, and prints its line."""
+
+    def __init__(self, run_dir: Path, store: Any, num_rounds: int) -> None:
+        self.run_dir, self.store, self.num_rounds = run_dir, store, num_rounds
+        self.jsonl = run_dir / "rounds.jsonl"
+
+    def __call__(self, rec: dict) -> None:
+        with self.jsonl.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        if self.store is not None:
+            self.store.record_round(rec)
+        log.info("%s", round_line(rec, self.num_rounds))
+
+
+def _site_row(msg: Message, status: str, reason: str | None) -> dict:
+    row: dict[str, Any] = {"node_id": int(msg.metadata.src_node_id), "status": status, "reason": reason}
+    metrics: dict[str, float] = {}
+    if not msg.has_error():
+        for m in msg.content.metric_records.values():
+            metrics.update({k: float(v) for k, v in m.items() if not isinstance(v, list)})
+    row.update({
+        "partition_id": int(metrics[R.PARTITION]) if R.PARTITION in metrics else None,
+        "epsilon": metrics.get(R.EPSILON),
+        "budget": metrics.get(R.BUDGET),
+        "delta": metrics.get(R.DELTA),
+        "noise_multiplier": metrics.get(R.NOISE),
+        "sample_rate": metrics.get(R.SAMPLE_RATE),
+        "clip_fraction": metrics.get(R.CLIP_FRACTION),
+        "num_examples": metrics.get(R.NUM_EXAMPLES),
+        "train_loss": metrics.get(R.TRAIN_LOSS),
+        "metrics": metrics,
+    })
+    return row
+
+
+def _reply_status(msg: Message) -> tuple[str, str]:
+    if msg.has_error():
+        return "failed", msg.error.reason
+    status = msg.content.get("status")
+    if status is not None and status.get(R.STATUS) == "budget-exhausted":
+        return "refused", str(status.get(R.REASON, "budget-exhausted"))
+    return "ok", ""
+
+
+def run_rounds(
+    grid: Grid,
+    cfg: AppConfig,
+    strategy: Strategy,
+    evaluator: Evaluator,
+    record: RoundRecorder,
+    run_dir: Path,
+    arrays: ArrayRecord | None = None,
+    start_round: int = 1,
+) -> Outcome:
+    num_rounds = cfg.run.num_rounds
+    arrays = arrays if arrays is not None else evaluator.initial_arrays()
+    exhausted: set[int] = set()
+    active = _ActiveGrid(grid, exhausted)
+    records: list[dict] = []
+
+    def evaluate(rnd: int, arrs: ArrayRecord) -> tuple[dict, dict]:
+        if rnd % cfg.eval.every and rnd != num_rounds and rnd != 0:
+            return {}, {}
+        t = time.time()
+        ev = evaluator.evaluate(arrs)
+        ev["eval-seconds"] = time.time() - t
+        path = evaluator.save_samples(arrs, run_dir / "samples" / f"round-{rnd:03d}")
+        return ev, {"samples": str(path.relative_to(run_dir))}
+
+    if start_round == 1:
+        t0 = time.time()
+        ev, art = evaluate(0, arrays)
+        rec0 = {"round": 0, "num_rounds": num_rounds, "started_at": t0, "ended_at": time.time(), "sampled": [],
+                "sites": [], "train": {}, "eval": ev, "epsilon_max": None, "user_epsilon": None,
+                "bytes_sent": 0, "bytes_received": 0, "artifacts": art}
+        record(rec0)
+        records.append(rec0)
+
+    for rnd in range(start_round, num_rounds + 1):
+        remaining = [n for n in grid.get_node_ids() if n not in exhausted]
+        if exhausted and len(remaining) < cfg.strategy.min_train_nodes:
+            reason = (f"only {len(remaining)} site(s) still have privacy budget, fewer than "
+                      f"strategy.min-train-nodes = {cfg.strategy.min_train_nodes}; stopping before round {rnd}")
+            log.warning("%s", reason)
+            return Outcome("stopped", reason, arrays, rnd - 1, records)
+        started = time.time()
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), active))
+        bytes_sent = sum(m.content.count_bytes() for m in messages)
+        replies = list(grid.send_and_receive(messages, timeout=cfg.run.round_timeout))
+        bytes_received = sum(m.content.count_bytes() for m in replies if not m.has_error())
+        sampled = [int(m.metadata.dst_node_id) for m in messages]
+
+        rows, good = [], []
+        for msg in replies:
+            status, reason = _reply_status(msg)
+            if status == "ok":
+                try:
+                    check_train_reply(msg, arrays)
+                    good.append(msg)
+                except InvalidUpdate as err:
+                    status, reason = "failed", f"invalid update dropped: {err}"
+            if status == "refused":
+                exhausted.add(int(msg.metadata.src_node_id))
+            rows.append(_site_row(msg, status, reason or None))
+        answered = {r["node_id"] for r in rows}
+        for node in sampled:
+            if node not in answered:
+                rows.append({"node_id": node, "status": "failed", "partition_id": None,
+                             "reason": f"no reply within run.round-timeout = {cfg.run.round_timeout:g}s",
+                             "metrics": {}})
+        for row in rows:
+            if row["status"] != "ok":
+                log.warning("round %d: site %s %s: %s", rnd, row["node_id"], row["status"], row["reason"])
+
+        train_metrics: dict[str, float] = {}
+        if len(good) >= cfg.strategy.min_train_nodes:
+            new_arrays, agg = strategy.aggregate_train(rnd, good)
+            if new_arrays is not None:
+                arrays = new_arrays
+            train_metrics = {k: float(v) for k, v in (agg or {}).items() if not isinstance(v, list)}
+        elif good:
+            log.warning("round %d: only %d valid update(s), fewer than strategy.min-train-nodes = %d; "
+                        "the global model is unchanged", rnd, len(good), cfg.strategy.min_train_nodes)
+
+        ev, art = evaluate(rnd, arrays) if good else ({}, {})
+        eps = [r["epsilon"] for r in rows if r.get("epsilon") is not None and r["status"] == "ok"]
+        rec = {"round": rnd, "num_rounds": num_rounds, "started_at": started, "ended_at": time.time(),
+               "sampled": sampled, "sites": rows, "train": train_metrics, "eval": ev,
+               "epsilon_max": max(eps) if eps else None, "user_epsilon": None,
+               "bytes_sent": bytes_sent, "bytes_received": bytes_received, "artifacts": art}
+        record(rec)
+        records.append(rec)
+
+        if not good:
+            if rows and all(r["status"] == "refused" for r in rows):
+                continue  # every sampled site is exhausted: the check at the top ends the run
+            reasons = "; ".join(sorted({f"{r['reason']}" for r in rows})) or "no site replied"
+            reason = f"every sampled site failed in round {rnd}: {reasons}"
+            log.error("%s", reason)
+            return Outcome("failed", reason, arrays, rnd - 1, records)
+    return Outcome("completed", "", arrays, num_rounds, records)

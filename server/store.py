@@ -1,0 +1,678 @@
+"""Run store: one SQLite database per run, written by the server, read by the CLI.
+
+Layout::
+
+    <runs_dir>/<run_id>/run.db        this store (WAL mode)
+    <runs_dir>/<run_id>/samples/...   artefacts, referenced by relative path from round rows
+
+The database is opened in WAL mode so a reader (``fedgen status`` / ``watch``) never
+blocks the writer (the server) and always sees the last committed round.  Every write
+is a single transaction: a crash never leaves half a round behind.
+
+Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`, ``PRAGMA application_id`` =
+:data:`APPLICATION_ID`):
+
+* ``run``        exactly one row describing the run (status, resolved config, ...)
+* ``round``      one row per server round; round 0 is the evaluation of the initial model
+* ``site_round`` one row per (round, sampled site), ordered by ``seq`` (the order the
+  server reported them in)
+
+Flower node ids are unsigned 64-bit integers; SQLite integers are signed, so node ids
+are stored with the same uint64 -> int64 mapping Flower's own state uses and mapped back
+when read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sqlite3
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = [
+    "APPLICATION_ID",
+    "DB_NAME",
+    "EVAL_BEST_KEYS",
+    "RUN_STATUSES",
+    "SCHEMA_VERSION",
+    "SITE_STATUSES",
+    "RunStore",
+    "StoreError",
+    "list_runs",
+    "resolve_run",
+]
+
+SCHEMA_VERSION: int = 1
+#: Marks a SQLite file as a fedgen run database ("FGEN").
+APPLICATION_ID: int = 0x4647454E
+DB_NAME = "run.db"
+BUSY_TIMEOUT_MS = 5000
+
+RUN_STATUSES = ("running", "completed", "failed", "stopped")
+SITE_STATUSES = ("ok", "failed", "refused")
+#: Server-evaluation metrics used for "best metric", in order of preference (lower is better).
+EVAL_BEST_KEYS = ("fid-inception", "fid-domain", "perplexity", "neg-elbo")
+
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_U64 = 1 << 64
+_I64 = 1 << 63
+
+_SCHEMA = """
+CREATE TABLE run (
+    run_id        TEXT PRIMARY KEY,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    ended_at      REAL,
+    model         TEXT NOT NULL,
+    strategy      TEXT NOT NULL,
+    num_rounds    INTEGER NOT NULL,
+    status        TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed', 'stopped')),
+    status_reason TEXT,
+    config_json   TEXT NOT NULL
+);
+CREATE TABLE round (
+    round              INTEGER PRIMARY KEY CHECK (round >= 0),
+    num_rounds         INTEGER,
+    started_at         REAL,
+    ended_at           REAL,
+    sampled_json       TEXT NOT NULL DEFAULT '[]',
+    train_metrics_json TEXT NOT NULL DEFAULT '{}',
+    eval_metrics_json  TEXT NOT NULL DEFAULT '{}',
+    epsilon_max        REAL,
+    user_epsilon       REAL,
+    bytes_sent         INTEGER,
+    bytes_received     INTEGER,
+    artifacts_json     TEXT NOT NULL DEFAULT '{}',
+    extra_json         TEXT NOT NULL DEFAULT '{}',
+    recorded_at        REAL NOT NULL
+);
+CREATE TABLE site_round (
+    round            INTEGER NOT NULL REFERENCES round(round) ON DELETE CASCADE,
+    seq              INTEGER NOT NULL,
+    node_id          INTEGER NOT NULL,
+    partition_id     INTEGER,
+    status           TEXT NOT NULL CHECK (status IN ('ok', 'failed', 'refused')),
+    reason           TEXT,
+    epsilon          REAL,
+    budget           REAL,
+    delta            REAL,
+    noise_multiplier REAL,
+    sample_rate      REAL,
+    clip_fraction    REAL,
+    num_examples     INTEGER,
+    train_loss       REAL,
+    metrics_json     TEXT NOT NULL DEFAULT '{}',
+    extra_json       TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (round, seq)
+);
+CREATE INDEX site_round_node ON site_round (node_id, round);
+"""
+
+_ROUND_KEYS = (
+    "round", "num_rounds", "started_at", "ended_at", "sampled", "sites", "train", "eval",
+    "epsilon_max", "user_epsilon", "bytes_sent", "bytes_received", "artifacts",
+)
+_SITE_FLOAT_KEYS = (
+    "epsilon", "budget", "delta", "noise_multiplier", "sample_rate", "clip_fraction", "train_loss",
+)
+_SITE_KEYS = (
+    "node_id", "partition_id", "status", "reason", "epsilon", "budget", "delta",
+    "noise_multiplier", "sample_rate", "clip_fraction", "num_examples", "train_loss", "metrics",
+)
+
+
+class StoreError(RuntimeError):
+    """A run-store problem worth showing to the operator as-is (names the path)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _json_default(obj: Any) -> Any:
+    item = getattr(obj, "item", None)  # numpy / torch scalars
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    tolist = getattr(obj, "tolist", None)  # small numpy arrays
+    if callable(tolist):
+        return tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _dumps(obj: Any, what: str) -> str:
+    try:
+        return json.dumps(obj, default=_json_default, sort_keys=False)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"cannot store {what}: {exc}") from exc
+
+
+def _loads(text: str | None, default: Any) -> Any:
+    if text is None:
+        return default
+    return json.loads(text)
+
+
+def _scalar(value: Any) -> Any:
+    item = getattr(value, "item", None)
+    if callable(item) and not isinstance(value, (int, float, str)):
+        return item()
+    return value
+
+
+def _float(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    value = _scalar(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"cannot store {what}={value!r}: not a number") from exc
+
+
+def _int(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    value = _scalar(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StoreError(f"cannot store {what}={value!r}: not an integer")
+    return value
+
+
+def _node_to_db(node_id: Any, what: str) -> int:
+    value = _int(node_id, what)
+    if value is None or not 0 <= value < _U64:
+        raise StoreError(f"cannot store {what}={node_id!r}: Flower node ids are unsigned 64-bit integers")
+    return value - _U64 if value >= _I64 else value
+
+
+def _node_from_db(value: int) -> int:
+    return value + _U64 if value < 0 else value
+
+
+def _finite_number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _db_path(run_dir: str | Path) -> tuple[Path, Path]:
+    path = Path(run_dir)
+    if path.name == DB_NAME and not path.is_dir():
+        return path.parent, path
+    return path, path / DB_NAME
+
+
+# --------------------------------------------------------------------------- store
+
+
+class RunStore:
+    """Handle on one run's database. Use :meth:`create` (server) or :meth:`open`."""
+
+    def __init__(self, run_dir: Path, conn: sqlite3.Connection, *, readonly: bool) -> None:
+        self.run_dir: Path = run_dir
+        self.db_path: Path = run_dir / DB_NAME
+        self.readonly = readonly
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = threading.RLock()
+
+    # ---- construction -------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        runs_dir: str | Path,
+        run_id: str,
+        *,
+        config: dict,
+        model: str,
+        strategy: str,
+        num_rounds: int,
+    ) -> "RunStore":
+        """Create ``<runs_dir>/<run_id>/run.db`` and return a writable store.
+
+        The database is built under a temporary name and linked into place, so a
+        concurrent reader never sees a half-initialised ``run.db``.
+        """
+        if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id) or run_id == "latest":
+            raise StoreError(
+                f"invalid run id {run_id!r}: use letters, digits, '.', '_' or '-' "
+                "(starting with a letter or digit, at most 128 characters, not 'latest')"
+            )
+        num_rounds_i = _int(num_rounds, "num_rounds")
+        if num_rounds_i is None or num_rounds_i < 0:
+            raise StoreError(f"invalid num_rounds {num_rounds!r}")
+        config_json = _dumps(config if config is not None else {}, "run config")
+
+        run_dir = Path(runs_dir) / run_id
+        db_path = run_dir / DB_NAME
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create run folder {run_dir}: {exc.strerror or exc}") from exc
+        if db_path.exists():
+            raise StoreError(f"run {run_id!r} already exists: {db_path}")
+
+        tmp_path = run_dir / f".{DB_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
+        now = time.time()
+        try:
+            conn = sqlite3.connect(tmp_path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":  # e.g. network file systems
+                    warnings.warn(f"{db_path}: SQLite WAL mode unavailable (got {mode!r}); "
+                                  "readers may briefly block the server", RuntimeWarning, stacklevel=2)
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executescript_body = None  # type: ignore[attr-defined]  # (no-op; keeps mypy quiet)
+                for stmt in filter(str.strip, _SCHEMA.split(";")):
+                    conn.execute(stmt)
+                conn.execute(
+                    "INSERT INTO run (run_id, created_at, updated_at, model, strategy, num_rounds,"
+                    " status, config_json) VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
+                    (run_id, now, now, str(model), str(strategy), num_rounds_i, config_json),
+                )
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+            try:
+                os.link(tmp_path, db_path)  # atomic, refuses to clobber
+            except FileExistsError as exc:
+                raise StoreError(f"run {run_id!r} already exists: {db_path}") from exc
+            except OSError:  # file system without hard links
+                os.replace(tmp_path, db_path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot create run database {db_path}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot create run database {db_path}: {exc.strerror or exc}") from exc
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    Path(f"{tmp_path}{suffix}").unlink()
+                except FileNotFoundError:
+                    pass
+        return cls.open(run_dir, readonly=False)
+
+    @classmethod
+    def open(cls, run_dir: str | Path, *, readonly: bool = True) -> "RunStore":
+        """Open an existing run folder (or its ``run.db``). Read-only by default."""
+        run_dir, db_path = _db_path(run_dir)
+        if not db_path.is_file():
+            if not run_dir.exists():
+                raise StoreError(f"no run folder at {run_dir}")
+            raise StoreError(f"no run database at {db_path}")
+        conn: sqlite3.Connection | None = None
+        try:
+            uri = db_path.resolve().as_uri() + ("?mode=ro" if readonly else "?mode=rw")
+            conn = sqlite3.connect(
+                uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                check_same_thread=False,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if app_id != APPLICATION_ID:
+                raise StoreError(f"{db_path} is not a fedgen run database (empty, foreign or incompletely created)")
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{db_path} uses run-store schema version {version}, but this fedgen only "
+                    f"understands up to version {SCHEMA_VERSION}; upgrade fedgen to read it"
+                )
+            if version < 1:
+                raise StoreError(f"{db_path} has unknown run-store schema version {version}")
+            if not readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if conn.execute("SELECT count(*) FROM run").fetchone()[0] != 1:
+                raise StoreError(f"{db_path} is damaged: expected exactly one run row")
+        except StoreError:
+            if conn is not None:
+                conn.close()
+            raise
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise StoreError(f"cannot read run database {db_path}: {exc}") from exc
+        return cls(run_dir, conn, readonly=readonly)
+
+    # ---- plumbing ----------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.run_dir)!r}, readonly={self.readonly})"
+
+    def __enter__(self) -> "RunStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _c(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"run store {self.db_path} is closed")
+        return self._conn
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: a consistent snapshot across several queries."""
+        with self._lock:
+            conn = self._c()
+            try:
+                conn.execute("BEGIN")
+                try:
+                    yield conn
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read run database {self.db_path}: {exc}") from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise StoreError(f"run store {self.db_path} was opened read-only")
+        with self._lock:
+            conn = self._c()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StoreError(f"cannot write run database {self.db_path}: {exc}") from exc
+
+    # ---- writes ------------------------------------------------------------
+
+    def record_round(self, record: dict) -> None:
+        """Store one round (round row + all site rows) in a single transaction.
+
+        An existing row for the same round is replaced, site rows included. Unknown
+        top-level keys (and unknown per-site keys) are kept in ``extra_json``.
+        """
+        if not isinstance(record, dict):
+            raise StoreError(f"round record must be a dict, got {type(record).__name__}")
+        rnd = _int(record.get("round"), "round")
+        if rnd is None or rnd < 0:
+            raise StoreError(f"round record needs a non-negative integer 'round', got {record.get('round')!r}")
+        num_rounds = _int(record.get("num_rounds"), "num_rounds")
+        extra = {k: v for k, v in record.items() if k not in _ROUND_KEYS}
+        row = (
+            rnd,
+            num_rounds,
+            _float(record.get("started_at"), "started_at"),
+            _float(record.get("ended_at"), "ended_at"),
+            _dumps(list(record.get("sampled") or []), "sampled"),
+            _dumps(dict(record.get("train") or {}), "train metrics"),
+            _dumps(dict(record.get("eval") or {}), "eval metrics"),
+            _float(record.get("epsilon_max"), "epsilon_max"),
+            _float(record.get("user_epsilon"), "user_epsilon"),
+            _int(record.get("bytes_sent"), "bytes_sent"),
+            _int(record.get("bytes_received"), "bytes_received"),
+            _dumps(dict(record.get("artifacts") or {}), "artifacts"),
+            _dumps(extra, "extra round keys"),
+            time.time(),
+        )
+        site_rows = [self._site_row(rnd, seq, site) for seq, site in enumerate(record.get("sites") or [])]
+        with self._write() as conn:
+            conn.execute("DELETE FROM site_round WHERE round = ?", (rnd,))
+            conn.execute("DELETE FROM round WHERE round = ?", (rnd,))
+            conn.execute(
+                "INSERT INTO round (round, num_rounds, started_at, ended_at, sampled_json,"
+                " train_metrics_json, eval_metrics_json, epsilon_max, user_epsilon, bytes_sent,"
+                " bytes_received, artifacts_json, extra_json, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            self._insert_sites(conn, site_rows)
+            if num_rounds is not None:  # a resumed run may extend the plan
+                conn.execute("UPDATE run SET num_rounds = ?", (num_rounds,))
+            conn.execute("UPDATE run SET updated_at = ?", (time.time(),))
+
+    @staticmethod
+    def _site_row(rnd: int, seq: int, site: dict) -> tuple:
+        if not isinstance(site, dict):
+            raise StoreError(f"round {rnd}: site entry #{seq} must be a dict, got {type(site).__name__}")
+        what = f"round {rnd} site #{seq}"
+        status = site.get("status")
+        if status not in SITE_STATUSES:
+            raise StoreError(f"{what}: status must be one of {', '.join(SITE_STATUSES)}, got {status!r}")
+        reason = site.get("reason")
+        floats = {k: _float(site.get(k), f"{what} {k}") for k in _SITE_FLOAT_KEYS}
+        return (
+            rnd,
+            seq,
+            _node_to_db(site.get("node_id"), f"{what} node_id"),
+            _int(site.get("partition_id"), f"{what} partition_id"),
+            status,
+            None if reason is None else str(reason),
+            floats["epsilon"],
+            floats["budget"],
+            floats["delta"],
+            floats["noise_multiplier"],
+            floats["sample_rate"],
+            floats["clip_fraction"],
+            _int(site.get("num_examples"), f"{what} num_examples"),
+            floats["train_loss"],
+            _dumps(dict(site.get("metrics") or {}), f"{what} metrics"),
+            _dumps({k: v for k, v in site.items() if k not in _SITE_KEYS}, f"{what} extra keys"),
+        )
+
+    def _insert_sites(self, conn: sqlite3.Connection, site_rows: list[tuple]) -> None:
+        conn.executemany(
+            "INSERT INTO site_round (round, seq, node_id, partition_id, status, reason, epsilon,"
+            " budget, delta, noise_multiplier, sample_rate, clip_fraction, num_examples,"
+            " train_loss, metrics_json, extra_json)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            site_rows,
+        )
+
+    def set_status(self, status: str, reason: str | None = None) -> None:
+        """Set the run status; any status other than ``running`` also stamps ``ended_at``."""
+        if status not in RUN_STATUSES:
+            raise StoreError(f"run status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE run SET status = ?, status_reason = ?, ended_at = ?, updated_at = ?",
+                (status, None if reason is None else str(reason), None if status == "running" else now, now),
+            )
+
+    # ---- reads -------------------------------------------------------------
+
+    def run_info(self) -> dict:
+        """The run row plus derived progress: rounds_done, best metric, max epsilon."""
+        with self._read() as conn:
+            run = conn.execute(
+                "SELECT run_id, created_at, updated_at, ended_at, model, strategy, num_rounds,"
+                " status, status_reason, config_json FROM run"
+            ).fetchone()
+            agg = conn.execute(
+                "SELECT max(CASE WHEN round >= 1 THEN round END), max(round),"
+                " max(epsilon_max), max(user_epsilon) FROM round"
+            ).fetchone()
+            evals = conn.execute("SELECT round, eval_metrics_json FROM round ORDER BY round").fetchall()
+        if run is None:
+            raise StoreError(f"{self.db_path} is damaged: the run row is missing")
+        return {
+            "run_id": run[0],
+            "run_dir": str(self.run_dir),
+            "created_at": run[1],
+            "updated_at": run[2],
+            "ended_at": run[3],
+            "model": run[4],
+            "strategy": run[5],
+            "num_rounds": run[6],
+            "status": run[7],
+            "status_reason": run[8],
+            "config": _loads(run[9], {}),
+            "schema_version": SCHEMA_VERSION,
+            "rounds_done": agg[0] or 0,
+            "last_round": agg[1],
+            "best_metric": _best_metric((r, _loads(e, {})) for r, e in evals),
+            "max_epsilon": agg[2],
+            "max_user_epsilon": agg[3],
+        }
+
+    def rounds(self) -> list[dict]:
+        """All round records, in the shape given to :meth:`record_round`, ordered by round."""
+        with self._read() as conn:
+            round_rows = conn.execute(
+                "SELECT round, num_rounds, started_at, ended_at, sampled_json, train_metrics_json,"
+                " eval_metrics_json, epsilon_max, user_epsilon, bytes_sent, bytes_received,"
+                " artifacts_json, extra_json FROM round ORDER BY round"
+            ).fetchall()
+            site_rows = conn.execute(
+                "SELECT round, node_id, partition_id, status, reason, epsilon, budget, delta,"
+                " noise_multiplier, sample_rate, clip_fraction, num_examples, train_loss,"
+                " metrics_json, extra_json FROM site_round ORDER BY round, seq"
+            ).fetchall()
+        sites: dict[int, list[dict]] = {}
+        for s in site_rows:
+            site = {
+                "node_id": _node_from_db(s[1]),
+                "partition_id": s[2],
+                "status": s[3],
+                "reason": s[4],
+                "epsilon": s[5],
+                "budget": s[6],
+                "delta": s[7],
+                "noise_multiplier": s[8],
+                "sample_rate": s[9],
+                "clip_fraction": s[10],
+                "num_examples": s[11],
+                "train_loss": s[12],
+                "metrics": _loads(s[13], {}),
+            }
+            site.update(_loads(s[14], {}))
+            sites.setdefault(s[0], []).append(site)
+        out = []
+        for r in round_rows:
+            rec = {
+                "round": r[0],
+                "num_rounds": r[1],
+                "started_at": r[2],
+                "ended_at": r[3],
+                "sampled": _loads(r[4], []),
+                "sites": sites.get(r[0], []),
+                "train": _loads(r[5], {}),
+                "eval": _loads(r[6], {}),
+                "epsilon_max": r[7],
+                "user_epsilon": r[8],
+                "bytes_sent": r[9],
+                "bytes_received": r[10],
+                "artifacts": _loads(r[11], {}),
+            }
+            rec.update(_loads(r[12], {}))
+            out.append(rec)
+        return out
+
+
+def _best_metric(evals: Any) -> dict | None:
+    """First of :data:`EVAL_BEST_KEYS` present in any round; its minimum and where."""
+    evals = list(evals)
+    for key in EVAL_BEST_KEYS:
+        best: tuple[float, int] | None = None
+        for rnd, metrics in evals:
+            value = _finite_number(metrics.get(key)) if isinstance(metrics, dict) else None
+            if value is not None and (best is None or value < best[0]):
+                best = (value, rnd)
+        if best is not None:
+            return {"key": key, "value": best[0], "round": best[1]}
+    return None
+
+
+# --------------------------------------------------------------------------- runs dir
+
+
+def _run_dirs(runs_dir: str | Path) -> list[Path]:
+    root = Path(runs_dir)
+    if not root.exists():
+        raise StoreError(f"runs directory {root} does not exist")
+    if not root.is_dir():
+        raise StoreError(f"runs directory {root} is not a directory")
+    try:
+        return sorted(p for p in root.iterdir() if p.is_dir() and (p / DB_NAME).is_file())
+    except OSError as exc:
+        raise StoreError(f"cannot list runs directory {root}: {exc.strerror or exc}") from exc
+
+
+def _corrupt_row(run_dir: Path, error: str) -> dict:
+    try:
+        mtime = (run_dir / DB_NAME).stat().st_mtime
+    except OSError:
+        mtime = None
+    return {
+        "run_id": run_dir.name, "run_dir": str(run_dir), "created_at": mtime, "updated_at": mtime,
+        "ended_at": None, "model": None, "strategy": None, "num_rounds": None,
+        "status": "corrupt", "status_reason": error, "config": None, "schema_version": None,
+        "rounds_done": None, "last_round": None, "best_metric": None, "max_epsilon": None,
+        "max_user_epsilon": None, "error": error,
+    }
+
+
+def list_runs(runs_dir: str | Path) -> list[dict]:
+    """``run_info`` of every run folder with a ``run.db``, newest first.
+
+    Unreadable databases are listed with status ``"corrupt"`` and the error message
+    (also in ``error``); healthy rows have ``error`` = None. Raises StoreError only when
+    ``runs_dir`` itself is missing or unreadable.
+    """
+    rows = []
+    for run_dir in _run_dirs(runs_dir):
+        try:
+            with RunStore.open(run_dir) as store:
+                info = store.run_info()
+            info["error"] = None
+        except StoreError as exc:
+            info = _corrupt_row(run_dir, str(exc))
+        rows.append(info)
+    rows.sort(key=lambda r: (r["created_at"] or 0.0, r["run_id"]), reverse=True)
+    return rows
+
+
+def resolve_run(runs_dir: str | Path, ref: str) -> Path:
+    """Run folder for ``ref``: a full run id, a unique id prefix, or ``latest``."""
+    dirs = _run_dirs(runs_dir)
+    if not dirs:
+        raise StoreError(f"no runs in {Path(runs_dir)}")
+    ref = (ref or "").strip()
+    if not ref:
+        raise StoreError("empty run reference: give a run id, a unique prefix, or 'latest'")
+    by_name = {d.name: d for d in dirs}
+    if ref in by_name:
+        return by_name[ref]
+    if ref == "latest":
+        return Path(list_runs(runs_dir)[0]["run_dir"])
+    matches = [d for d in dirs if d.name.startswith(ref)]
+    if not matches:
+        raise StoreError(f"no run matching {ref!r} in {Path(runs_dir)} (see `fedgen runs`)")
+    if len(matches) > 1:
+        names = ", ".join(d.name for d in matches[:10]) + (", ..." if len(matches) > 10 else "")
+        raise StoreError(f"run prefix {ref!r} is ambiguous in {Path(runs_dir)}: matches {names}")
+    return matches[0]

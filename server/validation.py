@@ -1,0 +1,56 @@
+"""Checks on a site's reply before it may touch the global model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from common import records as R
+
+
+class InvalidUpdate(ValueError):
+    """A reply that must not be aggregated; the message says why."""
+
+
+def check_train_reply(msg: Message, global_arrays: ArrayRecord, max_update_norm: float = 0.0) -> None:
+    """Raise :class:`InvalidUpdate` unless the reply is safe to aggregate.
+
+    Expected: exactly one ArrayRecord with the global model's keys, shapes and dtypes,
+    finite values, an update norm within ``max_update_norm`` (when > 0), and one
+    MetricRecord with a positive ``num-examples`` and numeric, finite metrics.
+    """
+    content = msg.content
+    arrays = list(content.array_records.values())
+    metrics = list(content.metric_records.values())
+    if len(arrays) != 1:
+        raise InvalidUpdate(f"expected one ArrayRecord, got {len(arrays)}")
+    if len(metrics) != 1:
+        raise InvalidUpdate(f"expected one MetricRecord, got {len(metrics)}")
+    got, ref = arrays[0], global_arrays
+    missing, extra = set(ref.keys()) - set(got.keys()), set(got.keys()) - set(ref.keys())
+    if missing or extra:
+        raise InvalidUpdate(f"array keys differ from the global model: missing {sorted(missing)[:3]}, "
+                            f"unexpected {sorted(extra)[:3]}")
+    sq = 0.0
+    for key, ref_arr in ref.items():
+        a = got[key]
+        if tuple(a.shape) != tuple(ref_arr.shape) or a.dtype != ref_arr.dtype:
+            raise InvalidUpdate(f"{key}: shape/dtype {tuple(a.shape)}/{a.dtype}, expected "
+                                f"{tuple(ref_arr.shape)}/{ref_arr.dtype}")
+        x = a.numpy()
+        if np.issubdtype(x.dtype, np.floating):
+            if not np.isfinite(x).all():
+                raise InvalidUpdate(f"{key}: contains NaN or infinite values")
+            sq += float(np.sum((x.astype(np.float64) - ref_arr.numpy().astype(np.float64)) ** 2))
+    if max_update_norm > 0 and math.sqrt(sq) > max_update_norm:
+        raise InvalidUpdate(f"update norm {math.sqrt(sq):.3g} exceeds the bound {max_update_norm:g}")
+    m = metrics[0]
+    if R.NUM_EXAMPLES not in m:
+        raise InvalidUpdate(f"metrics lack {R.NUM_EXAMPLES!r}")
+    for key, value in m.items():
+        if isinstance(value, list) or not math.isfinite(float(value)):
+            raise InvalidUpdate(f"metric {key!r} = {value!r} is not a finite number")
+    if float(m[R.NUM_EXAMPLES]) <= 0:
+        raise InvalidUpdate(f"{R.NUM_EXAMPLES} must be positive, got {m[R.NUM_EXAMPLES]}")

@@ -1,0 +1,173 @@
+"""Run a fedgen job as a real `flwr run` simulation, and exit non-zero if it failed.
+
+    python -m simulations.launch                      # the default job (pyproject settings)
+    python -m simulations.launch --preset digits-quick --num-sites 3
+    python -m simulations.launch --set run.num-rounds=2 --set privacy.enabled=false
+
+What it does, so that nothing outlives it and a failed run is never reported as a
+success (``flwr run --stream`` exits 0 even when the run failed):
+1. starts a private ``flower-superlink --simulation`` on free loopback ports, with its
+   own ``FLWR_HOME`` (connection config written there, not in your home folder);
+2. ``flwr run . local --stream`` with the merged run config and the number of sites;
+3. reads the run's final status with ``flwr ls --format json``;
+4. stops the SuperLink and every process it started, by process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FLOWER_ENV = {
+    # Offline: never let the SuperLink try to install the app's dependencies per run.
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home)}
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _toml_value(value: object) -> str:
+    return json.dumps(value)  # TOML accepts JSON strings, numbers and lowercase booleans
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    key, eq, raw = item.partition("=")
+    if not eq:
+        raise SystemExit(f"--set expects key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: take it as a string
+    return key.strip(), value
+
+
+def merged_run_config(preset: str | None, overrides: list[str], runs_dir: Path) -> dict[str, object]:
+    config: dict[str, object] = {}
+    if preset:
+        path = Path(preset)
+        if not path.exists():
+            path = ROOT / "simulations" / f"{preset}.toml"
+        if not path.exists():
+            known = sorted(p.stem for p in (ROOT / "simulations").glob("*.toml"))
+            raise SystemExit(f"preset {preset!r} not found; known presets: {known}")
+        config.update(tomllib.loads(path.read_text()))
+    config.update(_parse_override(o) for o in overrides)
+    config.setdefault("run.runs-dir", str(runs_dir))
+    return config
+
+
+def start_superlink(flwr_home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    control, http = free_port(), free_port()
+    fleet, health = free_port(), free_port()
+    log = (flwr_home / "superlink.log").open("w")
+    cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+           "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http),
+           "--fleet-api-address", f"127.0.0.1:{fleet}", "--health-server-address", f"127.0.0.1:{health}",
+           "--database", str(flwr_home / "state.db")]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{control}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"flower-superlink exited with {proc.returncode}; see {flwr_home / 'superlink.log'}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", control)) == 0:
+                return proc, address
+        time.sleep(0.2)
+    stop(proc)
+    raise SystemExit("flower-superlink did not start within 60 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the SuperLink and everything in its process group (ServerApp, ClientApps, Ray)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_status(env: dict[str, str]) -> dict:
+    out = subprocess.run(["flwr", "ls", ".", "local", "--format", "json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    try:
+        runs = json.loads(out.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        raise SystemExit(f"could not read the run status from `flwr ls`: {out.stdout}{out.stderr}") from None
+    if not runs:
+        raise SystemExit("`flwr ls` lists no run: the job was not submitted")
+    return runs[-1]
+
+
+def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: Path, quiet: bool = False) -> int:
+    runs_dir = runs_dir.resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fedgen-flwr-") as tmp:
+        flwr_home = Path(tmp)
+        env = flower_env(flwr_home)
+        config = merged_run_config(preset, overrides, runs_dir)
+        run_config = flwr_home / "run-config.toml"
+        run_config.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in config.items()))
+        proc, address = start_superlink(flwr_home, env)
+        try:
+            (flwr_home / "config.toml").write_text(
+                f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{address}"\ninsecure = true\n'
+            )
+            cmd = ["flwr", "run", ".", "local", "--stream", "--run-config", str(run_config),
+                   "--federation-config", f"num-supernodes={num_sites}"]
+            out = None if not quiet else subprocess.DEVNULL
+            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=out).returncode
+            status = run_status(env)
+        finally:
+            stop(proc)
+    state = f"{status.get('status', '?')}"
+    sub = str(status.get("sub-status", status.get("status", ""))).lower()
+    ok = code == 0 and "completed" in state.lower() and "fail" not in sub and "stop" not in sub
+    print(f"fedgen: flwr run exited {code}; run {status.get('run-id', '?')} status: {state}"
+          f"{'' if ok else ' -- FAILED'}; records under {runs_dir}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", help="a simulations/<name>.toml preset (or a path to a TOML file)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one run-config key (repeatable)")
+    ap.add_argument("--num-sites", type=int, default=10, help="simulated SuperNodes (default 10)")
+    ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs", help="where run folders go (default ./runs)")
+    args = ap.parse_args(argv)
+    return launch(args.preset, args.overrides, args.num_sites, args.runs_dir)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""Shared fixtures: the app's default run config and quick configs for tests."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import AppConfig, parse_run_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pyproject_run_config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def quick_config(**overrides) -> AppConfig:
+    """The digits-quick preset on top of the pyproject defaults, plus overrides (dotted keys)."""
+    raw = pyproject_run_config()
+    raw.update(tomllib.loads((ROOT / "simulations" / "digits-quick.toml").read_text()))
+    raw.update(overrides)
+    return parse_run_config(raw)
+
+
+@pytest.fixture
+def quick_cfg() -> AppConfig:
+    return quick_config()

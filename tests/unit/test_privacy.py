@@ -1,0 +1,59 @@
+"""Calibration and accounting arithmetic (pure functions)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from common import privacy
+
+
+@pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_calibrated_noise_meets_target_at_last_planned_round_within_one_percent(target, accountant):
+    q, steps = privacy.steps_per_round(num_records=600, batch_size=32, local_epochs=1, max_steps=0)
+    rounds = 5
+    noise = privacy.calibrate_noise(target, 1e-5, q, steps * rounds, accountant)
+    eps = privacy.epsilon([(noise, q, steps * rounds)], 1e-5, accountant)
+    assert eps <= target
+    assert eps == pytest.approx(target, rel=0.01)
+
+
+def test_steps_match_opacus_poisson_loader():
+    # 600 records in batches of 32: a loader of 19 batches -> sample rate 1/19, 19 steps an epoch.
+    q, steps = privacy.steps_per_round(600, 32, local_epochs=2, max_steps=0)
+    assert q == pytest.approx(1 / 19) and steps == 38
+    assert privacy.steps_per_round(600, 32, 2, max_steps=5)[1] == 5
+
+
+def test_epsilon_composes_and_grows_round_over_round():
+    entry = (1.1, 0.05, 20)
+    eps = [privacy.epsilon([entry] * r, 1e-5) for r in range(1, 6)]
+    assert all(a < b for a, b in zip(eps, eps[1:]))
+    # Composition of r rounds equals one accountant that took all r*20 steps.
+    acc = RDPAccountant()
+    for _ in range(5 * 20):
+        acc.step(noise_multiplier=1.1, sample_rate=0.05)
+    assert eps[-1] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_compact_merges_equal_neighbours_without_changing_epsilon():
+    hist = [(1.0, 0.1, 5), (1.0, 0.1, 7), (2.0, 0.1, 3), (1.0, 0.1, 1)]
+    assert privacy.compact(hist) == [(1.0, 0.1, 12), (2.0, 0.1, 3), (1.0, 0.1, 1)]
+    assert privacy.epsilon(privacy.compact(hist), 1e-5) == pytest.approx(privacy.epsilon(hist, 1e-5))
+
+
+def test_empty_history_spent_nothing():
+    assert privacy.epsilon([], 1e-5) == 0.0
+
+
+def test_delta_rules():
+    assert privacy.auto_delta(100) == 1e-5
+    assert privacy.auto_delta(10**7) == pytest.approx(1e-8)
+    assert privacy.auto_delta(500) < 1 / 500
+    privacy.check_delta(1e-4, 1000)
+    with pytest.raises(ValueError, match="privacy.delta = 0.001 is not below 1/N"):
+        privacy.check_delta(1e-3, 1000)
+    assert math.isfinite(privacy.epsilon([(0.8, 0.1, 10)], privacy.auto_delta(1000)))
