@@ -87,6 +87,11 @@ class RoundRecorder:
         log.info("%s", round_line(rec, self.num_rounds))
 
 
+def _payload_bytes(msg: Message) -> int:
+    """Bytes of model arrays a message carries (the bulk of what crosses the network)."""
+    return sum(a.count_bytes() for a in msg.content.array_records.values())
+
+
 def _site_row(msg: Message, status: str, reason: str | None) -> dict:
     row: dict[str, Any] = {"node_id": int(msg.metadata.src_node_id), "status": status, "reason": reason}
     metrics: dict[str, float] = {}
@@ -160,9 +165,9 @@ def run_rounds(
             return Outcome("stopped", reason, arrays, rnd - 1, records)
         started = time.time()
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), active))
-        bytes_sent = sum(m.content.count_bytes() for m in messages)
+        bytes_sent = sum(_payload_bytes(m) for m in messages)
         replies = list(grid.send_and_receive(messages, timeout=cfg.run.round_timeout))
-        bytes_received = sum(m.content.count_bytes() for m in replies if not m.has_error())
+        bytes_received = sum(_payload_bytes(m) for m in replies if not m.has_error())
         sampled = [int(m.metadata.dst_node_id) for m in messages]
 
         rows, good = [], []

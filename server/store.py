@@ -278,7 +278,6 @@ class RunStore:
                     warnings.warn(f"{db_path}: SQLite WAL mode unavailable (got {mode!r}); "
                                   "readers may briefly block the server", RuntimeWarning, stacklevel=2)
                 conn.execute("BEGIN IMMEDIATE")
-                conn.executescript_body = None  # type: ignore[attr-defined]  # (no-op; keeps mypy quiet)
                 for stmt in filter(str.strip, _SCHEMA.split(";")):
                     conn.execute(stmt)
                 conn.execute(

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,22 +83,24 @@ def merged_run_config(preset: str | None, overrides: list[str], runs_dir: Path) 
 
 
 def start_superlink(flwr_home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    control, http = free_port(), free_port()
-    fleet, health = free_port(), free_port()
+    # Flower 1.41 serves the Control, Fleet and runtime APIs over HTTP on one --host/--port.
+    port, health = free_port(), free_port()
     log = (flwr_home / "superlink.log").open("w")
     cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-           "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http),
-           "--fleet-api-address", f"127.0.0.1:{fleet}", "--health-server-address", f"127.0.0.1:{health}",
+           "--host", "127.0.0.1", "--port", str(port), "--health-server-address", f"127.0.0.1:{health}",
            "--database", str(flwr_home / "state.db")]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"127.0.0.1:{control}"
+    address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"flower-superlink exited with {proc.returncode}; see {flwr_home / 'superlink.log'}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", control)) == 0:
-                return proc, address
+        try:
+            with urllib.request.urlopen(f"http://{address}/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return proc, address
+        except OSError:
+            pass
         time.sleep(0.2)
     stop(proc)
     raise SystemExit("flower-superlink did not start within 60 s")
@@ -118,15 +121,15 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def run_status(env: dict[str, str]) -> dict:
-    out = subprocess.run(["flwr", "ls", ".", "local", "--format", "json"], cwd=ROOT, env=env,
+    out = subprocess.run(["flwr", "ls", "local", "--format", "json"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     try:
         runs = json.loads(out.stdout).get("runs", [])
     except json.JSONDecodeError:
         raise SystemExit(f"could not read the run status from `flwr ls`: {out.stdout}{out.stderr}") from None
     if not runs:
-        raise SystemExit("`flwr ls` lists no run: the job was not submitted")
-    return runs[-1]
+        raise SystemExit(f"`flwr ls` lists no run: the job was not submitted ({out.stdout}{out.stderr})")
+    return max(runs, key=lambda r: r.get("pending-at") or "")
 
 
 def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: Path, quiet: bool = False) -> int:
@@ -150,9 +153,8 @@ def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: P
             status = run_status(env)
         finally:
             stop(proc)
-    state = f"{status.get('status', '?')}"
-    sub = str(status.get("sub-status", status.get("status", ""))).lower()
-    ok = code == 0 and "completed" in state.lower() and "fail" not in sub and "stop" not in sub
+    state = str(status.get("status", "?"))  # e.g. finished:completed, finished:failed
+    ok = code == 0 and state == "finished:completed"
     print(f"fedgen: flwr run exited {code}; run {status.get('run-id', '?')} status: {state}"
           f"{'' if ok else ' -- FAILED'}; records under {runs_dir}", file=sys.stderr)
     return 0 if ok else 1
