@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,16 @@ from common.tasks import GenerativeTask
 log = logging.getLogger(__name__)
 
 LEDGER_VERSION = 1
+
+# Opacus warnings that say nothing actionable per round; each is documented in the README.
+# - secure RNG: noise comes from PyTorch's PRNG (torchcsprng is not installed) - the DP
+#   guarantee assumes a cryptographic RNG; README "Privacy" says so.
+# - "Optimal order is the largest alpha": the RDP bound could be tighter; what we report is
+#   still a valid upper bound on epsilon.
+# - full backward hook on inputs that need no grad: how Opacus' hooks see the first layer.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 class LedgerError(RuntimeError):

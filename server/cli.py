@@ -25,7 +25,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from server.store import EVAL_BEST_KEYS, RunStore, StoreError, list_runs, resolve_run
+from server.store import RunStore, StoreError, list_runs, resolve_run
 
 if TYPE_CHECKING:  # matplotlib is imported lazily: it is slow and only `plot` needs it
     from matplotlib.figure import Figure
@@ -404,7 +404,10 @@ def runs_cmd(runs_dir: RunsDirOpt = Path("runs"), json_out: JsonOpt = False) -> 
 
 @_command("status")
 def status_cmd(run: RunArg, runs_dir: RunsDirOpt = Path("runs"), json_out: JsonOpt = False) -> None:
-    """Progress, latest metrics, per-site privacy budget and site failures of a run."""
+    """Progress, latest metrics, per-site privacy budget and site failures of a run.
+
+    RUN is a run id, a unique prefix of one, or 'latest'.
+    """
     with _open(runs_dir, run) as store:
         info, rounds = store.run_info(), store.rounds()
     if json_out:
@@ -420,7 +423,11 @@ def watch_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
     json_out: JsonOpt = False,
 ) -> None:
-    """Follow a run live until it stops running (Ctrl-C to leave)."""
+    """Follow a run live until it stops running (Ctrl-C to leave).
+
+    RUN is a run id, a unique prefix of one, or 'latest'. With --json, prints one JSON
+    object per line whenever the run changes.
+    """
     with _open(runs_dir, run) as store:
         if json_out:  # one JSON object per line, whenever something changed
             seen = None
@@ -533,7 +540,10 @@ def plot_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
     json_out: JsonOpt = False,
 ) -> None:
-    """Plot training loss, server evaluation metrics and privacy spent over rounds."""
+    """Plot training loss, server evaluation metrics and privacy spent over rounds.
+
+    RUN is a run id, a unique prefix of one, or 'latest'. Prints the image path.
+    """
     with _open(runs_dir, run) as store:
         info, rounds = store.run_info(), store.rounds()
     if not rounds:
@@ -566,7 +576,10 @@ def samples_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
     json_out: JsonOpt = False,
 ) -> None:
-    """Artefact paths (samples, checkpoint, ...) of a round; prints text samples."""
+    """Artefact paths (samples, checkpoint, ...) of a round; prints text samples.
+
+    RUN is a run id, a unique prefix of one, or 'latest'.
+    """
     with _open(runs_dir, run) as store:
         info, rounds = store.run_info(), store.rounds()
     run_dir = Path(info["run_dir"])

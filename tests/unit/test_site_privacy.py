@@ -1,0 +1,123 @@
+"""A site's privacy state: composed epsilon, restarts, budgets, corrupt ledgers (VAE on digits)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flwr.app import RecordDict
+
+from client.dp import Ledger, LedgerError
+from client.site import dataset_key, make_plan, train_round
+from common import privacy
+from common import records as R
+from common.config import parse_node_config
+from common.data.site import site_dataset
+from common.tasks import build_task
+from tests.conftest import quick_config
+
+STEPS = 3
+
+
+def cfg_(**o):
+    return quick_config(**{"train.max-steps": STEPS, "run.num-rounds": 4, **o})
+
+
+def site_(tmp_path=None, **extra):
+    cfg = {"partition-id": 1, "num-partitions": 3, **extra}
+    if tmp_path is not None:
+        cfg["ledger-path"] = str(tmp_path / "ledger.json")
+    return parse_node_config(cfg)
+
+
+def global_arrays(cfg):
+    data, spec = site_dataset(cfg, site_())
+    return R.to_arrayrecord(build_task(cfg, spec).modules)
+
+
+def test_epsilon_composes_over_rounds_and_matches_a_fresh_accountant(tmp_path):
+    cfg, s = cfg_(), site_(tmp_path)
+    arrays, state = global_arrays(cfg), RecordDict()
+    eps = []
+    for rnd in range(1, 4):
+        res = train_round(cfg, s, arrays, rnd, state)
+        eps.append(res.metrics[R.EPSILON])
+    assert eps[0] < eps[1] < eps[2]
+    entry = Ledger(s.ledger_path).load(dataset_key(cfg, s))
+    assert entry.history == [(res.metrics[R.NOISE], res.metrics[R.SAMPLE_RATE], 3 * STEPS)]
+    assert entry.epsilon == pytest.approx(eps[-1])
+    assert privacy.epsilon(entry.history, res.metrics[R.DELTA]) == pytest.approx(eps[-1], rel=1e-12)
+    assert [r["round"] for r in entry.rounds] == [1, 2, 3]
+
+
+def test_noise_is_the_calibrated_one_and_meets_the_target_at_the_last_round(tmp_path):
+    cfg = cfg_()
+    data, _ = site_dataset(cfg, site_())
+    plan = make_plan(cfg, len(data))
+    expected = privacy.calibrate_noise(cfg.privacy.target_epsilon, plan.delta, plan.sample_rate,
+                                       plan.steps_per_round * cfg.run.num_rounds, "rdp")
+    assert plan.noise_multiplier == pytest.approx(expected)
+    s, arrays, state = site_(tmp_path), global_arrays(cfg), RecordDict()
+    for rnd in range(1, cfg.run.num_rounds + 1):
+        res = train_round(cfg, s, arrays, rnd, state)
+    assert res.metrics[R.NOISE] == pytest.approx(expected)
+    assert res.metrics[R.EPSILON] <= cfg.privacy.target_epsilon
+    assert res.metrics[R.EPSILON] == pytest.approx(cfg.privacy.target_epsilon, rel=0.01)
+
+
+def test_restarted_site_continues_from_its_ledger(tmp_path):
+    cfg = cfg_()
+    s, arrays = site_(tmp_path), global_arrays(cfg)
+    train_round(cfg, s, arrays, 1, RecordDict())
+    # The SuperNode process dies: Context.state is gone, the ledger file is not.
+    res = train_round(cfg, s, arrays, 2, RecordDict())
+    other = tmp_path / "other"
+    other.mkdir()
+    s2, state = site_(other), RecordDict()
+    train_round(cfg, s2, arrays, 1, state)
+    uninterrupted = train_round(cfg, s2, arrays, 2, state)
+    assert res.metrics[R.EPSILON] == pytest.approx(uninterrupted.metrics[R.EPSILON])
+    assert res.metrics[R.EPSILON] > 0
+
+
+def test_site_refuses_a_round_that_would_exceed_its_budget_and_spends_nothing(tmp_path):
+    cfg, arrays = cfg_(), global_arrays(cfg_())
+    s = site_(tmp_path)
+    first = train_round(cfg, s, arrays, 1, RecordDict())
+    # A budget just above what one round costs: the second round must be refused.
+    tight = site_(tmp_path, **{"privacy-budget": first.metrics[R.EPSILON] * 1.01})
+    before = (tmp_path / "ledger.json").read_bytes()
+    res = train_round(cfg, tight, arrays, 2, RecordDict())
+    assert res.status == "budget-exhausted" and res.arrays is None
+    assert res.metrics[R.BUDGET_EXHAUSTED] == 1.0
+    assert "budget-exhausted" in res.reason and "nothing was trained or spent" in res.reason
+    assert (tmp_path / "ledger.json").read_bytes() == before
+
+
+def test_corrupt_ledger_fails_closed(tmp_path):
+    cfg, s, arrays = cfg_(), site_(tmp_path), global_arrays(cfg_())
+    train_round(cfg, s, arrays, 1, RecordDict())
+    path = tmp_path / "ledger.json"
+    doc = json.loads(path.read_text())
+    key = next(iter(doc["entries"]))
+    doc["entries"][key]["history"] = []  # someone "resets" the spend
+    path.write_text(json.dumps(doc))
+    tampered = path.read_bytes()
+    with pytest.raises(LedgerError, match="checksum"):
+        train_round(cfg, s, arrays, 2, RecordDict())
+    path.write_bytes(b"\x00garbage")
+    with pytest.raises(LedgerError, match="unreadable"):
+        train_round(cfg, s, arrays, 2, RecordDict())
+    assert path.read_bytes() == b"\x00garbage" != tampered  # never silently rewritten
+
+
+def test_delta_not_below_one_over_n_is_refused():
+    cfg = cfg_(**{"privacy.delta": 0.01})
+    with pytest.raises(ValueError, match="privacy.delta = 0.01 is not below 1/N"):
+        train_round(cfg, site_(), global_arrays(cfg), 1, RecordDict())
+
+
+def test_privacy_off_trains_without_accounting():
+    cfg = cfg_(**{"privacy.enabled": False})
+    res = train_round(cfg, site_(), global_arrays(cfg), 1, RecordDict())
+    assert res.status == "ok" and R.EPSILON not in res.metrics and res.metrics[R.STEPS] == STEPS
