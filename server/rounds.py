@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common import records as R
 from common.config import AppConfig
+from server.central_dp import UserLevelDP
 from server.evaluation import Evaluator
 from server.validation import InvalidUpdate, check_train_reply
 
@@ -66,7 +67,8 @@ def round_line(rec: dict, num_rounds: int) -> str:
         f"sites ok={ok} failed={failed}" + (f" refused={refused}" if refused else ""),
         f"train-loss={_fmt(rec['train'].get(R.TRAIN_LOSS))}",
         ev or "eval=-",
-        f"eps_max={_fmt(rec.get('epsilon_max'), '.3f')}",
+        f"eps_max={_fmt(rec.get('epsilon_max'), '.3f')}"
+        + (f" user_eps={rec['user_epsilon']:.3f}" if rec.get("user_epsilon") is not None else ""),
         f"{rec['ended_at'] - rec['started_at']:.1f}s",
     ]
     return " | ".join(parts)
@@ -163,6 +165,14 @@ def run_rounds(
                       f"strategy.min-train-nodes = {cfg.strategy.min_train_nodes}; stopping before round {rnd}")
             log.warning("%s", reason)
             return Outcome("stopped", reason, arrays, rnd - 1, records)
+        if isinstance(strategy, UserLevelDP) and cfg.central_dp.max_epsilon > 0:
+            n = len(remaining)
+            q = min(1.0, max(int(n * cfg.strategy.fraction_train), cfg.strategy.min_train_nodes) / max(n, 1))
+            if strategy.epsilon_after_next(q) > cfg.central_dp.max_epsilon:
+                reason = (f"user-level epsilon would exceed central-dp.max-epsilon = {cfg.central_dp.max_epsilon:g} "
+                          f"in round {rnd} (now {strategy.epsilon():.3f}); stopping")
+                log.warning("%s", reason)
+                return Outcome("stopped", reason, arrays, rnd - 1, records)
         started = time.time()
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), active))
         bytes_sent = sum(_payload_bytes(m) for m in messages)
@@ -206,7 +216,8 @@ def run_rounds(
         eps = [r["epsilon"] for r in rows if r.get("epsilon") is not None and r["status"] == "ok"]
         rec = {"round": rnd, "num_rounds": num_rounds, "started_at": started, "ended_at": time.time(),
                "sampled": sampled, "sites": rows, "train": train_metrics, "eval": ev,
-               "epsilon_max": max(eps) if eps else None, "user_epsilon": None,
+               "epsilon_max": max(eps) if eps else None,
+               "user_epsilon": strategy.epsilon() if isinstance(strategy, UserLevelDP) else None,
                "bytes_sent": bytes_sent, "bytes_received": bytes_received, "artifacts": art}
         record(rec)
         records.append(rec)

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, 
 
 from common import records as R
 from common.config import AppConfig
+from server.central_dp import UserLevelDP
 
 _MAX_KEYS = {R.EPSILON, R.NOISE, R.DELTA}
 _MIN_KEYS = {R.BUDGET}
@@ -38,6 +39,15 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
 
 
 def build_strategy(cfg: AppConfig) -> Strategy:
+    """The configured strategy, wrapped in user-level DP when ``central-dp.enabled``."""
+    inner = _base_strategy(cfg)
+    c = cfg.central_dp
+    if not c.enabled:
+        return inner
+    return UserLevelDP(inner, c.noise_multiplier, c.clipping_norm, c.delta, cfg.privacy.accountant, cfg.run.seed)
+
+
+def _base_strategy(cfg: AppConfig) -> Strategy:
     s = cfg.strategy
     common = dict(
         fraction_train=s.fraction_train,

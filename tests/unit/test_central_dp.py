@@ -1,0 +1,102 @@
+"""User-level DP at the server: clipping, noise scaled to who took part, accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Error
+from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from common import privacy
+from server.central_dp import UserLevelDP, clip_update
+from server.strategy import aggregate_train_metrics
+
+D = 20_000  # parameters: enough to measure the noise's standard deviation
+
+
+@pytest.fixture(autouse=True)
+def _flower_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+
+
+class FakeGrid:
+    def __init__(self, n):
+        self.nodes = list(range(100, 100 + n))
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def arrays(value, d=D):
+    x = np.full(d, value, dtype=np.float32) if np.isscalar(value) else value.astype(np.float32)
+    return ArrayRecord({"w": Array(x)})
+
+
+def reply_to(msg, update, n=10.0, fail=False):
+    if fail:
+        return Message(Error(code=1, reason="site crashed"), reply_to=msg)
+    return Message(content=RecordDict({"arrays": arrays(update), "metrics": MetricRecord({"num-examples": n,
+                                                                                          "train-loss": 1.0})}),
+                   reply_to=msg)
+
+
+def strategy(inner=None, sigma=1.0, clip=1.0):
+    inner = inner or FedAvg(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0,
+                            train_metrics_aggr_fn=aggregate_train_metrics)
+    return UserLevelDP(inner, noise_multiplier=sigma, clipping_norm=clip, delta=1e-5, seed=0)
+
+
+def test_clip_update_scales_whole_update_to_the_bound():
+    u = {"a": np.ones(4) * 3.0, "b": np.ones(5) * 4.0}
+    clipped, norm = clip_update(u, 1.0)
+    assert norm == pytest.approx(np.sqrt(9 * 4 + 16 * 5))
+    assert np.sqrt(sum((v ** 2).sum() for v in clipped.values())) == pytest.approx(1.0)
+    small, _ = clip_update({"a": np.array([0.1])}, 1.0)
+    assert small["a"][0] == pytest.approx(0.1)
+
+
+def test_each_update_clipped_and_mean_taken_over_those_who_replied():
+    dp = strategy(sigma=1e-9, clip=1.0)
+    msgs = list(dp.configure_train(1, arrays(0.0, 4), ConfigRecord(), FakeGrid(3)))
+    big = np.full(4, 100.0)  # norm 200 -> clipped to norm 1 (each entry 0.5)
+    replies = [reply_to(msgs[0], big), reply_to(msgs[1], np.full(4, 0.1)), reply_to(msgs[2], None, fail=True)]
+    new, metrics = dp.aggregate_train(1, replies)
+    w = new["w"].numpy()
+    assert np.allclose(w, (0.5 + 0.1) / 2, atol=1e-6)  # mean over the 2 sites that replied
+    assert metrics["train-loss"] == pytest.approx(1.0)
+    assert dp.last_clip_fraction == pytest.approx(0.5)
+
+
+def test_noise_std_is_sigma_c_over_participants_even_when_a_site_drops():
+    sigma, clip = 2.0, 0.5
+    dp = strategy(sigma=sigma, clip=clip)
+    msgs = list(dp.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid(4)))
+    replies = [reply_to(m, np.zeros(D)) for m in msgs[:3]] + [reply_to(msgs[3], None, fail=True)]
+    new, _ = dp.aggregate_train(1, replies)
+    std = float(new["w"].numpy().std())
+    assert std == pytest.approx(sigma * clip / 3, rel=0.03)
+
+
+def test_user_level_epsilon_composes_rounds_with_client_sampling_rate():
+    dp = strategy(sigma=1.5)
+    grid = FakeGrid(10)
+    current = arrays(0.0, 4)
+    for rnd in (1, 2, 3):
+        inner_msgs = list(dp.configure_train(rnd, current, ConfigRecord(), grid))
+        current, _ = dp.aggregate_train(rnd, [reply_to(m, np.zeros(4)) for m in inner_msgs])
+    assert dp.history == [(1.5, 1.0, 3)]  # all 10 of 10 sites sampled: no amplification
+    assert dp.epsilon() == pytest.approx(privacy.epsilon([(1.5, 1.0, 3)], 1e-5))
+    assert dp.epsilon_after_next(1.0) > dp.epsilon()
+
+
+def test_works_around_a_server_optimiser_and_keeps_its_state():
+    inner = FedAdam(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0, eta=0.1,
+                    train_metrics_aggr_fn=aggregate_train_metrics)
+    dp = strategy(inner=inner, sigma=1e-9)
+    msgs = list(dp.configure_train(1, arrays(0.0, 4), ConfigRecord(), FakeGrid(2)))
+    new, _ = dp.aggregate_train(1, [reply_to(m, np.full(4, 0.2)) for m in msgs])
+    assert inner.m_t is not None  # FedAdam post-processed the private release
+    assert np.all(new["w"].numpy() > 0)
