@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from client import faults
 from client.dp import Ledger, LedgerEntry, make_private
 from common import privacy
 from common import records as R
@@ -42,8 +43,11 @@ def dataset_key(cfg: AppConfig, site: SiteConfig) -> str:
     d = cfg.data
     if site.data_path:
         return f"{d.dataset}|{site.data_path}"
-    return (f"{d.dataset}|{d.path or 'default'}|{d.partitioner}|alpha={d.dirichlet_alpha}|seed={cfg.run.seed}"
-            f"|partition={site.partition_id}/{d.num_partitions or site.num_partitions}")
+    key = (f"{d.dataset}|{d.path or 'default'}|{d.partitioner}|alpha={d.dirichlet_alpha}|seed={cfg.run.seed}"
+           f"|partition={site.partition_id}/{d.num_partitions or site.num_partitions}")
+    if d.dataset == "shakespeare":  # these settings decide which roles a partition holds
+        key += f"|heldout={d.heldout_plays}|min-chars={d.min_chars}"
+    return key
 
 
 @functools.lru_cache(maxsize=64)
@@ -94,6 +98,9 @@ def train_round(
     proximal_mu: float = 0.0,
     run_id: int | str = 0,
 ) -> RoundResult:
+    fault = faults.planned_fault(site.partition_id, server_round)
+    if fault == "crash":
+        raise RuntimeError(f"injected crash ({faults.ENV})")
     device = pick_device(cfg.run.device)
     data, spec = site_dataset(cfg, site)
     n = len(data)
@@ -148,7 +155,10 @@ def train_round(
         metrics.update({R.EPSILON: eps, R.CLIP_FRACTION: dp.clip_fraction})
 
     metrics.update({R.NUM_EXAMPLES: float(n), R.TRAIN_LOSS: result.mean_loss, R.STEPS: float(result.steps)})
-    return RoundResult(status="ok", metrics=metrics, arrays=R.to_arrayrecord(task.modules))
+    arrays = R.to_arrayrecord(task.modules)
+    if fault is not None:
+        arrays = faults.corrupt(arrays, fault, global_arrays)
+    return RoundResult(status="ok", metrics=metrics, arrays=arrays)
 
 
 def evaluate_round(cfg: AppConfig, site: SiteConfig, global_arrays: ArrayRecord) -> dict[str, Any]:

@@ -39,6 +39,9 @@ class RunSection(_Section):
     name: str = Field("", description="optional run name prefix")
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in a round")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    resume: str = Field("", description='"" = a new run; a run id (or "latest") to continue from its checkpoint')
+    resume_force: bool = Field(False, description="resume even if the config differs from the checkpoint's")
+    keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept per run (newest)")
 
 
 class TaskSection(_Section):
@@ -62,11 +65,47 @@ class DataSection(_Section):
     num_partitions: int = Field(0, ge=0, description="0 = take it from the node config")
     image_size: int = Field(0, ge=0, description="0 = the dataset's native size")
     eval_max_examples: int = Field(2000, ge=1, description="held-out examples the server evaluates on")
+    heldout_plays: int = Field(4, ge=1, description="shakespeare: whole plays held out for the server")
+    min_chars: int = Field(2000, ge=1, description="shakespeare: a (play, role) needs this many chars to be a client")
 
 
 class VAESection(_Section):
     latent_dim: int = Field(16, ge=1)
     width: int = Field(32, ge=4, description="channels of the first conv layer")
+
+
+class GANSection(_Section):
+    latent_dim: int = Field(64, ge=1)
+    width: int = Field(32, ge=4, description="discriminator's first conv channels (generator mirrors it)")
+    lr_generator: float = Field(2e-4, gt=0)
+    lr_discriminator: float = Field(2e-4, gt=0)
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 of both networks (train.optimizer = adam)")
+    d_steps_per_g_step: int = Field(1, ge=1, description="k: one generator step every k discriminator steps")
+    g_steps_per_d_step: int = Field(1, ge=1, description="k: k generator steps after each discriminator step")
+    conditional: bool = Field(False, description="class-conditional GAN (needs labelled data)")
+
+    @model_validator(mode="after")
+    def _one_ratio(self) -> GANSection:
+        if self.d_steps_per_g_step > 1 and self.g_steps_per_d_step > 1:
+            raise ValueError("set at most one of d-steps-per-g-step and g-steps-per-d-step above 1")
+        return self
+
+
+class LMSection(_Section):
+    layers: int = Field(2, ge=1, description="Transformer blocks")
+    heads: int = Field(4, ge=1, description="attention heads (must divide width)")
+    width: int = Field(128, ge=8, description="embedding width")
+    context: int = Field(64, ge=2, description="tokens per training window (and attention span)")
+    tokenizer: Literal["char", "byte"] = Field("char", description="char: fixed ASCII vocab + <unk>; byte: UTF-8")
+    temperature: float = Field(0.8, gt=0, description="sampling temperature")
+    top_k: int = Field(20, ge=0, description="sample from the k likeliest tokens; 0 = all")
+    sample_length: int = Field(200, ge=1, description="tokens generated after each fixed prompt")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> LMSection:
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be a multiple of heads ({self.heads})")
+        return self
 
 
 class TrainSection(_Section):
@@ -89,7 +128,8 @@ class PrivacySection(_Section):
 
 
 class StrategySection(_Section):
-    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "krum", "multikrum", "bulyan",
+                  "trimmedavg", "median"] = "fedavg"
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_train_nodes: int = Field(2, ge=1)
     min_available_nodes: int = Field(2, ge=1)
@@ -97,6 +137,9 @@ class StrategySection(_Section):
     server_lr: float = Field(0.01, gt=0, description="server learning rate (FedAdam/FedYogi/FedAvgM)")
     server_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM momentum")
     tau: float = Field(1e-3, gt=0, description="FedAdam/FedYogi adaptivity")
+    num_malicious_nodes: int = Field(0, ge=0, description="Krum/MultiKrum/Bulyan: assumed attackers per round")
+    trim_beta: float = Field(0.2, gt=0, lt=0.5, description="trimmed mean: fraction cut at each end")
+    max_update_norm: float = Field(0.0, ge=0, description="drop updates farther than this (L2) from the global model; 0 = off")
 
     @model_validator(mode="after")
     def _min_nodes(self) -> StrategySection:
@@ -108,10 +151,24 @@ class StrategySection(_Section):
         return self
 
 
+class CentralDPSection(_Section):
+    """User-level DP at the server (server/central_dp.py), on top of any strategy."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, gt=0)
+    clipping_norm: float = Field(1.0, gt=0, description="L2 bound on one site's model update")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_epsilon: float = Field(0.0, ge=0, description="stop before a round would exceed it; 0 = no limit")
+
+
 class EvalSection(_Section):
     every: int = Field(1, ge=1, description="evaluate the global model every k rounds (and the last)")
     num_samples: int = Field(64, ge=1, description="samples drawn for the per-round sample artefact")
     batch_size: int = Field(256, ge=1)
+    fid_domain_n: int = Field(2000, ge=0, description="samples for the per-round domain FID; 0 = off")
+    fid_inception_n: int = Field(2000, ge=0, description="samples (and real images, at most) for Inception FID; 0 = off")
+    fid_inception_every: int = Field(0, ge=0, description="Inception FID every k rounds (and the last); 0 = last only")
+    cache_dir: str = Field(".cache/fedgen", min_length=1, description="FID feature extractors and real statistics")
 
 
 class AppConfig(_Section):
@@ -119,9 +176,12 @@ class AppConfig(_Section):
     task: TaskSection = TaskSection()
     data: DataSection = DataSection()
     vae: VAESection = VAESection()
+    gan: GANSection = GANSection()
+    lm: LMSection = LMSection()
     train: TrainSection = TrainSection()
     privacy: PrivacySection = PrivacySection()
     strategy: StrategySection = StrategySection()
+    central_dp: CentralDPSection = CentralDPSection()
     eval: EvalSection = EvalSection()
 
     def to_flat(self) -> dict[str, Any]:
@@ -129,7 +189,7 @@ class AppConfig(_Section):
         flat: dict[str, Any] = {}
         for section, values in self.model_dump().items():
             for key, value in values.items():
-                flat[f"{section}.{key.replace('_', '-')}"] = value
+                flat[f"{section.replace('_', '-')}.{key.replace('_', '-')}"] = value
         return flat
 
     def config_hash(self) -> str:
@@ -166,7 +226,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> AppConfig:
         if not dot or not name:
             problems.append(f"{key}: keys have the form <section>.<name>, e.g. privacy.target-epsilon")
             continue
-        nested.setdefault(section, {})[name.replace("-", "_")] = value
+        nested.setdefault(section.replace("-", "_"), {})[name.replace("-", "_")] = value
     try:
         cfg = AppConfig.model_validate(nested)
     except ValidationError as err:

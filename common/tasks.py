@@ -75,7 +75,8 @@ class GenerativeTask(Protocol):
 TaskFactory = Callable[["AppConfig", DataSpec, torch.device], GenerativeTask]
 
 # Built-in families are imported lazily so that parsing a config does not import them.
-_BUILTIN: dict[str, str] = {"vae": "common.models.vae:build_task"}
+_BUILTIN: dict[str, str] = {"vae": "common.models.vae:build_task", "lm": "common.models.lm:build_task",
+                             "gan": "common.models.gan:build_task"}
 _REGISTRY: dict[str, TaskFactory] = {}
 
 

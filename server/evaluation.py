@@ -14,6 +14,7 @@ from common import records as R
 from common.config import AppConfig
 from common.data.site import eval_dataset
 from common.tasks import GenerativeTask, build_task, pick_device
+from server.fid import ImageFID
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,43 @@ class Evaluator:
         data, self.spec = eval_dataset(cfg)
         self.loader = torch.utils.data.DataLoader(data, batch_size=cfg.eval.batch_size)
         self.task: GenerativeTask = build_task(cfg, self.spec, self.device)
+        self._baseline_done = False
+        self.fid = self._image_fid(data) if self.spec.kind == "image" else None
+        self._evaluations = 0
         log.info("server evaluation on %d held-out examples", len(data))
+
+    def _image_fid(self, data: torch.utils.data.Dataset) -> ImageFID:
+        """FID for every image model, against the held-out images (labels train the domain extractor)."""
+        images, labels = data.tensors  # image held-out sets are TensorDatasets (images, labels)
+        e = self.cfg.eval
+        return ImageFID(images, labels if self.spec.num_classes else None, self.cfg.run.num_rounds,
+                        e.fid_domain_n, e.fid_inception_n, e.fid_inception_every, e.cache_dir, e.batch_size,
+                        self.device)
+
+    def _scheduled_round(self) -> int:
+        """The round being evaluated when the caller does not say: the n-th evaluation of
+        ``server.rounds.run_rounds``' schedule (round 0, every ``eval.every``-th round, the last)."""
+        n, every = self.cfg.run.num_rounds, self.cfg.eval.every
+        schedule = [0] + [r for r in range(1, n + 1) if r % every == 0 or r == n]
+        return schedule[min(self._evaluations, len(schedule) - 1)]
 
     def initial_arrays(self) -> ArrayRecord:
         return R.to_arrayrecord(self.task.modules)
 
-    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+    def evaluate(self, arrays: ArrayRecord, server_round: int | None = None) -> dict[str, float]:
         R.load_arrayrecord(self.task.modules, arrays)
-        return self.task.evaluate(self.loader)
+        metrics = self.task.evaluate(self.loader)
+        if self.fid is not None:
+            rnd = self._scheduled_round() if server_round is None else server_round
+            metrics.update(self.fid.evaluate(self.task.sample, rnd))
+        self._evaluations += 1
+        baseline = getattr(self.task, "baseline_metrics", None)
+        if baseline is not None and not self._baseline_done:
+            # A reference point reported with the first evaluation (round 0), e.g. the LM's
+            # unigram-perplexity: what a model that learned nothing from context scores.
+            metrics.update(baseline(self.loader))
+            self._baseline_done = True
+        return metrics
 
     def save_samples(self, arrays: ArrayRecord, path: Path) -> Path:
         R.load_arrayrecord(self.task.modules, arrays)

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from flwr.serverapp import Grid
 
-from common.config import AppConfig
+from common.config import AppConfig, ConfigError
+from server.checkpoints import Checkpointer, config_differences, restore_strategy_state
 from server.evaluation import Evaluator
 from server.rounds import Outcome, RoundRecorder, run_rounds
-from server.store import RunStore
+from server.store import RunStore, StoreError, resolve_run
 from server.strategy import build_strategy
 
 log = logging.getLogger(__name__)
@@ -33,22 +34,50 @@ def save_model(path: Path, arrays_state: dict[str, torch.Tensor], cfg: AppConfig
     tmp.replace(path)
 
 
+def _resume_target(runs_dir: Path, ref: str) -> Path:
+    try:
+        return resolve_run(runs_dir, ref)
+    except StoreError as err:
+        raise ConfigError([f"run.resume = {ref!r}: {err}"]) from None
+
+
 def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
     random.seed(cfg.run.seed)  # Flower samples sites with Python's random
     torch.manual_seed(cfg.run.seed)
     runs_dir = Path(cfg.run.runs_dir).resolve()
-    run_id = new_run_id(cfg, flwr_run_id)
-    store = RunStore.create(runs_dir, run_id, config=cfg.to_flat(), model=cfg.task.family,
-                            strategy=cfg.strategy.name, num_rounds=cfg.run.num_rounds)
-    run_dir = store.run_dir
+    strategy = build_strategy(cfg)
+    start_round, arrays = 1, None
+    if cfg.run.resume:
+        run_dir = _resume_target(runs_dir, cfg.run.resume)
+        checkpointer = Checkpointer(run_dir, cfg.run.keep_checkpoints)
+        ckpt = checkpointer.latest()
+        if ckpt is None:
+            raise ConfigError([f"run.resume = {cfg.run.resume!r}: {run_dir} has no usable checkpoint"])
+        diffs = config_differences(ckpt.config, cfg.to_flat())
+        if diffs and not cfg.run.resume_force:
+            raise ConfigError([f"the config differs from the checkpoint's ({ckpt.path.name}); "
+                               "use the same settings or set run.resume-force = true:", *diffs])
+        restore_strategy_state(strategy, ckpt.strategy)
+        start_round, arrays = ckpt.round + 1, ckpt.arrays
+        store = RunStore.open(run_dir, readonly=False)
+        store.set_status("running", f"resumed from round {ckpt.round} by flwr run {flwr_run_id}")
+        log.info("resuming run %s from %s (round %d done)%s", run_dir.name, ckpt.path.name, ckpt.round,
+                 f"; config differs (forced): {diffs}" if diffs else "")
+    else:
+        run_id = new_run_id(cfg, flwr_run_id)
+        store = RunStore.create(runs_dir, run_id, config=cfg.to_flat(), model=cfg.task.family,
+                                strategy=cfg.strategy.name, num_rounds=cfg.run.num_rounds)
+        run_dir = store.run_dir
+        checkpointer = Checkpointer(run_dir, cfg.run.keep_checkpoints)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_flat(), indent=1, sort_keys=True))
-    log.info("run %s: %s on %s, %d rounds, strategy %s, DP %s; records in %s", run_id, cfg.task.family,
+    log.info("run %s: %s on %s, %d rounds, strategy %s, DP %s; records in %s", run_dir.name, cfg.task.family,
              cfg.data.dataset, cfg.run.num_rounds, cfg.strategy.name,
              f"on (target epsilon {cfg.privacy.target_epsilon:g})" if cfg.privacy.enabled else "OFF", run_dir)
     try:
         evaluator = Evaluator(cfg)
-        outcome = run_rounds(grid, cfg, build_strategy(cfg), evaluator, RoundRecorder(run_dir, store, cfg.run.num_rounds),
-                             run_dir)
+        outcome = run_rounds(grid, cfg, strategy, evaluator, RoundRecorder(run_dir, store, cfg.run.num_rounds),
+                             run_dir, arrays=arrays, start_round=start_round,
+                             on_round_end=lambda rnd, arrs: checkpointer.save(rnd, arrs, strategy, cfg))
         save_model(run_dir / "final_model.pt", outcome.arrays.to_torch_state_dict(), cfg)
         store.set_status(outcome.status, outcome.reason or None)
     except BaseException as err:
@@ -56,6 +85,6 @@ def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
         raise
     finally:
         store.close()
-    log.info("run %s %s after %d round(s)%s; final model: %s", run_id, outcome.status, outcome.rounds_done,
+    log.info("run %s %s after %d round(s)%s; final model: %s", run_dir.name, outcome.status, outcome.rounds_done,
              f" ({outcome.reason})" if outcome.reason else "", run_dir / "final_model.pt")
     return outcome

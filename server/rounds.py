@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,9 @@ def run_rounds(
     run_dir: Path,
     arrays: ArrayRecord | None = None,
     start_round: int = 1,
+    on_round_end: Callable[[int, ArrayRecord], None] | None = None,
 ) -> Outcome:
+    """Run rounds ``start_round..num_rounds``; ``on_round_end(r, arrays)`` after each recorded round."""
     num_rounds = cfg.run.num_rounds
     arrays = arrays if arrays is not None else evaluator.initial_arrays()
     exhausted: set[int] = set()
@@ -144,7 +147,7 @@ def run_rounds(
         if rnd % cfg.eval.every and rnd != num_rounds and rnd != 0:
             return {}, {}
         t = time.time()
-        ev = evaluator.evaluate(arrs)
+        ev = evaluator.evaluate(arrs, rnd)
         ev["eval-seconds"] = time.time() - t
         path = evaluator.save_samples(arrs, run_dir / "samples" / f"round-{rnd:03d}")
         return ev, {"samples": str(path.relative_to(run_dir))}
@@ -179,19 +182,24 @@ def run_rounds(
         replies = list(grid.send_and_receive(messages, timeout=cfg.run.round_timeout))
         bytes_received = sum(_payload_bytes(m) for m in replies if not m.has_error())
         sampled = [int(m.metadata.dst_node_id) for m in messages]
+        # A reply the SuperLink writes for a node that went offline comes from the SuperLink
+        # itself: attribute every reply to the node its request was sent to.
+        dst_of = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
 
         rows, good = [], []
         for msg in replies:
             status, reason = _reply_status(msg)
             if status == "ok":
                 try:
-                    check_train_reply(msg, arrays)
+                    check_train_reply(msg, arrays, cfg.strategy.max_update_norm)
                     good.append(msg)
                 except InvalidUpdate as err:
                     status, reason = "failed", f"invalid update dropped: {err}"
             if status == "refused":
-                exhausted.add(int(msg.metadata.src_node_id))
-            rows.append(_site_row(msg, status, reason or None))
+                exhausted.add(dst_of.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id)))
+            row = _site_row(msg, status, reason or None)
+            row["node_id"] = dst_of.get(msg.metadata.reply_to_message_id, row["node_id"])
+            rows.append(row)
         answered = {r["node_id"] for r in rows}
         for node in sampled:
             if node not in answered:
@@ -221,6 +229,8 @@ def run_rounds(
                "bytes_sent": bytes_sent, "bytes_received": bytes_received, "artifacts": art}
         record(rec)
         records.append(rec)
+        if on_round_end is not None and good:
+            on_round_end(rnd, arrays)
 
         if not good:
             if rows and all(r["status"] == "refused" for r in rows):

@@ -8,7 +8,19 @@ the weakest one is what an operator must see) and budgets aggregate as a minimum
 from __future__ import annotations
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from common import records as R
 from common.config import AppConfig
@@ -68,4 +80,15 @@ def _base_strategy(cfg: AppConfig) -> Strategy:
         return FedAdam(eta=s.server_lr, tau=s.tau, **common)
     if s.name == "fedyogi":
         return FedYogi(eta=s.server_lr, tau=s.tau, **common)
+    # Robust aggregation (Byzantine-tolerant); the same for every model family.
+    if s.name == "krum":
+        return Krum(num_malicious_nodes=s.num_malicious_nodes, **common)
+    if s.name == "multikrum":
+        return MultiKrum(num_malicious_nodes=s.num_malicious_nodes, **common)
+    if s.name == "bulyan":
+        return Bulyan(num_malicious_nodes=s.num_malicious_nodes, **common)
+    if s.name == "trimmedavg":
+        return FedTrimmedAvg(beta=s.trim_beta, **common)
+    if s.name == "median":
+        return FedMedian(**common)
     raise ValueError(f"strategy.name = {s.name!r} is not supported")

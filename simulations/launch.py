@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import urllib.request
@@ -102,22 +103,52 @@ def start_superlink(flwr_home: Path, env: dict[str, str]) -> tuple[subprocess.Po
         except OSError:
             pass
         time.sleep(0.2)
-    stop(proc)
+    stop(proc, flwr_home)
     raise SystemExit("flower-superlink did not start within 60 s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the SuperLink and everything in its process group (ServerApp, ClientApps, Ray)."""
+def processes_with_env(name: str, value: str) -> list[int]:
+    """PIDs whose environment has ``name=value`` (what a launch started, however detached)."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for env_file in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            state = (env_file.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and needle in env_file.read_bytes().split(b"\0"):
+                found.append(int(env_file.parent.name))
+        except OSError:
+            continue
+    return [p for p in found if p != os.getpid()]
+
+
+def stop(proc: subprocess.Popen, flwr_home: Path | None = None) -> None:
+    """Stop the SuperLink and everything it started.
+
+    SuperExec, the simulation runtime and Ray's daemons run in sessions of their own, so a
+    process-group kill misses them; every one of them inherited our private FLWR_HOME,
+    which is how they are found.
+    """
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
+            proc.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    proc.wait()
+    if flwr_home is None:
+        return
+    deadline = time.monotonic() + 20
+    while (left := processes_with_env("FLWR_HOME", str(flwr_home))) and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
 
 
 def run_status(env: dict[str, str]) -> dict:
@@ -132,12 +163,25 @@ def run_status(env: dict[str, str]) -> dict:
     return max(runs, key=lambda r: r.get("pending-at") or "")
 
 
-def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: Path, quiet: bool = False) -> int:
+def _terminate(signum, _frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `finally`, which stops the SuperLink
+
+
+def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: Path, quiet: bool = False,
+           extra_env: dict[str, str] | None = None, flwr_home: Path | None = None) -> int:
+    """Run one job; returns 0 only if Flower reports it ``finished:completed``.
+
+    ``flwr_home`` (default: a temporary folder, removed afterwards) holds the SuperLink's
+    state, its log and the connection config; ``extra_env`` is added to every process.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     runs_dir = runs_dir.resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedgen-flwr-") as tmp:
-        flwr_home = Path(tmp)
-        env = flower_env(flwr_home)
+        flwr_home = Path(flwr_home or tmp)
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        env = {**flower_env(flwr_home), **(extra_env or {})}
         config = merged_run_config(preset, overrides, runs_dir)
         run_config = flwr_home / "run-config.toml"
         run_config.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in config.items()))
@@ -152,7 +196,7 @@ def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: P
             code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=out).returncode
             status = run_status(env)
         finally:
-            stop(proc)
+            stop(proc, flwr_home)
     state = str(status.get("status", "?"))  # e.g. finished:completed, finished:failed
     ok = code == 0 and state == "finished:completed"
     print(f"fedgen: flwr run exited {code}; run {status.get('run-id', '?')} status: {state}"

@@ -27,3 +27,15 @@ def quick_config(**overrides) -> AppConfig:
 @pytest.fixture
 def quick_cfg() -> AppConfig:
     return quick_config()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """In-process training in tests uses one thread: the machine has 2 cores and the
+    integration tests run Flower processes beside it (measured 4x faster under load)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,15 +7,18 @@ gets the held-out split, which no site ever sees.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from common.config import AppConfig, SiteConfig
 from common.data.images import ImageDataset, load_image_folder, load_images
 from common.data.partition import partition_for_site
+from common.data.text import TextDataError, TokenBlocks, load_text_folder, make_tokenizer, shakespeare_split, site_text
 from common.tasks import DataSpec
 
 IMAGE_DATASETS = ("digits", "fashion-mnist", "image-folder")
 DEFAULT_FOLDER_IMAGE_SIZE = 28
+TEXT_DATASETS = ("shakespeare", "text-folder")
+TEXT_HOLDOUT_FRACTION = 0.2  # text-folder: the server evaluates on the last 20% of data.path's text
 
 
 def _size(cfg: AppConfig) -> int | None:
@@ -34,9 +37,42 @@ def _as_torch(ds: ImageDataset) -> TensorDataset:
     return TensorDataset(ds.images, labels)
 
 
+def _text_blocks(cfg: AppConfig, text: str) -> tuple[TokenBlocks, DataSpec]:
+    """Encode with the task's tokenizer (lm.tokenizer) and cut into lm.context windows."""
+    tok = make_tokenizer(cfg.lm.tokenizer)
+    return TokenBlocks(tok.encode(text), cfg.lm.context), DataSpec(kind="text", vocab_size=tok.vocab_size)
+
+
+def _text_folder_corpus(cfg: AppConfig) -> tuple[str, str]:
+    """(train, held-out) text of a run-wide text folder (data.path): the first 80% and the last 20%."""
+    if not cfg.data.path:
+        raise TextDataError("data.dataset = 'text-folder' needs data.path (a folder of UTF-8 .txt files) "
+                            "unless every site sets its own data-path")
+    text = load_text_folder(cfg.data.path)
+    cut = int(len(text) * (1 - TEXT_HOLDOUT_FRACTION))
+    return text[:cut], text[cut:]
+
+
+def _site_text(cfg: AppConfig, site: SiteConfig) -> str:
+    """A site's own folder; else its role corpora (shakespeare) or contiguous slice (text-folder)."""
+    d = cfg.data
+    if site.data_path:
+        return load_text_folder(site.data_path)  # all of it is the site's training text
+    num_partitions = d.num_partitions or site.num_partitions
+    if site.partition_id >= num_partitions:
+        raise ValueError(f"partition-id {site.partition_id} is not below data.num-partitions {num_partitions}")
+    if d.dataset == "shakespeare":
+        return site_text(site.partition_id, num_partitions, d.heldout_plays, cfg.run.seed, d.min_chars)
+    train, _ = _text_folder_corpus(cfg)
+    size = len(train) // num_partitions
+    return train[site.partition_id * size:(site.partition_id + 1) * size]
+
+
 def site_dataset(cfg: AppConfig, site: SiteConfig) -> tuple[Dataset, DataSpec]:
     """The training data this site holds: its partition, or its own folder."""
     d = cfg.data
+    if d.dataset in TEXT_DATASETS:
+        return _text_blocks(cfg, _site_text(cfg, site))
     if d.dataset not in IMAGE_DATASETS:
         raise NotImplementedError(f"data.dataset = {d.dataset!r} is not an image dataset")
     if site.data_path:
@@ -56,8 +92,23 @@ def site_dataset(cfg: AppConfig, site: SiteConfig) -> tuple[Dataset, DataSpec]:
 
 
 def eval_dataset(cfg: AppConfig) -> tuple[Dataset, DataSpec]:
-    """The server's held-out data (never on any site), capped at data.eval-max-examples."""
+    """The server's held-out data (never on any site), capped at data.eval-max-examples.
+
+    Text: the held-out plays (shakespeare) or the last 20% of data.path (text-folder), as
+    lm.context windows; the cap counts windows, drawn uniformly at random with run.seed.
+    """
     d = cfg.data
+    if d.dataset in TEXT_DATASETS:
+        if d.dataset == "shakespeare":
+            text = shakespeare_split(d.heldout_plays, cfg.run.seed, d.min_chars)[1]
+        else:
+            text = _text_folder_corpus(cfg)[1]
+        blocks, spec = _text_blocks(cfg, text)
+        if len(blocks) <= d.eval_max_examples:
+            return blocks, spec
+        g = torch.Generator().manual_seed(cfg.run.seed)
+        idx = torch.randperm(len(blocks), generator=g)[: d.eval_max_examples].sort().values
+        return Subset(blocks, idx.tolist()), spec
     if d.dataset not in IMAGE_DATASETS:
         raise NotImplementedError(f"data.dataset = {d.dataset!r} is not an image dataset")
     ds = load_images(d.dataset, d.path or None, "test", _size(cfg))

@@ -65,3 +65,24 @@ def test_node_config_partition_out_of_range_and_unknown_key():
     with pytest.raises(ConfigError, match="node config") as info:
         parse_node_config({"partition-id": 3, "num-partitions": 3, "colour": "red"})
     assert "colour: unknown key" in str(info.value)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NUMERIC = sorted(k for k, v in AppConfig().to_flat().items() if isinstance(v, (int, float))
+                  and not isinstance(v, bool))
+
+
+@settings(max_examples=60, deadline=None)
+@given(bad=st.sets(st.sampled_from(_NUMERIC), max_size=6),
+       unknown=st.sets(st.from_regex(r"run\.zz[a-z]{1,6}", fullmatch=True), max_size=3))
+def test_property_every_bad_key_is_reported_and_nothing_else(bad, unknown):
+    raw = {**pyproject_run_config(), **{k: "not-a-number" for k in bad}, **{k: 1 for k in unknown}}
+    if not bad and not unknown:
+        parse_run_config(raw)
+        return
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(raw)
+    named = {p.split(" ")[0].rstrip(":") for p in info.value.problems}
+    assert named == set(bad) | set(unknown)

@@ -1,0 +1,186 @@
+"""Server checkpoints: written atomically after every completed round, verified on load.
+
+A checkpoint holds plain tensors and Python scalars only, so it loads with
+``torch.load(..., weights_only=True)``: the global weights of every module, the
+strategy's server-side state (FedAdam/FedYogi moments, FedAvgM momentum, the user-level
+DP accountant and its noise RNG), the round, RNG states and the resolved config with its
+hash. ``checkpoints/index.json`` (rewritten atomically after each checkpoint) lists the
+files with their SHA-256; a file that is missing, truncated or fails its digest is
+skipped in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from common.config import AppConfig
+from server.central_dp import UserLevelDP
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+# Keys that may differ between a crashed run and its resumption.
+RESUME_KEYS = {"run.resume", "run.resume-force", "run.num-rounds", "run.round-timeout", "run.keep-checkpoints"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _np_tree_to_torch(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, dict):
+        return {k: _np_tree_to_torch(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_np_tree_to_torch(v) for v in value]
+    return value
+
+
+def _torch_tree_to_np(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: _torch_tree_to_np(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_torch_tree_to_np(v) for v in value]
+    return value
+
+
+_STRATEGY_ATTRS = ("m_t", "v_t", "momentum_vector")
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """Server-side optimiser state of a Flower strategy (and of our DP wrapper)."""
+    state: dict[str, Any] = {}
+    if isinstance(strategy, UserLevelDP):
+        state["user_dp"] = {"history": [list(h) for h in strategy.history],
+                            "rng": strategy.rng.bit_generator.state}
+        strategy = strategy.strategy
+    for attr in _STRATEGY_ATTRS:
+        value = getattr(strategy, attr, None)
+        if value is not None:
+            state[attr] = _np_tree_to_torch(value)
+    return state
+
+
+def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    if isinstance(strategy, UserLevelDP):
+        dp = state.get("user_dp")
+        if dp is None:
+            raise CheckpointError("the checkpoint has no user-level DP state but central-dp is enabled")
+        strategy.history = [(float(n), float(q), int(s)) for n, q, s in dp["history"]]
+        strategy.rng.bit_generator.state = dp["rng"]
+        strategy = strategy.strategy
+    for attr in _STRATEGY_ATTRS:
+        if attr in state:
+            setattr(strategy, attr, _torch_tree_to_np(state[attr]))
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    arrays: ArrayRecord
+    strategy: dict[str, Any]
+    config: dict[str, Any]
+    path: Path
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, keep: int) -> None:
+        self.dir = run_dir / "checkpoints"
+        self.index = self.dir / "index.json"
+        self.keep = max(1, keep)
+
+    def _entries(self) -> list[dict]:
+        if not self.index.exists():
+            return []
+        try:
+            return json.loads(self.index.read_text())["checkpoints"]
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("checkpoint index %s unreadable (%s); scanning files without digests", self.index, err)
+            return [{"file": p.name, "round": int(p.stem.split("-")[1]), "sha256": None}
+                    for p in sorted(self.dir.glob("round-*.pt"))]
+
+    def save(self, rnd: int, arrays: ArrayRecord, strategy: Strategy, cfg: AppConfig) -> Path:
+        payload = {
+            "version": VERSION,
+            "round": rnd,
+            "family": cfg.task.family,
+            "arrays": arrays.to_torch_state_dict(),
+            "strategy": strategy_state(strategy),
+            "config": cfg.to_flat(),
+            "config_hash": cfg.config_hash(),
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        data = buf.getvalue()
+        path = self.dir / f"round-{rnd:04d}.pt"
+        _atomic_write(path, data)
+        entries = [e for e in self._entries() if e["round"] != rnd]
+        entries.append({"file": path.name, "round": rnd, "sha256": hashlib.sha256(data).hexdigest()})
+        entries.sort(key=lambda e: e["round"])
+        for old in entries[: -self.keep]:
+            (self.dir / old["file"]).unlink(missing_ok=True)
+        entries = entries[-self.keep :]
+        _atomic_write(self.index, json.dumps({"checkpoints": entries}, indent=1).encode())
+        return path
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+        for entry in sorted(self._entries(), key=lambda e: e["round"], reverse=True):
+            path = self.dir / entry["file"]
+            try:
+                data = path.read_bytes()
+                if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                    raise CheckpointError("SHA-256 mismatch (truncated or modified)")
+                payload = torch.load(io.BytesIO(data), weights_only=True)
+                if payload.get("version") != VERSION:
+                    raise CheckpointError(f"version {payload.get('version')} != {VERSION}")
+            except (OSError, CheckpointError, RuntimeError, EOFError, ValueError, KeyError) as err:
+                log.warning("checkpoint %s is unusable (%s); trying the previous one", path, err)
+                continue
+            random.setstate(_as_tuple(payload["rng"]["python"]))
+            torch.set_rng_state(payload["rng"]["torch"])
+            arrays = ArrayRecord({k: Array(v.numpy()) for k, v in payload["arrays"].items()})
+            return Checkpoint(payload["round"], arrays, payload["strategy"], payload["config"], path)
+        return None
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = (set(saved) | set(current)) - RESUME_KEYS
+    return [f"{k}: checkpoint {saved.get(k)!r} != now {current.get(k)!r}"
+            for k in sorted(keys) if saved.get(k) != current.get(k)]

@@ -1,0 +1,95 @@
+"""Fault injection in real simulations: bad updates, poisoning, crashes, a killed server."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server.store import RunStore
+from simulations.launch import ROOT, launch, processes_with_env
+
+pytestmark = pytest.mark.slow
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+def only_run(runs: Path) -> Path:
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def test_nan_and_misshapen_updates_are_dropped_and_poisoning_is_resisted(tmp_path):
+    home = tmp_path / "flwr-home"
+    code = launch("digits-quick", ["strategy.name=median", "strategy.min-train-nodes=2"], num_sites=5,
+                  runs_dir=tmp_path / "runs", quiet=True, flwr_home=home,
+                  extra_env={"FEDGEN_INJECT_FAULTS": "0:nan,1:shape,2:norm"})
+    assert code == 0
+    assert processes_with_env("FLWR_HOME", str(home)) == []  # the launcher left nothing running
+    recs = records(only_run(tmp_path / "runs"))
+    for rec in recs[1:]:
+        by_pid = {s["partition_id"]: s for s in rec["sites"]}
+        assert by_pid[0]["status"] == "failed" and "NaN" in by_pid[0]["reason"]
+        assert by_pid[1]["status"] == "failed" and "shape" in by_pid[1]["reason"]
+        assert by_pid[2]["status"] == "ok"  # well-formed, just enormous: the median must absorb it
+        assert sum(s["status"] == "ok" for s in rec["sites"]) == 3
+    elbo = [r["eval"]["neg-elbo"] for r in recs]
+    assert all(math.isfinite(x) for x in elbo)
+    assert elbo[-1] < elbo[0]  # the model still learned
+
+
+def test_every_site_failing_stops_the_run_with_the_reason(tmp_path):
+    code = launch("digits-quick", [], num_sites=2, runs_dir=tmp_path, quiet=True,
+                  extra_env={"FEDGEN_INJECT_FAULTS": "0:crash,1:crash"})
+    assert code == 1
+    run_dir = only_run(tmp_path)
+    with RunStore.open(run_dir) as store:
+        info = store.run_info()
+    assert info["status"] == "failed"
+    assert "every sampled site failed in round 1" in info["status_reason"]
+    assert "injected crash" in info["status_reason"]
+
+
+def test_killed_server_resumes_from_its_last_checkpoint(tmp_path):
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "simulations.launch", "--preset", "digits-quick", "--num-sites", "2",
+           "--runs-dir", str(runs), "--set", "run.num-rounds=4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    ckpt = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(runs.glob("*/checkpoints/round-0002.pt"))
+        if found:
+            ckpt = found[0]
+            break
+        time.sleep(0.2)
+    assert ckpt is not None, "no checkpoint appeared"
+    os.kill(proc.pid, signal.SIGTERM)  # the whole job dies mid-run
+    proc.wait(timeout=60)
+    run_dir = ckpt.parent.parent
+    done_before = [r["round"] for r in records(run_dir)]
+    assert 4 not in done_before
+
+    # A different setting is refused, naming the key...
+    code = launch("digits-quick", ["run.num-rounds=4", "run.resume=latest", "train.lr=0.5"], num_sites=2,
+                  runs_dir=runs, quiet=True)
+    assert code == 1
+    # ...the same settings resume and finish the run.
+    code = launch("digits-quick", ["run.num-rounds=4", "run.resume=latest"], num_sites=2, runs_dir=runs, quiet=True)
+    assert code == 0
+    recs = records(run_dir)
+    assert sorted({r["round"] for r in recs}) == [0, 1, 2, 3, 4]
+    with RunStore.open(run_dir) as store:
+        assert store.run_info()["status"] == "completed"
+        assert [r["round"] for r in store.rounds()] == [0, 1, 2, 3, 4]
+    eps = {r["round"]: r["epsilon_max"] for r in recs if r["round"] > 0}
+    assert eps[4] > eps[2]  # the sites kept composing across the crash
