@@ -93,3 +93,24 @@ def test_killed_server_resumes_from_its_last_checkpoint(tmp_path):
         assert [r["round"] for r in store.rounds()] == [0, 1, 2, 3, 4]
     eps = {r["round"]: r["epsilon_max"] for r in recs if r["round"] > 0}
     assert eps[4] > eps[2]  # the sites kept composing across the crash
+
+
+def test_sites_out_of_budget_refuse_and_the_run_stops_cleanly(tmp_path):
+    from common import privacy
+
+    q, steps = 1 / 15, 15  # digits partitions of 479-480 records in batches of 32
+    eps2 = privacy.epsilon([(1.0, q, 2 * steps)], 1e-5)
+    eps3 = privacy.epsilon([(1.0, q, 3 * steps)], 1e-5)
+    budget = (eps2 + eps3) / 2  # two rounds fit, the third would exceed it
+    code = launch("digits-quick", ["run.num-rounds=4", "privacy.noise-multiplier=1.0", "privacy.delta=1e-5",
+                                   f"privacy.budget={budget}"], num_sites=3, runs_dir=tmp_path, quiet=True)
+    assert code == 0  # running out of budget is a clean end, not a crash
+    run_dir = only_run(tmp_path)
+    recs = records(run_dir)
+    assert [r["round"] for r in recs] == [0, 1, 2, 3]
+    assert all(s["status"] == "ok" for r in recs[1:3] for s in r["sites"])
+    assert all(s["status"] == "refused" and "budget-exhausted" in s["reason"] for s in recs[3]["sites"])
+    assert recs[2]["epsilon_max"] == pytest.approx(eps2, rel=1e-6) and recs[2]["epsilon_max"] <= budget
+    with RunStore.open(run_dir) as store:
+        info = store.run_info()
+    assert info["status"] == "stopped" and "privacy budget" in info["status_reason"]
