@@ -90,6 +90,29 @@ class RoundRecorder:
         log.info("%s", round_line(rec, self.num_rounds))
 
 
+REPLY_POLL_SECONDS = 0.2  # Flower's send_and_receive sleeps 3 s between pulls
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], dict[str, int]]:
+    """Push the round's messages and pull replies every 0.2 s until all are in or time is up.
+
+    Returns the replies and, for each pushed message id, the node it was sent to.
+    """
+    dsts = [int(m.metadata.dst_node_id) for m in messages]
+    ids = list(grid.push_messages(messages))
+    dst_of = {mid: dst for mid, dst in zip(ids, dsts) if mid}
+    pending = set(dst_of)
+    replies: list[Message] = []
+    end = time.monotonic() + timeout
+    while pending and time.monotonic() < end:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if pending:
+            time.sleep(REPLY_POLL_SECONDS)
+    return replies, dst_of
+
+
 def _payload_bytes(msg: Message) -> int:
     """Bytes of model arrays a message carries (the bulk of what crosses the network)."""
     return sum(a.count_bytes() for a in msg.content.array_records.values())
@@ -179,12 +202,11 @@ def run_rounds(
         started = time.time()
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), active))
         bytes_sent = sum(_payload_bytes(m) for m in messages)
-        replies = list(grid.send_and_receive(messages, timeout=cfg.run.round_timeout))
-        bytes_received = sum(_payload_bytes(m) for m in replies if not m.has_error())
         sampled = [int(m.metadata.dst_node_id) for m in messages]
         # A reply the SuperLink writes for a node that went offline comes from the SuperLink
         # itself: attribute every reply to the node its request was sent to.
-        dst_of = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
+        replies, dst_of = exchange(grid, messages, cfg.run.round_timeout)
+        bytes_received = sum(_payload_bytes(m) for m in replies if not m.has_error())
 
         rows, good = [], []
         for msg in replies:
