@@ -213,13 +213,7 @@ def test_theoretical_null_in_d_dimensions():
 # A real audit at one site (VAE on digits)
 # ----------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is much faster than contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread per test: the session fixture in tests/conftest.py.
 
 
 SITE = parse_node_config({"partition-id": 0, "num-partitions": 10})  # ~144 records: short epochs

@@ -25,13 +25,7 @@ from tests.conftest import ROOT, pyproject_run_config, quick_config
 LM_QUICK = tomllib.loads((ROOT / "simulations" / "lm-quick.toml").read_text())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is much faster than contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread per test: the session fixture in tests/conftest.py.
 
 
 def lm_config(**overrides) -> AppConfig:
