@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,9 +68,12 @@ def make_plan(cfg: AppConfig, num_records: int) -> privacy.DPPlan:
 class PrivacyState:
     """The site's accountant history: ledger file when configured, else Context.state."""
 
-    def __init__(self, state: RecordDict, site: SiteConfig, key: str) -> None:
+    def __init__(self, state: RecordDict, site: SiteConfig, key: str, ledger_dir: str = "") -> None:
         self.state, self.key = state, key
-        self.ledger = Ledger(site.ledger_path) if site.ledger_path else None
+        path = site.ledger_path or (
+            str(Path(ledger_dir) / f"partition-{site.partition_id}-of-{site.num_partitions}.json") if ledger_dir else ""
+        )
+        self.ledger = Ledger(path) if path else None
 
     def load(self) -> LedgerEntry:
         if self.ledger is not None:
@@ -115,7 +119,7 @@ def train_round(
     if cfg.privacy.enabled:
         plan = make_plan(cfg, n)
         budget = site_budget(cfg, site)
-        pstate = PrivacyState(state, site, dataset_key(cfg, site))
+        pstate = PrivacyState(state, site, dataset_key(cfg, site), cfg.privacy.ledger_dir)
         entry = pstate.load()
         spent = privacy.epsilon(entry.history, plan.delta, plan.accountant)
         would = privacy.epsilon(privacy.compact([*entry.history, (plan.noise_multiplier, plan.sample_rate,

@@ -125,6 +125,8 @@ class PrivacySection(_Section):
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["hooks", "ew", "functorch"] = "hooks"
     budget: float = Field(0.0, ge=0, description="site budget unless the node sets one; 0 = target-epsilon")
+    ledger_dir: str = Field("", description="where sites keep ledgers when their node config names no "
+                            "ledger-path (simulation: the launcher sets one per job); empty = process memory only")
 
 
 class StrategySection(_Section):

@@ -80,7 +80,27 @@ def merged_run_config(preset: str | None, overrides: list[str], runs_dir: Path) 
         config.update(tomllib.loads(path.read_text()))
     config.update(_parse_override(o) for o in overrides)
     config.setdefault("run.runs-dir", str(runs_dir))
+    if not config.get("privacy.ledger-dir"):
+        config["privacy.ledger-dir"] = site_ledger_dir(runs_dir, str(config.get("run.resume", "")))
     return config
+
+
+def site_ledger_dir(runs_dir: Path, resume: str) -> str:
+    """Where the simulated sites keep their privacy ledgers for this job.
+
+    A new job gets a fresh folder (simulated sites are new sites); a resumed job reuses the
+    folder of the run it resumes, so every site continues from what it already spent.
+    """
+    if resume:
+        from server.store import StoreError, resolve_run
+
+        try:
+            saved = json.loads((resolve_run(runs_dir, resume) / "config.json").read_text())
+        except (StoreError, OSError, ValueError) as err:
+            raise SystemExit(f"run.resume = {resume!r}: {err}") from None
+        if saved.get("privacy.ledger-dir"):
+            return saved["privacy.ledger-dir"]
+    return str(runs_dir / ".site-ledgers" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
 
 
 def start_superlink(flwr_home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
