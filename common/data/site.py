@@ -79,6 +79,12 @@ def site_dataset(cfg: AppConfig, site: SiteConfig) -> tuple[Dataset, DataSpec]:
         # A site's own data: all of it is the site's training set (no partitioning, no holdout).
         if d.dataset == "image-folder":
             ds = load_image_folder(site.data_path, _size(cfg))
+        elif d.dataset == "digits":
+            raise ValueError(
+                f"node config data-path = {site.data_path!r}, but data.dataset = 'digits' is the copy bundled "
+                "with scikit-learn and cannot come from a folder; use data.dataset = 'image-folder' for a "
+                "folder of images, or remove data-path"
+            )
         else:
             ds = load_images(d.dataset, site.data_path, "train", _size(cfg))
     else:

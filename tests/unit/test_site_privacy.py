@@ -121,3 +121,10 @@ def test_privacy_off_trains_without_accounting():
     cfg = cfg_(**{"privacy.enabled": False})
     res = train_round(cfg, site_(), global_arrays(cfg), 1, RecordDict())
     assert res.status == "ok" and R.EPSILON not in res.metrics and res.metrics[R.STEPS] == STEPS
+
+
+def test_a_site_folder_cannot_stand_in_for_the_bundled_digits(tmp_path):
+    from common.data.site import site_dataset
+
+    with pytest.raises(ValueError, match="data.dataset = 'image-folder'"):
+        site_dataset(cfg_(), site_(**{"data-path": str(tmp_path)}))
