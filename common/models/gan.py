@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import AppConfig
+from common.models import norm_groups
 from common.tasks import DataSpec, unwrap
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,6 @@ class GANConfig:
         return 2 if self.image_size >= 16 else 1
 
 
-def _groups(channels: int) -> int:
-    return math.gcd(channels, 8)
-
-
 class Generator(nn.Module):
     """z (+ one-hot class) -> Linear -> ``stages`` x ConvTranspose(4, 2, 1) -> 3x3 conv -> tanh."""
 
@@ -69,10 +66,10 @@ class Generator(nn.Module):
         self.base = math.ceil(cfg.image_size / 2**cfg.stages)
         self.ch0 = ch
         self.fc = nn.Linear(cfg.latent_dim + cfg.num_classes, ch * self.base * self.base)
-        layers: list[nn.Module] = [nn.GroupNorm(_groups(ch), ch), nn.ReLU()]
+        layers: list[nn.Module] = [nn.GroupNorm(norm_groups(ch), ch), nn.ReLU()]
         for _ in range(cfg.stages):
             layers += [nn.ConvTranspose2d(ch, ch // 2, 4, stride=2, padding=1),
-                       nn.GroupNorm(_groups(ch // 2), ch // 2), nn.ReLU()]
+                       nn.GroupNorm(norm_groups(ch // 2), ch // 2), nn.ReLU()]
             ch //= 2
         layers += [nn.Conv2d(ch, cfg.channels, 3, padding=1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -110,7 +107,7 @@ class Discriminator(nn.Module):
             first,
             nn.LeakyReLU(0.2),
             nn.Conv2d(w, 2 * w, 4, stride=2, padding=1),
-            nn.GroupNorm(_groups(2 * w), 2 * w),
+            nn.GroupNorm(norm_groups(2 * w), 2 * w),
             nn.LeakyReLU(0.2),
             nn.Flatten(),
         )

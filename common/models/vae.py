@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import AppConfig
+from common.models import norm_groups
 from common.tasks import DataSpec, unwrap
 
 
@@ -22,10 +23,6 @@ class VAEConfig:
     channels: int = 1
     latent_dim: int = 16
     width: int = 32
-
-
-def _groups(channels: int) -> int:
-    return math.gcd(channels, 8)
 
 
 class VAE(nn.Module):
@@ -38,10 +35,10 @@ class VAE(nn.Module):
         flat = 2 * w * self.s2 * self.s2
         self.encoder = nn.Sequential(
             nn.Conv2d(c, w, 3, stride=2, padding=1),
-            nn.GroupNorm(_groups(w), w),
+            nn.GroupNorm(norm_groups(w), w),
             nn.SiLU(),
             nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
-            nn.GroupNorm(_groups(2 * w), 2 * w),
+            nn.GroupNorm(norm_groups(2 * w), 2 * w),
             nn.SiLU(),
             nn.Flatten(),
             nn.Linear(flat, 2 * cfg.latent_dim),
@@ -51,7 +48,7 @@ class VAE(nn.Module):
             nn.SiLU(),
             nn.Upsample(size=(self.s1, self.s1), mode="nearest"),
             nn.Conv2d(2 * w, w, 3, padding=1),
-            nn.GroupNorm(_groups(w), w),
+            nn.GroupNorm(norm_groups(w), w),
             nn.SiLU(),
             nn.Upsample(size=(cfg.image_size, cfg.image_size), mode="nearest"),
             nn.Conv2d(w, c, 3, padding=1),
