@@ -112,7 +112,7 @@ def test_run_completes_with_a_record_per_round(deployed):
     assert deployed["status"]["status"] == "finished:completed", deployed["status"]
     recs = _records(deployed["runs"])
     assert [r["round"] for r in recs] == [0, 1, 2]
-    (run_dir,) = [p for p in deployed["runs"].iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in deployed["runs"].iterdir() if (p / "run.db").exists()]
     with RunStore.open(run_dir) as store:
         info = store.run_info()
         assert info["status"] == "completed" and info["rounds_done"] == 2

@@ -24,7 +24,7 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def only_run(runs: Path) -> Path:
-    (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in runs.iterdir() if (p / "run.db").exists()]
     return run_dir
 
 

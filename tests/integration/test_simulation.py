@@ -21,7 +21,7 @@ def finished_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     code = launch("digits-quick", ["run.num-rounds=3"], num_sites=3, runs_dir=runs, quiet=True)
     assert code == 0, "the simulation failed; run `python -m simulations.launch --preset digits-quick` to see why"
-    (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in runs.iterdir() if (p / "run.db").exists()]
     return run_dir
 
 
