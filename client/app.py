@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.mods import central_dp_clipping_mod
 from client.site import evaluate_round, train_round
 from common import records as R
 from common.config import parse_node_config, parse_run_config
@@ -13,7 +14,7 @@ from common.logs import setup_logging
 app = ClientApp()
 
 
-@app.train()
+@app.train(mods=[central_dp_clipping_mod])  # the site clips its own update when the server adapts the bound
 def train(msg: Message, context: Context) -> Message:
     setup_logging()
     cfg = parse_run_config(context.run_config)

@@ -157,10 +157,24 @@ class CentralDPSection(_Section):
     """User-level DP at the server (server/central_dp.py), on top of any strategy."""
 
     enabled: bool = False
-    noise_multiplier: float = Field(1.0, gt=0)
-    clipping_norm: float = Field(1.0, gt=0, description="L2 bound on one site's model update")
+    noise_multiplier: float = Field(1.0, gt=0, description="accounted noise multiplier (user level)")
+    clipping_norm: float = Field(1.0, gt=0, description="L2 bound on one site's model update (adaptive: initial)")
     delta: float = Field(1e-5, gt=0, lt=1)
     max_epsilon: float = Field(0.0, ge=0, description="stop before a round would exceed it; 0 = no limit")
+    clipping: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="fixed: the server clips at clipping-norm; adaptive: sites clip (Flower's "
+        "adaptiveclipping_mod) at a bound the server moves to target-quantile (Andrew et al. 2021)")
+    target_quantile: float = Field(0.5, ge=0, le=1, description="adaptive: fraction of updates meant to fit under the bound")
+    clip_norm_lr: float = Field(0.2, gt=0, description="adaptive: geometric learning rate of the bound")
+    clipped_count_stddev: float = Field(0.0, ge=0, description="adaptive: noise std on the count of unclipped "
+                                        "updates; must exceed noise-multiplier / 2; 0 = max(sites/20, noise-multiplier)")
+
+    @model_validator(mode="after")
+    def _count_noise(self) -> CentralDPSection:
+        if self.clipping == "adaptive" and 0 < self.clipped_count_stddev <= self.noise_multiplier / 2:
+            raise ValueError(f"clipped-count-stddev ({self.clipped_count_stddev:g}) must exceed noise-multiplier / 2 "
+                             f"({self.noise_multiplier / 2:g}) for adaptive clipping, or be 0 (automatic)")
+        return self
 
 
 class EvalSection(_Section):

@@ -233,8 +233,11 @@ def run_rounds(
                 log.warning("round %d: site %s %s: %s", rnd, row["node_id"], row["status"], row["reason"])
 
         train_metrics: dict[str, float] = {}
+        user_dp = None
         if len(good) >= cfg.strategy.min_train_nodes:
             new_arrays, agg = strategy.aggregate_train(rnd, good)
+            if isinstance(strategy, UserLevelDP):
+                user_dp = dict(strategy.last_round)  # clip bound, fraction clipped, noise of this round
             if new_arrays is not None:
                 arrays = new_arrays
             train_metrics = {k: float(v) for k, v in (agg or {}).items() if not isinstance(v, list)}
@@ -248,6 +251,7 @@ def run_rounds(
                "sampled": sampled, "sites": rows, "train": train_metrics, "eval": ev,
                "epsilon_max": max(eps) if eps else None,
                "user_epsilon": strategy.epsilon() if isinstance(strategy, UserLevelDP) else None,
+               "user_dp": user_dp,
                "bytes_sent": bytes_sent, "bytes_received": bytes_received, "artifacts": art}
         record(rec)
         records.append(rec)

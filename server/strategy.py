@@ -56,7 +56,9 @@ def build_strategy(cfg: AppConfig) -> Strategy:
     c = cfg.central_dp
     if not c.enabled:
         return inner
-    return UserLevelDP(inner, c.noise_multiplier, c.clipping_norm, c.delta, cfg.privacy.accountant, cfg.run.seed)
+    return UserLevelDP(inner, c.noise_multiplier, c.clipping_norm, c.delta, cfg.privacy.accountant, cfg.run.seed,
+                       adaptive=c.clipping == "adaptive", target_quantile=c.target_quantile,
+                       clip_norm_lr=c.clip_norm_lr, count_stddev=c.clipped_count_stddev)
 
 
 def _base_strategy(cfg: AppConfig) -> Strategy:

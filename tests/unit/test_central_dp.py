@@ -100,3 +100,88 @@ def test_works_around_a_server_optimiser_and_keeps_its_state():
     new, _ = dp.aggregate_train(1, [reply_to(m, np.full(4, 0.2)) for m in msgs])
     assert inner.m_t is not None  # FedAdam post-processed the private release
     assert np.all(new["w"].numpy() > 0)
+
+
+# --- adaptive clipping (sites clip with Flower's adaptiveclipping_mod) ------------------
+
+
+def adaptive(sigma=1.0, clip=1.0, count_stddev=1.0, lr=0.2, target=0.5):
+    inner = FedAvg(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0,
+                   train_metrics_aggr_fn=aggregate_train_metrics)
+    return UserLevelDP(inner, noise_multiplier=sigma, clipping_norm=clip, delta=1e-5, seed=0, adaptive=True,
+                       target_quantile=target, clip_norm_lr=lr, count_stddev=count_stddev)
+
+
+def site_reply(msg, update, n=10.0):
+    """What a site's ClientApp sends through central_dp_clipping_mod: clipped, with its norm bit."""
+    from client.mods import central_dp_clipping_mod
+
+    def app(m, _ctx):
+        return reply_to(m, update, n)
+
+    return central_dp_clipping_mod(msg, None, app)
+
+
+def test_adaptive_sends_the_bound_and_sites_clip_to_it_with_their_norm_bit():
+    dp = adaptive(sigma=1e-3, clip=0.5, count_stddev=1e-3)
+    msgs = list(dp.configure_train(1, arrays(0.0, 4), ConfigRecord(), FakeGrid(2)))
+    assert msgs[0].content["config"]["clipping_norm"] == 0.5
+    big, small = site_reply(msgs[0], np.full(4, 10.0)), site_reply(msgs[1], np.full(4, 0.1))
+    assert np.linalg.norm(big.content["arrays"]["w"].numpy()) == pytest.approx(0.5, rel=1e-5)
+    # Flower's bit: 1 = the site had to clip.
+    assert (big.content["metrics"]["norm_bit"], small.content["metrics"]["norm_bit"]) == (1, 0)
+    dp.aggregate_train(1, [big, small])
+    assert dp.last_clip_fraction == pytest.approx(0.5)
+    # 1 of 2 fit under C = the target quantile 0.5: the bound stays put (count noise 1e-3).
+    assert dp.clipping_norm == pytest.approx(0.5, rel=1e-3)
+
+
+@pytest.mark.parametrize("update,direction", [(0.01, -1), (10.0, +1)])
+def test_adaptive_bound_moves_geometrically_towards_the_target_quantile(update, direction):
+    dp = adaptive(sigma=1e-3, clip=1.0, count_stddev=1e-3, lr=0.2)
+    msgs = list(dp.configure_train(1, arrays(0.0, 4), ConfigRecord(), FakeGrid(4)))
+    dp.aggregate_train(1, [site_reply(m, np.full(4, update)) for m in msgs])
+    fit = 1.0 if direction < 0 else 0.0  # all fit (bound shrinks) or none does (bound grows)
+    assert dp.clipping_norm == pytest.approx(np.exp(-0.2 * (fit - 0.5)), rel=1e-3)
+    assert dp.last_round["next-clipping-norm"] == dp.clipping_norm
+    again = list(dp.configure_train(2, arrays(0.0, 4), ConfigRecord(), FakeGrid(4)))
+    assert again[0].content["config"]["clipping_norm"] == pytest.approx(dp.clipping_norm)
+
+
+def test_adaptive_noise_pays_for_the_count_and_accounting_charges_the_configured_sigma():
+    sigma, clip, sb = 1.0, 0.5, 1.0
+    dp = adaptive(sigma=sigma, clip=clip, count_stddev=sb)
+    msgs = list(dp.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid(4)))
+    replies = [site_reply(m, np.full(D, 1e-9)) for m in msgs[:3]] + [reply_to(msgs[3], None, fail=True)]
+    new, _ = dp.aggregate_train(1, replies)
+    z_update = (sigma ** -2 - (2 * sb) ** -2) ** -0.5  # 1.155: update + count together cost sigma
+    assert dp.update_noise_multiplier() == pytest.approx(z_update)
+    assert float(new["w"].numpy().std()) == pytest.approx(z_update * clip / 3, rel=0.03)  # 3 took part
+    assert dp.history == [(sigma, 1.0, 1)]
+
+
+def test_adaptive_refuses_count_noise_that_cannot_pay_for_itself():
+    with pytest.raises(ValueError, match="clipped-count-stddev"):
+        adaptive(sigma=2.0, count_stddev=0.5)
+    from common.config import ConfigError, parse_run_config
+    with pytest.raises(ConfigError, match="clipped-count-stddev"):
+        parse_run_config({"central-dp.clipping": "adaptive", "central-dp.noise-multiplier": 2.0,
+                          "central-dp.clipped-count-stddev": 0.5})
+    dp = adaptive(sigma=2.0, count_stddev=0.0)  # automatic: max(sites / 20, sigma)
+    dp.configure_train(1, arrays(0.0, 4), ConfigRecord(), FakeGrid(10))
+    assert dp.count_stddev == 2.0
+
+
+def test_mod_leaves_fixed_clipping_runs_and_budget_refusals_alone():
+    from client.mods import central_dp_clipping_mod
+
+    dp = strategy(sigma=1.0)  # fixed clipping: no bound in the config, the mod does nothing
+    msg = list(dp.configure_train(1, arrays(0.0, 4), ConfigRecord(), FakeGrid(1)))[0]
+    out = central_dp_clipping_mod(msg, None, lambda m, _c: reply_to(m, np.full(4, 10.0)))
+    assert np.allclose(out.content["arrays"]["w"].numpy(), 10.0) and "norm_bit" not in out.content["metrics"]
+    dp = adaptive()
+    msg = list(dp.configure_train(1, arrays(0.0, 4), ConfigRecord(), FakeGrid(1)))[0]
+    refusal = Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0.0}),
+                                          "status": ConfigRecord({"status": "budget-exhausted"})}), reply_to=msg)
+    out = central_dp_clipping_mod(msg, None, lambda m, _c: refusal)
+    assert not out.has_error() and out.content["status"]["status"] == "budget-exhausted"

@@ -64,15 +64,17 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, damage
 
 
 def test_user_level_dp_state_survives(tmp_path):
-    dp = UserLevelDP(FedAdam(), 1.2, 0.5, 1e-5, seed=3)
+    dp = UserLevelDP(FedAdam(), 1.2, 0.5, 1e-5, seed=3, adaptive=True)
     dp.history = [(1.2, 0.5, 4)]
+    dp.clipping_norm, dp.count_stddev = 0.37, 1.5  # the adaptive bound after some rounds
     dp.rng.normal(size=3)
     ck = Checkpointer(tmp_path, keep=1)
     ck.save(4, arrays(0.0), dp, quick_config())
     expected = dp.rng.normal(size=3)
-    other = UserLevelDP(FedAdam(), 1.2, 0.5, 1e-5, seed=0)
+    other = UserLevelDP(FedAdam(), 1.2, 0.5, 1e-5, seed=0, adaptive=True)
     restore_strategy_state(other, ck.latest().strategy)
     assert other.history == [(1.2, 0.5, 4)]
+    assert (other.clipping_norm, other.count_stddev) == (0.37, 1.5)
     assert np.allclose(other.rng.normal(size=3), expected)
 
 
