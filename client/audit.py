@@ -1,29 +1,32 @@
 """A sample-level privacy audit at one site: canaries in one DP-SGD training run.
 
-Steinke, Nasr, Jagielski (NeurIPS 2023), black-box, with the VAE's loss as the score:
+Steinke, Nasr, Jagielski (NeurIPS 2023), black-box, with the family's own loss as the score:
 
-1. ``m`` canaries are made: distinct images of 4x4 random black/white cells. Under a
-   model of the site's data their negative ELBO is far from that of real images, and
-   what the model learns about canaries in general helps included and excluded ones
-   alike: a canary whose loss dropped much more than the others' was trained on.
+1. ``m`` canaries are made, far from the site's data so that what the model learns about
+   canaries in general helps included and excluded ones alike, while a canary that was
+   trained on has its loss lowered much more than the others':
+   images (VAE, GAN): distinct images of 4x4 random black/white cells;
+   text (LM): windows of ``lm.context + 1`` uniformly random tokens.
 2. Each canary is included with probability 1/2, independently and secretly.
 3. A *separate, audit-only* copy of the task is trained on the site's data plus the
    included canaries with the site's DP-SGD (same clipping, noise calibration,
    accountant, Poisson sampling) for as many steps as the site's whole run
    (``run.num-rounds`` rounds of local training) unless told otherwise. That model is
    never saved or sent; only the audit's numbers leave this module.
-4. Every canary is scored by how much training lowered its negative ELBO (loss at the
-   common initialisation minus loss after training, on fixed latent noise draws; both
-   models are independent of the secret membership except through training).
-   Highest scores are guessed "in", lowest "out", the rest abstained on.
+4. Every canary is scored by how much training lowered its loss (loss at the common
+   initialisation minus loss after training): VAE, the negative ELBO on fixed latent
+   noise draws; GAN, the private discriminator's loss for calling the canary real
+   (``softplus(-D(x))``); LM, the mean next-token cross-entropy of the window. Highest
+   scores are guessed "in", lowest "out", the rest abstained on.
 5. The count of correct guesses becomes a lower bound on epsilon at the stated
    confidence (:func:`common.audit.one_run_audit`), compared with the accountant's
    epsilon for the audit run.
 
 Privacy of the audit itself: the audit model is trained on the site's real records, so
-its result is a function of private data. With DP on, the reported numbers are
-post-processing of a run with the *claimed* epsilon; with DP off they are not private at
-all (only a few counts, but still). Whoever schedules audits must account for that.
+its result is a function of private data. With DP on it is one more run of the site's
+DP-SGD: when the site has a ledger (``ledger-path``), the audit is priced before it
+touches data, refused if it would exceed the site's budget, and charged to the ledger
+afterwards, like a training round. With DP off the numbers are not private at all.
 
 The dataset given (or built from the config) is never modified: canaries live in a
 separate tensor and are joined to it with a ``ConcatDataset`` for the audit run only.
@@ -39,19 +42,22 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from flwr.app import RecordDict
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
+
+import torch.nn.functional as F
 
 from client.dp import make_private
 from common import privacy
 from common.audit import default_guess_counts, one_run_audit
-from common.config import AppConfig, SiteConfig
+from common.config import AppConfig, SiteConfig, site_budget
 from common.data.site import site_dataset
 from common.tasks import DataSpec, GenerativeTask, build_task, pick_device, unwrap
 from common.train import train_local
 
 log = logging.getLogger(__name__)
 
-METHOD = "one-run (Steinke-Nasr-Jagielski 2023), black-box, score = decrease of negative ELBO"
+SCORES = {"vae": "negative ELBO", "gan": "discriminator loss for 'real'", "lm": "next-token cross-entropy"}
 CANARY_GRID = 4  # canaries are 4x4 grids of random black/white cells
 SCORE_DRAWS = 8  # fixed latent noise draws averaged per canary score
 
@@ -59,6 +65,7 @@ SCORE_DRAWS = 8  # fixed latent noise draws averaged per canary score
 @dataclass(frozen=True)
 class AuditResult:
     method: str
+    family: str
     m: int  # canaries with randomised membership
     guesses: int
     correct: int
@@ -84,17 +91,27 @@ class AuditResult:
         return {**asdict(self), "violation": self.violation}
 
 
-def make_canaries(spec: DataSpec, m: int, generator: torch.Generator) -> torch.Tensor:
-    """m distinct coarse random images: a 4x4 grid of fair-coin cells, blown up to the image size.
+def method(family: str) -> str:
+    return f"one-run (Steinke-Nasr-Jagielski 2023), black-box, score = decrease of the {SCORES[family]}"
 
-    16 random bits per canary, all canaries different (drawn without replacement from the
-    2^16 patterns), every channel alike. Coarse cells make each canary far easier to
-    memorise than independent pixels (the VAE's decoder upsamples from a coarse grid): on
-    digits without DP, 60 epochs, the in/out score AUC was ~1.0 with cells vs 0.86 with
-    independent pixels. Validity does not depend on this choice, only the audit's power.
+
+def make_canaries(spec: DataSpec, m: int, generator: torch.Generator, context: int = 0) -> torch.Tensor:
+    """m distinct canaries for this kind of data (images, or token windows of ``context + 1``).
+
+    Images: a 4x4 grid of fair-coin cells, blown up to the image size; 16 random bits per
+    canary, all different (drawn without replacement from the 2^16 patterns), every
+    channel alike. Coarse cells make each canary far easier to memorise than independent
+    pixels (the VAE's decoder upsamples from a coarse grid): on digits without DP, 60
+    epochs, the in/out score AUC was ~1.0 with cells vs 0.86 with independent pixels.
+    Text: uniformly random tokens, unlike any real text. Validity does not depend on
+    these choices, only the audit's power.
     """
-    if spec.kind != "image":
-        raise NotImplementedError("sample-level audits have canaries for image data only (VAE family)")
+    if spec.kind == "text":
+        if context < 1:
+            raise ValueError("text canaries need the LM's context length (lm.context)")
+        if m < 1:
+            raise ValueError(f"at least one canary, got {m}")
+        return torch.randint(0, spec.vocab_size, (m, context + 1), generator=generator)
     cells = CANARY_GRID * CANARY_GRID
     if not 1 <= m <= 2**cells:
         raise ValueError(f"between 1 and {2**cells} canaries, got {m}")
@@ -106,25 +123,44 @@ def make_canaries(spec: DataSpec, m: int, generator: torch.Generator) -> torch.T
     return img.expand(m, spec.channels, spec.image_size, spec.image_size).contiguous()
 
 
+def canary_records(spec: DataSpec, canaries: torch.Tensor) -> TensorDataset:
+    """Canaries as training records of the site's kind: (image, label 0) or (x, y = x shifted)."""
+    if spec.kind == "text":
+        return TensorDataset(canaries[:, :-1], canaries[:, 1:])
+    return TensorDataset(canaries, torch.zeros(len(canaries), dtype=torch.long))
+
+
 @torch.no_grad()
 def canary_losses(task: GenerativeTask, canaries: torch.Tensor, seed: int, draws: int = SCORE_DRAWS) -> np.ndarray:
-    """Negative ELBO (nats) of each canary, averaged over fixed latent noise draws."""
-    from common.models.vae import per_example_loss
-
-    vae = unwrap(task.modules["vae"])
-    was_training = vae.training
-    vae.eval()
-    device = next(vae.parameters()).device
-    g = torch.Generator().manual_seed(seed)
+    """Each canary's loss under the task's current weights (the family's own loss)."""
+    if task.family not in SCORES:
+        raise NotImplementedError(f"sample-level audit: no canary score for family {task.family!r} "
+                                  f"(known: {sorted(SCORES)})")
+    module = unwrap(task.modules[{"vae": "vae", "gan": "discriminator", "lm": "lm"}[task.family]])
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
     x = canaries.to(device)
-    total = torch.zeros(len(x), dtype=torch.float64)
-    for _ in range(draws):
-        eps = torch.randn(len(x), vae.cfg.latent_dim, generator=g).to(device)
-        logits, mu, logvar = vae(x, eps)
-        recon, kl = per_example_loss(logits, x, mu, logvar)
-        total += (recon + kl).double().cpu()
-    vae.train(was_training)
-    return (total / draws).numpy()
+    if task.family == "vae":
+        from common.models.vae import per_example_loss
+
+        g = torch.Generator().manual_seed(seed)
+        total = torch.zeros(len(x), dtype=torch.float64)
+        for _ in range(draws):  # fixed latent noise draws, the same before and after training
+            eps = torch.randn(len(x), module.cfg.latent_dim, generator=g).to(device)
+            logits, mu, logvar = module(x, eps)
+            recon, kl = per_example_loss(logits, x, mu, logvar)
+            total += (recon + kl).double().cpu()
+        losses = total / draws
+    elif task.family == "gan":
+        labels = torch.zeros(len(x), dtype=torch.long, device=device) if getattr(task, "num_classes", None) else None
+        losses = F.softplus(-module(x, labels).reshape(len(x))).double().cpu()
+    else:
+        logits = module(x[:, :-1])
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), x[:, 1:].reshape(-1), reduction="none")
+        losses = ce.view(len(x), -1).mean(dim=1).cpu()
+    module.train(was_training)
+    return losses.numpy()
 
 
 def membership_and_streams(seed: int, m: int) -> tuple[np.ndarray, torch.Generator, int]:
@@ -155,6 +191,41 @@ def audit_steps(cfg: AppConfig, num_records: int, epochs: int | None) -> int:
     return per_round * cfg.run.num_rounds
 
 
+class AuditRefused(RuntimeError):
+    """The audit would take the site past its privacy budget; nothing was trained or spent."""
+
+
+def _price_on_ledger(cfg: AppConfig, site: SiteConfig, plan: privacy.DPPlan, steps: int):
+    """The site's ledger entry, after checking that the audit fits in its budget."""
+    from client.site import PrivacyState, dataset_key  # site imports this module's neighbours
+
+    ledger = PrivacyState(RecordDict(), site, dataset_key(cfg, site), cfg.privacy.ledger_dir)
+    if ledger.ledger is None:
+        return None, None  # no ledger on disk: the audit's spend is reported, not stored
+    entry = ledger.load()
+    budget = site_budget(cfg, site)
+    would = privacy.epsilon(privacy.compact([*entry.history, (plan.noise_multiplier, plan.sample_rate, steps)]),
+                            plan.delta, plan.accountant)
+    if would > budget * (1 + 1e-9):
+        raise AuditRefused(f"budget-exhausted: the audit would raise this site's epsilon from "
+                           f"{privacy.epsilon(entry.history, plan.delta, plan.accountant):.4f} to {would:.4f}, "
+                           f"above its budget {budget:g}; nothing was trained or spent")
+    entry.budget = budget
+    return ledger, entry
+
+
+def _charge_ledger(ledger, entry, history, plan: privacy.DPPlan, cfg: AppConfig, seed: int) -> None:
+    if ledger is None:
+        return
+    entry.history = privacy.compact([*entry.history, *history])
+    entry.delta, entry.accountant = plan.delta, plan.accountant
+    entry.epsilon = privacy.epsilon(entry.history, plan.delta, plan.accountant)
+    entry.rounds.append({"run": f"audit-{seed}", "family": cfg.task.family, "round": 0,
+                         "steps": sum(s for _, _, s in history), "noise": plan.noise_multiplier,
+                         "sample_rate": plan.sample_rate, "audit": True})
+    ledger.save(entry)
+
+
 def run_sample_audit(
     cfg: AppConfig,
     site: SiteConfig,
@@ -174,8 +245,9 @@ def run_sample_audit(
     ``guess_counts``: (k+, k-) pairs fixed before scoring; the best is kept with a
     Bonferroni correction (default: 5%, 10%, 25%, 50% of m on each side).
     """
-    if cfg.task.family != "vae":
-        raise NotImplementedError(f"sample-level audit: no canary score for family {cfg.task.family!r} yet (vae only)")
+    if cfg.task.family not in SCORES:
+        raise NotImplementedError(f"sample-level audit: no canary score for family {cfg.task.family!r} "
+                                  f"(known: {sorted(SCORES)})")
     if num_canaries < 2:
         raise ValueError(f"num_canaries must be >= 2, got {num_canaries}")
     start = time.perf_counter()
@@ -184,9 +256,9 @@ def run_sample_audit(
     included, canary_gen, train_seed = membership_and_streams(seed, num_canaries)
 
     data, spec = site_data if site_data is not None else site_dataset(cfg, site)
-    canaries = make_canaries(spec, num_canaries, canary_gen)
+    canaries = make_canaries(spec, num_canaries, canary_gen, cfg.lm.context)
     inside = torch.from_numpy(np.flatnonzero(included))
-    audit_data = ConcatDataset([data, TensorDataset(canaries[inside], torch.zeros(len(inside), dtype=torch.long))])
+    audit_data = ConcatDataset([data, canary_records(spec, canaries[inside])])
     n = len(audit_data)
 
     device = pick_device(cfg.run.device)
@@ -198,25 +270,28 @@ def run_sample_audit(
                         generator=torch.Generator().manual_seed(train_seed))
     steps = audit_steps(cfg, n, epochs)
     p = cfg.privacy
-    delta = p.delta or privacy.auto_delta(n)
+    delta = p.delta or privacy.auto_delta(len(data))  # the site's own delta, as its ledger has it
     if p.enabled:
         privacy.check_delta(delta, n)
         q = 1.0 / math.ceil(n / cfg.train.batch_size)  # Opacus' Poisson rate for this loader
         noise = p.noise_multiplier or _calibrated_noise(p.target_epsilon, delta, q, steps, p.accountant)
         plan = privacy.DPPlan(noise, q, steps, delta, p.accountant, p.max_grad_norm)
+        ledger, entry = _price_on_ledger(cfg, site, plan, steps)  # refuses before touching data
         dp = make_private(task, optimizers, loader, plan, [], p.grad_sample_mode)
         loader = dp.loader
     else:
         noise = 0.0
     train_local(task, loader, optimizers, steps)
     claimed = privacy.epsilon(privacy.compact(dp.history), delta, p.accountant) if p.enabled else math.inf
+    if p.enabled:
+        _charge_ledger(ledger, entry, dp.history, plan, cfg, seed)
 
     after = canary_losses(task, canaries, seed=train_seed)
     scores = before - after  # how much training lowered each canary's loss: higher = more likely in
     counts = guess_counts if guess_counts is not None else default_guess_counts(num_canaries)
     best = one_run_audit(scores, included, delta, confidence, counts)
     result = AuditResult(
-        method=METHOD, m=num_canaries, guesses=best["guesses"], correct=best["correct"], confidence=confidence,
+        method=method(cfg.task.family), family=cfg.task.family, m=num_canaries, guesses=best["guesses"], correct=best["correct"], confidence=confidence,
         empirical_epsilon=float(best["epsilon"]), claimed_epsilon=float(claimed),
         seconds=time.perf_counter() - start, delta=delta, included=int(included.sum()),
         k_plus=best["k_plus"], k_minus=best["k_minus"], steps=steps, noise_multiplier=float(noise),

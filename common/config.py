@@ -177,6 +177,27 @@ class CentralDPSection(_Section):
         return self
 
 
+class AuditSection(_Section):
+    """Empirical privacy audits (server/canaries.py: user level; client/audit.py: sample level)."""
+
+    user_canaries: int = Field(0, ge=0, description="canary clients added at the server (an audit run: no final "
+                               "model, no checkpoints); 0 = off, else at least 4")
+    canary_norm: float = Field(0.0, ge=0, description="norm of a canary's update; 0 = central-dp.clipping-norm")
+    seed: int = Field(0, ge=0, description="seed of the canaries' secret directions and membership; 0 = fresh entropy")
+    sample_canaries: int = Field(128, ge=2, description="`fedgen audit`: canary records of the sample-level audit")
+    sample_epochs: int = Field(0, ge=0, description="`fedgen audit`: passes of the sample-level audit; 0 = the "
+                               "site's steps over the whole run")
+    sample_partition: int = Field(0, ge=0, description="`fedgen audit`: the simulated site audited at sample level")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the sample-level lower bound")
+
+    @field_validator("user_canaries")
+    @classmethod
+    def _enough_canaries(cls, value: int) -> int:
+        if 0 < value < 4:
+            raise ValueError("use 0 (off) or at least 4 canaries (two inserted and two not, expected)")
+        return value
+
+
 class EvalSection(_Section):
     every: int = Field(1, ge=1, description="evaluate the global model every k rounds (and the last)")
     num_samples: int = Field(64, ge=1, description="samples drawn for the per-round sample artefact")
@@ -198,7 +219,15 @@ class AppConfig(_Section):
     privacy: PrivacySection = PrivacySection()
     strategy: StrategySection = StrategySection()
     central_dp: CentralDPSection = CentralDPSection()
+    audit: AuditSection = AuditSection()
     eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _audit_runs_start_fresh(self) -> AppConfig:
+        if self.audit.user_canaries and self.run.resume:
+            raise ValueError("run.resume: an audit run (audit.user-canaries > 0) keeps no checkpoints and cannot "
+                             "be resumed; start it again")
+        return self
 
     def to_flat(self) -> dict[str, Any]:
         """The resolved config as flat dotted kebab keys (the run-config form)."""
@@ -226,7 +255,8 @@ def _format_errors(err: ValidationError) -> list[str]:
         elif e["type"] == "value_error":
             got = e.get("input")
             shown = f" = {got!r}" if not isinstance(got, dict) else ""
-            problems.append(f"{key}{shown}: {e['ctx']['error']}")
+            # A check across sections has no single key: its message names the keys itself.
+            problems.append(f"{key}{shown}: {e['ctx']['error']}" if key else str(e["ctx"]["error"]))
         else:
             got = e.get("input")
             problems.append(f"{key} = {got!r}: {e['msg']}")

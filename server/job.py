@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.serverapp import Grid
 
 from common.config import AppConfig, ConfigError
+from server.canaries import CanaryClients
+from server.central_dp import UserLevelDP
 from server.checkpoints import Checkpointer, config_differences, restore_strategy_state
 from server.evaluation import Evaluator
 from server.rounds import Outcome, RoundRecorder, run_rounds
@@ -23,7 +27,8 @@ log = logging.getLogger(__name__)
 
 def new_run_id(cfg: AppConfig, flwr_run_id: int | str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    prefix = f"{cfg.run.name}-" if cfg.run.name else ""
+    name = cfg.run.name or ("audit" if cfg.audit.user_canaries else "")
+    prefix = f"{name}-" if name else ""
     return f"{prefix}{stamp}-{flwr_run_id}"
 
 
@@ -32,6 +37,12 @@ def save_model(path: Path, arrays_state: dict[str, torch.Tensor], cfg: AppConfig
     tmp = path.with_suffix(".tmp")
     torch.save({"state_dict": arrays_state, "family": cfg.task.family, "config_hash": cfg.config_hash()}, tmp)
     tmp.replace(path)
+
+
+def make_canaries(cfg: AppConfig, initial) -> CanaryClients:
+    a = cfg.audit
+    seed = a.seed or int(np.random.SeedSequence().entropy % (2**63))  # secret unless the operator fixes it
+    return CanaryClients(initial, a.user_canaries, a.canary_norm or cfg.central_dp.clipping_norm, seed)
 
 
 def _resume_target(runs_dir: Path, ref: str) -> Path:
@@ -75,16 +86,28 @@ def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
              f"on (target epsilon {cfg.privacy.target_epsilon:g})" if cfg.privacy.enabled else "OFF", run_dir)
     try:
         evaluator = Evaluator(cfg)
+        canaries = None
+        if cfg.audit.user_canaries:
+            arrays = evaluator.initial_arrays()
+            canaries = make_canaries(cfg, arrays)
         outcome = run_rounds(grid, cfg, strategy, evaluator, RoundRecorder(run_dir, store, cfg.run.num_rounds),
                              run_dir, arrays=arrays, start_round=start_round,
-                             on_round_end=lambda rnd, arrs: checkpointer.save(rnd, arrs, strategy, cfg))
-        save_model(run_dir / "final_model.pt", outcome.arrays.to_torch_state_dict(), cfg)
+                             on_round_end=None if canaries else lambda rnd, arrs: checkpointer.save(rnd, arrs, strategy, cfg),
+                             canaries=canaries)
+        if canaries is None:
+            save_model(run_dir / "final_model.pt", outcome.arrays.to_torch_state_dict(), cfg)
+        elif outcome.rounds_done:
+            # The canaries are in this model: it is audited and dropped, never saved for use.
+            claimed = strategy.epsilon() if isinstance(strategy, UserLevelDP) else math.inf
+            result = canaries.estimate(arrays, outcome.arrays, cfg.central_dp.delta, claimed)
+            store.record_audit(result.as_dict())
         store.set_status(outcome.status, outcome.reason or None)
     except BaseException as err:
         store.set_status("failed", f"{type(err).__name__}: {err}")
         raise
     finally:
         store.close()
-    log.info("run %s %s after %d round(s)%s; final model: %s", run_dir.name, outcome.status, outcome.rounds_done,
-             f" ({outcome.reason})" if outcome.reason else "", run_dir / "final_model.pt")
+    log.info("run %s %s after %d round(s)%s; %s", run_dir.name, outcome.status, outcome.rounds_done,
+             f" ({outcome.reason})" if outcome.reason else "",
+             "an audit run: no model saved" if cfg.audit.user_canaries else f"final model: {run_dir / 'final_model.pt'}")
     return outcome

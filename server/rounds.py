@@ -23,8 +23,10 @@ from flwr.serverapp.strategy import Strategy
 
 from common import records as R
 from common.config import AppConfig
+from server.canaries import CanaryClients
 from server.central_dp import UserLevelDP
 from server.evaluation import Evaluator
+from server.strategy import aggregate_train_metrics
 from server.validation import InvalidUpdate, check_train_reply
 
 log = logging.getLogger(__name__)
@@ -158,8 +160,13 @@ def run_rounds(
     arrays: ArrayRecord | None = None,
     start_round: int = 1,
     on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+    canaries: CanaryClients | None = None,
 ) -> Outcome:
-    """Run rounds ``start_round..num_rounds``; ``on_round_end(r, arrays)`` after each recorded round."""
+    """Run rounds ``start_round..num_rounds``; ``on_round_end(r, arrays)`` after each recorded round.
+
+    ``canaries`` (an audit run): their updates join the valid replies of every aggregated
+    round, each inserted canary with the real sites' sampling rate.
+    """
     num_rounds = cfg.run.num_rounds
     arrays = arrays if arrays is not None else evaluator.initial_arrays()
     exhausted: set[int] = set()
@@ -234,8 +241,16 @@ def run_rounds(
 
         train_metrics: dict[str, float] = {}
         user_dp = None
+        canary_updates = 0
         if len(good) >= cfg.strategy.min_train_nodes:
-            new_arrays, agg = strategy.aggregate_train(rnd, good)
+            merged = good
+            if canaries is not None:
+                extra = canaries.replies(arrays, len(sampled) / max(len(remaining), 1), good)
+                canary_updates = len(extra)
+                merged = good + extra
+            new_arrays, agg = strategy.aggregate_train(rnd, merged)
+            if canaries is not None:  # the figures operators read are the real sites' own
+                agg = aggregate_train_metrics([m.content for m in good], R.NUM_EXAMPLES)
             if isinstance(strategy, UserLevelDP):
                 user_dp = dict(strategy.last_round)  # clip bound, fraction clipped, noise of this round
             if new_arrays is not None:
@@ -253,6 +268,8 @@ def run_rounds(
                "user_epsilon": strategy.epsilon() if isinstance(strategy, UserLevelDP) else None,
                "user_dp": user_dp,
                "bytes_sent": bytes_sent, "bytes_received": bytes_received, "artifacts": art}
+        if canaries is not None:
+            rec["canary_updates"] = canary_updates
         record(rec)
         records.append(rec)
         if on_round_end is not None and good:

@@ -16,6 +16,9 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`, ``PRAGMA application_i
 * ``round``      one row per server round; round 0 is the evaluation of the initial model
 * ``site_round`` one row per (round, sampled site), ordered by ``seq`` (the order the
   server reported them in)
+* ``audit``      (schema 2) one row per empirical privacy audit of the run: level (user /
+  sample), method, canaries, confidence, the empirical and the claimed epsilon, cost.
+  A version-1 database gains the table when opened for writing; read-only, it has none.
 
 Flower node ids are unsigned 64-bit integers; SQLite integers are signed, so node ids
 are stored with the same uint64 -> int64 mapping Flower's own state uses and mapped back
@@ -49,7 +52,7 @@ __all__ = [
     "resolve_run",
 ]
 
-SCHEMA_VERSION: int = 1
+SCHEMA_VERSION: int = 2
 #: Marks a SQLite file as a fedgen run database ("FGEN").
 APPLICATION_ID: int = 0x4647454E
 DB_NAME = "run.db"
@@ -113,7 +116,21 @@ CREATE TABLE site_round (
     PRIMARY KEY (round, seq)
 );
 CREATE INDEX site_round_node ON site_round (node_id, round);
+CREATE TABLE audit (
+    seq               INTEGER PRIMARY KEY,
+    level             TEXT NOT NULL CHECK (level IN ('user', 'sample')),
+    method            TEXT NOT NULL,
+    canaries          INTEGER NOT NULL,
+    confidence        REAL,
+    empirical_epsilon REAL NOT NULL,
+    claimed_epsilon   REAL NOT NULL,
+    delta             REAL,
+    seconds           REAL,
+    details_json      TEXT NOT NULL DEFAULT '{}',
+    recorded_at       REAL NOT NULL
+);
 """
+_AUDIT_TABLE = _SCHEMA[_SCHEMA.index("CREATE TABLE audit"):]
 
 _ROUND_KEYS = (
     "round", "num_rounds", "started_at", "ended_at", "sampled", "sites", "train", "eval",
@@ -338,6 +355,11 @@ class RunStore:
             if not readonly:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA foreign_keys = ON")
+                if version == 1:  # schema 2 only adds the audit table
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute(_AUDIT_TABLE)
+                    conn.execute("PRAGMA user_version = 2")
+                    conn.execute("COMMIT")
             conn.execute("PRAGMA synchronous = NORMAL")
             if conn.execute("SELECT count(*) FROM run").fetchone()[0] != 1:
                 raise StoreError(f"{db_path} is damaged: expected exactly one run row")
@@ -490,6 +512,47 @@ class RunStore:
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             site_rows,
         )
+
+    def record_audit(self, result: dict) -> None:
+        """Store one audit result (``level``, ``method``, ``m``, ``empirical_epsilon``, ``claimed_epsilon``, ...).
+
+        Infinite epsilons (no DP claim; an unbounded estimate) are stored as SQLite's
+        infinity and read back as ``math.inf``.
+        """
+        if result.get("level") not in ("user", "sample"):
+            raise StoreError(f"audit level must be 'user' or 'sample', got {result.get('level')!r}")
+        row = (
+            result["level"], str(result.get("method", "")), _int(result.get("m"), "audit m"),
+            _float(result.get("confidence"), "audit confidence"),
+            _float(result.get("empirical_epsilon"), "empirical_epsilon"),
+            _float(result.get("claimed_epsilon"), "claimed_epsilon"),
+            _float(result.get("delta"), "audit delta"), _float(result.get("seconds"), "audit seconds"),
+            _dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in result.items()},
+                   "audit details"),
+            time.time(),
+        )
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO audit (level, method, canaries, confidence, empirical_epsilon, claimed_epsilon,"
+                " delta, seconds, details_json, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            conn.execute("UPDATE run SET updated_at = ?", (time.time(),))
+
+    def audits(self) -> list[dict]:
+        """Every audit of this run, oldest first ([] for a version-1 database)."""
+        with self._read() as conn:
+            has = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit'").fetchone()
+            rows = conn.execute(
+                "SELECT level, method, canaries, confidence, empirical_epsilon, claimed_epsilon, delta, seconds,"
+                " details_json, recorded_at FROM audit ORDER BY seq").fetchall() if has else []
+        keys = ("level", "method", "canaries", "confidence", "empirical_epsilon", "claimed_epsilon", "delta",
+                "seconds", "details", "recorded_at")
+        out = []
+        for r in rows:
+            rec = dict(zip(keys, r))
+            rec["details"] = _loads(rec["details"], {})
+            rec["violation"] = rec["empirical_epsilon"] > rec["claimed_epsilon"]
+            out.append(rec)
+        return out
 
     def set_status(self, status: str, reason: str | None = None) -> None:
         """Set the run status; any status other than ``running`` also stamps ``ended_at``."""
