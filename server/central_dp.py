@@ -187,19 +187,25 @@ class UserLevelDP(Strategy):
         return new_arrays, metrics
 
     def _norm_bit(self, msg: Message, norm: float, clip: float) -> int:
-        """1 if the update fit under C: from the site's bit when adaptive (its update arrives
-        already clipped), else from the norm received.
+        """1 if the update fit under C, from the norm received wherever that decides it.
 
-        Flower's mod sets ``norm_bit`` = 1 when it *had to clip* (scaling factor < 1), the
+        Strictly under C: it fit. Over C: the site did not clip it (no mod, or a dishonest
+        site), so it did not fit. At C: a site that clipped and one whose update had
+        exactly that norm look alike, so the site's own bit decides when adaptive. Flower's
+        mod sets ``norm_bit`` = 1 when it *had to clip* (scaling factor < 1), the
         complement of the paper's b. (Flower's own wrapper then moves C by ``clipped -
         target``, which shrinks the bound exactly when too many updates are clipped; we do
         the paper's update on the fraction that fit.)
         """
+        if norm < clip * (1 - 1e-6):
+            return 1
+        if norm > clip * (1 + 1e-6):
+            return 0
         if self.adaptive:
             for rec in msg.content.metric_records.values():
                 if KEY_NORM_BIT in rec:
                     return 1 - int(bool(rec[KEY_NORM_BIT]))
-        return int(norm <= clip * (1 + 1e-6))
+        return 1
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -89,7 +89,14 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _command(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+audit_app = typer.Typer(
+    help="Empirical privacy audits: run one (a simulation with canaries), or show a run's audits.",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
+
+
+def _command(name: str, target: typer.Typer | None = None, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a command wrapped in the CLI's single error handler."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -116,7 +123,7 @@ def _command(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callabl
                     f"internal error: {type(exc).__name__}: {exc} (set FEDGEN_DEBUG=1 for a traceback)"
                 ) from None
 
-        return app.command(name, **kwargs)(wrapper)
+        return (target or app).command(name, **kwargs)(wrapper)
 
     return decorate
 
@@ -208,7 +215,7 @@ def _status_text(status: str | None) -> Text:
 # --------------------------------------------------------------------------- status view
 
 
-def status_payload(info: dict, rounds: list[dict]) -> dict:
+def status_payload(info: dict, rounds: list[dict], audits: list[dict] | None = None) -> dict:
     """Everything `status` shows, as plain data (also the `--json` output)."""
     done, planned = info.get("rounds_done") or 0, info.get("num_rounds") or 0
     last = rounds[-1] if rounds else None
@@ -244,6 +251,7 @@ def status_payload(info: dict, rounds: list[dict]) -> dict:
         "sites_round": site_round["round"] if site_round else None,
         "sites": sites,
         "problems": problems,
+        "audits": audits or [],
     }
 
 
@@ -314,8 +322,41 @@ def _problems_table(payload: dict, limit: int = 20) -> Table | None:
     return table
 
 
-def render_status(info: dict, rounds: list[dict], *, now: float | None = None) -> RenderableType:
-    payload = status_payload(info, rounds)
+AUDIT_LEVELS = {"user": "user (federation)", "sample": "sample (site)"}
+
+
+def audits_table(audits: list[dict]) -> Table | None:
+    """Claimed epsilon beside what each audit measured on the trained model."""
+    if not audits:
+        return None
+    table = Table(title="Privacy audits: claimed ε (accountant) vs empirical ε (measured)", title_justify="left",
+                  title_style="bold")
+    for col, justify in [("level", "left"), ("canaries", "right"), ("confidence", "right"), ("claimed ε", "right"),
+                         ("empirical ε", "right"), ("verdict", "left"), ("cost", "right"), ("method", "left")]:
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for a in audits:
+        claimed, empirical = a.get("claimed_epsilon"), a.get("empirical_epsilon")
+        kind = "estimate" if a.get("level") == "user" else "lower bound"
+        if a.get("violation"):
+            verdict, style = "VIOLATION: measured above the claim", "bold red"
+        elif claimed is not None and not math.isfinite(claimed):
+            verdict, style = f"no DP claim; {kind} {fmt_eps(empirical)}", "yellow"
+        else:
+            verdict, style = f"ok: {kind} within the claim", "green"
+        conf = a.get("confidence")
+        table.add_row(AUDIT_LEVELS.get(a.get("level"), str(a.get("level"))), fmt_num(a.get("canaries")),
+                      "estimate" if conf is None else f"{conf:.0%}", _fmt_eps_inf(claimed), _fmt_eps_inf(empirical),
+                      Text(verdict, style=style), fmt_duration(a.get("seconds")), str(a.get("method") or ""))
+    return table
+
+
+def _fmt_eps_inf(value: Any) -> str:
+    return "∞" if isinstance(value, float) and math.isinf(value) else fmt_eps(value)
+
+
+def render_status(info: dict, rounds: list[dict], *, audits: list[dict] | None = None,
+                  now: float | None = None) -> RenderableType:
+    payload = status_payload(info, rounds, audits)
     prog = payload["progress"]
     now = time.time() if now is None else now
     parts: list[RenderableType] = []
@@ -368,7 +409,8 @@ def render_status(info: dict, rounds: list[dict], *, now: float | None = None) -
             + (f" (round {info['best_metric']['round']})" if info.get("best_metric") else "")
             + f"; max ε so far {fmt_eps(info.get('max_epsilon'))}"
         ))
-    for table in (_metrics_table(last) if last else None, _sites_table(payload), _problems_table(payload)):
+    for table in (_metrics_table(last) if last else None, _sites_table(payload), _problems_table(payload),
+                  audits_table(payload["audits"])):
         if table is not None:
             parts.append(table)
     return Group(*parts)
@@ -409,11 +451,11 @@ def status_cmd(run: RunArg, runs_dir: RunsDirOpt = Path("runs"), json_out: JsonO
     RUN is a run id, a unique prefix of one, or 'latest'.
     """
     with _open(runs_dir, run) as store:
-        info, rounds = store.run_info(), store.rounds()
+        info, rounds, audits = store.run_info(), store.rounds(), store.audits()
     if json_out:
-        _emit_json(status_payload(info, rounds))
+        _emit_json(status_payload(info, rounds, audits))
     else:
-        _stdout().print(render_status(info, rounds))
+        _stdout().print(render_status(info, rounds, audits=audits))
 
 
 @_command("watch")
@@ -436,7 +478,7 @@ def watch_cmd(
                 key = (info["status"], info["updated_at"], info["last_round"])
                 if key != seen:
                     seen = key
-                    _emit_json(status_payload(info, rounds), indent=None)
+                    _emit_json(status_payload(info, rounds, store.audits()), indent=None)
                 if info["status"] != "running":
                     return
                 _sleep(interval)
@@ -444,7 +486,7 @@ def watch_cmd(
         with Live(console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as live:
             while True:
                 info, rounds = store.run_info(), store.rounds()
-                live.update(render_status(info, rounds), refresh=True)
+                live.update(render_status(info, rounds, audits=store.audits()), refresh=True)
                 if info["status"] != "running":
                     break
                 _sleep(interval)
@@ -619,6 +661,67 @@ def samples_cmd(
     for path, text in texts.items():
         typer.echo(f"\n--- {path} ---")
         typer.echo(text.rstrip("\n"))
+
+
+# --------------------------------------------------------------------------- audits
+
+VIOLATION_EXIT = 3  # `fedgen audit run` when a measured epsilon exceeds the claim
+
+
+@_command("show", target=audit_app)
+def audit_show_cmd(run: RunArg, runs_dir: RunsDirOpt = Path("runs"), json_out: JsonOpt = False) -> None:
+    """The audits of a run: claimed and empirical epsilon side by side.
+
+    RUN is a run id, a unique prefix of one, or 'latest'.
+    """
+    with _open(runs_dir, run) as store:
+        info, audits = store.run_info(), store.audits()
+    if json_out:
+        _emit_json({"run_id": info["run_id"], "audits": audits})
+        return
+    table = audits_table(audits)
+    if table is None:
+        raise StoreError(f"run {info['run_id']} has no audit; start one with `fedgen audit run`")
+    _stdout().print(table)
+
+
+@_command("run", target=audit_app)
+def audit_run_cmd(
+    preset: Annotated[str, typer.Option("--preset", help="Run-config preset (simulations/<name>.toml) or a TOML path.")]
+    = "audit-vae",
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
+                                                           help="Override one run-config key (repeatable).")] = None,
+    num_sites: Annotated[int, typer.Option("--num-sites", min=2, help="Simulated sites.")] = 10,
+    sample: Annotated[bool, typer.Option("--sample/--no-sample", help="Also audit one site at sample level.")] = True,
+    runs_dir: RunsDirOpt = Path("runs"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Audit the privacy a configuration claims, on models it really trains.
+
+    1. A federated simulation with canary clients (audit.user-canaries): the user-level
+       estimate (Andrew et al. 2024) against the user-level accountant's epsilon.
+    2. With --sample, one site (audit.sample-partition) trains an audit-only model with
+       canary records (audit.sample-canaries): the one-run lower bound (Steinke et al.
+       2023) against the site's accountant. Priced and charged on the site's ledger.
+    Both land in the run's store; `fedgen status` and `fedgen audit show` show them.
+    Exits 3 if a measured epsilon exceeds its claim.
+    """
+    from simulations.audit import run_audit  # imports torch and flwr: only here
+
+    result = run_audit(preset, list(overrides or []), num_sites, runs_dir, sample=sample, quiet=json_out)
+    if json_out:
+        _emit_json(result)
+    else:
+        console = _stdout()
+        console.print(Text(f"audit run {result['run_id']} ({result['run_dir']}): {result['status']}", style="bold"))
+        table = audits_table(result["audits"])
+        if table is not None:
+            console.print(table)
+        console.print(Text(result["cost"], style="dim"))
+    if result["status"] != "completed":
+        raise _fail(f"the audit run did not complete ({result['status']}); see `fedgen status {result['run_id']}`")
+    if any(a["violation"] for a in result["audits"]):
+        raise typer.Exit(VIOLATION_EXIT)
 
 
 def main() -> None:

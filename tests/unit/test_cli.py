@@ -351,3 +351,43 @@ def test_error_message_is_red_on_a_colour_terminal(runs_dir: Path, monkeypatch) 
 def test_usage_error_exits_2(runner, runs_dir: Path) -> None:
     assert run(runner, runs_dir, "status").exit_code == 2
     assert run(runner, runs_dir, "watch", "latest", "--interval", "0").exit_code == 2
+
+
+# --------------------------------------------------------------------------- audits
+
+
+def _audits(runs_dir: Path, *, violation: bool = False) -> None:
+    with RunStore.open(runs_dir / RUN_ID, readonly=False) as store:
+        store.record_audit({"level": "user", "method": "one-shot canary clients", "m": 100, "confidence": None,
+                            "empirical_epsilon": 4.25, "claimed_epsilon": 9.01, "delta": 1e-5, "seconds": 3.0,
+                            "participations": 250})
+        store.record_audit({"level": "sample", "method": "one-run", "m": 128, "confidence": 0.95,
+                            "empirical_epsilon": 9.5 if violation else 0.3, "claimed_epsilon": 8.0,
+                            "delta": 1e-5, "seconds": 41.0})
+        store.record_audit({"level": "sample", "method": "one-run", "m": 128, "confidence": 0.95,
+                            "empirical_epsilon": 2.7, "claimed_epsilon": float("inf"), "delta": 1e-5, "seconds": 9.0})
+
+
+def test_audit_show_puts_claimed_and_empirical_epsilon_side_by_side(runner, runs_dir: Path) -> None:
+    _audits(runs_dir)
+    out = ok(run(runner, runs_dir, "audit", "show", "latest"))
+    assert "claimed ε" in out and "empirical ε" in out
+    assert "9.01" in out and "4.25" in out and "ok: estimate within the claim" in out
+    assert "ok: lower bound within the claim" in out and "no DP claim; lower bound 2.70" in out and "∞" in out
+    payload = json.loads(ok(run(runner, runs_dir, "audit", "show", "latest", "--json")))
+    assert [a["level"] for a in payload["audits"]] == ["user", "sample", "sample"]
+    assert payload["audits"][2]["claimed_epsilon"] is None  # strict JSON: inf -> null
+    assert not any(a["violation"] for a in payload["audits"])
+
+
+def test_status_shows_audits_and_flags_a_violation(runner, runs_dir: Path) -> None:
+    _audits(runs_dir, violation=True)
+    out = ok(run(runner, runs_dir, "status", "latest"))
+    assert "Privacy audits" in out and "VIOLATION" in out
+    payload = json.loads(ok(run(runner, runs_dir, "status", "latest", "--json")))
+    assert [a["violation"] for a in payload["audits"]] == [False, True, False]
+
+
+def test_audit_show_without_audits_is_an_error(runner, runs_dir: Path) -> None:
+    result = run(runner, runs_dir, "audit", "show", "latest")
+    assert result.exit_code == 1 and "has no audit" in result.output and "fedgen audit run" in result.output

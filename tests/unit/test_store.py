@@ -386,3 +386,26 @@ def test_resolve_run_empty_or_missing_store(runs_dir: Path) -> None:
     runs_dir.mkdir()
     with pytest.raises(StoreError, match="no runs in"):
         resolve_run(runs_dir, "latest")
+
+
+def test_schema_1_database_reads_without_audits_and_gains_the_table_when_written(tmp_path):
+    store = RunStore.create(tmp_path, "old", config={}, model="vae", strategy="fedavg", num_rounds=1)
+    store.close()
+    db = tmp_path / "old" / DB_NAME
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE audit")
+    conn.execute("PRAGMA user_version = 1")  # as fedgen before audits wrote it
+    conn.commit()
+    conn.close()
+    with RunStore.open(tmp_path / "old") as ro:
+        assert ro.audits() == []
+    with RunStore.open(tmp_path / "old", readonly=False) as rw:
+        rw.record_audit({"level": "sample", "method": "m", "m": 8, "empirical_epsilon": 0.0,
+                         "claimed_epsilon": 8.0, "confidence": 0.95})
+        assert [a["canaries"] for a in rw.audits()] == [8]
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    conn.close()
+    with pytest.raises(StoreError, match="audit level"):
+        with RunStore.open(tmp_path / "old", readonly=False) as rw:
+            rw.record_audit({"level": "global", "m": 1, "empirical_epsilon": 0.0, "claimed_epsilon": 1.0})

@@ -1,0 +1,69 @@
+"""`fedgen audit run` for real: a `flwr run` simulation with canary clients, user-level DP
+with adaptive clipping (sites clip with Flower's mod), a site crashing mid-run, and the
+sample-level audit of one site afterwards."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from server.cli import app as cli_app
+from server.store import RunStore
+from simulations.audit import run_audit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    result = run_audit("audit-digits", [], 3, runs, quiet=True, extra_env={"FEDGEN_INJECT_FAULTS": "2:crash@2"})
+    return result
+
+
+def test_the_audit_run_completes_with_both_audits_within_their_claims(audit):
+    assert audit["status"] == "completed", audit
+    user, sample = (next(a for a in audit["audits"] if a["level"] == lv) for lv in ("user", "sample"))
+    assert user["canaries"] == 40 and user["details"]["participations"] > 0
+    assert math.isfinite(user["claimed_epsilon"]) and 0 < user["empirical_epsilon"] <= user["claimed_epsilon"]
+    assert sample["canaries"] == 64 and sample["confidence"] == 0.95
+    assert sample["claimed_epsilon"] == pytest.approx(8.0, rel=0.01)
+    assert 0 <= sample["empirical_epsilon"] <= sample["claimed_epsilon"]
+    assert "canary clients" in audit["cost"] and "sample-level audit trained one more model" in audit["cost"]
+
+
+def test_user_level_dp_adapts_the_bound_and_survives_a_crashed_site(audit):
+    with RunStore.open(audit["run_dir"]) as store:
+        rounds = store.rounds()[1:]
+        user = next(a for a in store.audits() if a["level"] == "user")
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    crashed = [s for s in rounds[1]["sites"] if s["status"] == "failed"]
+    assert len(crashed) == 1 and "injected crash" in crashed[0]["reason"]
+    bounds = [r["user_dp"]["clipping-norm"] for r in rounds]
+    assert bounds[0] == 0.5 and len(set(bounds)) == 3  # the adaptive bound moved every round
+    assert all(r["user_dp"]["next-clipping-norm"] > 0 for r in rounds)
+    # Round 2 aggregated the 2 sites that replied (plus the canaries) with noise for who took part.
+    k2 = rounds[1]["user_dp"]["sites"]
+    assert k2 == 2 + rounds[1]["canary_updates"]
+    assert rounds[1]["user_dp"]["noise-std"] == pytest.approx(
+        rounds[1]["user_dp"]["update-noise-multiplier"] * bounds[1] / k2)
+    assert rounds[-1]["user_epsilon"] == pytest.approx(user["claimed_epsilon"])
+    eps = [r["user_epsilon"] for r in rounds]
+    assert eps[0] < eps[1] < eps[2]
+
+
+def test_canaries_never_reach_a_saved_model(audit):
+    run_dir = __import__("pathlib").Path(audit["run_dir"])
+    assert not (run_dir / "final_model.pt").exists()
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    assert run_dir.name.startswith("audit-")
+
+
+def test_the_cli_shows_the_stored_audits(audit):
+    runs_dir = str(__import__("pathlib").Path(audit["run_dir"]).parent)
+    out = CliRunner().invoke(cli_app, ["audit", "show", "latest", "--runs-dir", runs_dir, "--json"])
+    assert out.exit_code == 0, out.output
+    assert {a["level"] for a in json.loads(out.stdout)["audits"]} == {"user", "sample"}
