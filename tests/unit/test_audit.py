@@ -11,11 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from client.audit import AuditResult, make_canaries, membership_and_streams, run_sample_audit
+import tomllib
+
+from client.audit import AuditResult, canary_records, make_canaries, membership_and_streams, run_sample_audit
 from common import audit as A
 from common import privacy
 from common.config import parse_node_config
 from common.data.site import site_dataset
+from simulations.launch import ROOT
 from tests.conftest import quick_config
 
 # ----------------------------------------------------------------------------------------
@@ -268,3 +271,66 @@ def test_with_dp_the_bound_stays_below_the_claimed_epsilon(seed):
     assert r.claimed_epsilon == pytest.approx(privacy.epsilon([(1.0, q, r.steps)], r.delta))
     assert 0.0 <= r.empirical_epsilon <= r.claimed_epsilon
     assert not r.violation
+
+
+# --- the GAN and the LM: their own canaries and scores -------------------------------
+
+
+def lm_cfg(**o):
+    raw = tomllib.loads((ROOT / "simulations" / "lm-quick.toml").read_text())
+    return quick_config(**{**raw, **o})
+
+
+def gan_cfg(**o):
+    return quick_config(**{"task.family": "gan", "gan.width": 16, "gan.latent-dim": 16, **o})
+
+
+LM_SITE = parse_node_config({"partition-id": 0, "num-partitions": 100})  # ~1,000 windows of 32 characters
+
+
+def test_text_canaries_are_random_token_windows_joined_as_records():
+    cfg = lm_cfg()
+    _, spec = site_dataset(cfg, LM_SITE)
+    c = make_canaries(spec, 50, torch.Generator().manual_seed(0), cfg.lm.context)
+    assert c.shape == (50, cfg.lm.context + 1) and c.dtype == torch.long
+    assert int(c.min()) >= 0 and int(c.max()) < spec.vocab_size
+    assert len({tuple(x.tolist()) for x in c}) == 50
+    x, y = canary_records(spec, c)[3]
+    assert torch.equal(x, c[3, :-1]) and torch.equal(y, c[3, 1:])
+    with pytest.raises(ValueError, match="lm.context"):
+        make_canaries(spec, 5, torch.Generator())
+
+
+@pytest.mark.slow  # ~3,400 steps of a tiny LM: ~10-20 s
+def test_without_dp_the_lm_audit_catches_memorised_canary_text():
+    r = run_sample_audit(lm_cfg(**{"privacy.enabled": False}), LM_SITE, num_canaries=64, epochs=30, seed=0)
+    assert r.family == "lm" and "cross-entropy" in r.method and r.claimed_epsilon == math.inf
+    assert r.correct >= 0.95 * r.guesses and r.empirical_epsilon > 2.0
+
+
+@pytest.mark.parametrize("make,site,epochs", [(lm_cfg, LM_SITE, 3), (gan_cfg, SITE, 10)], ids=["lm", "gan"])
+def test_with_dp_the_gan_and_lm_bounds_stay_below_the_claim(make, site, epochs):
+    cfg = make(**{"privacy.noise-multiplier": 1.0})
+    for seed in (0, 1):
+        r = run_sample_audit(cfg, site, num_canaries=64, epochs=epochs, seed=seed)
+        assert r.family == cfg.task.family and r.dp_enabled and math.isfinite(r.claimed_epsilon)
+        assert 0.0 <= r.empirical_epsilon <= r.claimed_epsilon and not r.violation
+
+
+def test_an_audit_is_priced_on_the_sites_ledger_charged_there_and_refused_past_the_budget(tmp_path):
+    from client.audit import AuditRefused
+    from client.dp import Ledger
+    from client.site import dataset_key
+
+    cfg = audit_cfg(**{"privacy.noise-multiplier": 1.0})
+    site = parse_node_config({"partition-id": 0, "num-partitions": 10, "ledger-path": str(tmp_path / "l.json"),
+                              "privacy-budget": 100.0})
+    r = run_sample_audit(cfg, site, num_canaries=16, epochs=2, seed=0)
+    entry = Ledger(tmp_path / "l.json").load(dataset_key(cfg, site))
+    assert entry.epsilon == pytest.approx(r.claimed_epsilon) and entry.rounds[-1]["audit"] is True
+    assert sum(s for _, _, s in entry.history) == r.steps
+    before = (tmp_path / "l.json").read_bytes()
+    tight = site.model_copy(update={"privacy_budget": entry.epsilon * 1.01})
+    with pytest.raises(AuditRefused, match="budget-exhausted"):
+        run_sample_audit(cfg, tight, num_canaries=16, epochs=2, seed=1)
+    assert (tmp_path / "l.json").read_bytes() == before  # nothing spent
