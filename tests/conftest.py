@@ -39,3 +39,22 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def flower_identity():
+    """Flower's Messages need a task identity; strategy tests build them outside any run."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+
+
+class FakeGrid:
+    """The part of a Grid a strategy's configure_train reads: n connected node ids."""
+
+    def __init__(self, n: int) -> None:
+        self.nodes = list(range(100, 100 + n))
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes

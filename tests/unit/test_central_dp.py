@@ -7,27 +7,17 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app import Error
 from flwr.serverapp.strategy import FedAdam, FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import privacy
 from server.central_dp import UserLevelDP, clip_update
 from server.strategy import aggregate_train_metrics
+from tests.conftest import FakeGrid
 
 D = 20_000  # parameters: enough to measure the noise's standard deviation
 
 
-@pytest.fixture(autouse=True)
-def _flower_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
+pytestmark = pytest.mark.usefixtures("flower_identity")
 
-
-class FakeGrid:
-    def __init__(self, n):
-        self.nodes = list(range(100, 100 + n))
-
-    def get_node_ids(self):
-        return self.nodes
 
 
 def arrays(value, d=D):

@@ -12,28 +12,18 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.audit import gaussian_dp_epsilon
 from server.canaries import CanaryClients
 from server.central_dp import UserLevelDP
 from server.strategy import aggregate_train_metrics
+from tests.conftest import FakeGrid
 
 D = 20_000
 
 
-@pytest.fixture(autouse=True)
-def _flower_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
+pytestmark = pytest.mark.usefixtures("flower_identity")
 
-
-class Grid:
-    def __init__(self, n):
-        self.nodes = list(range(1, n + 1))
-
-    def get_node_ids(self):
-        return self.nodes
 
 
 def run(strategy, sites=5, rounds=5, canaries=40, seed=0, site_norm=1.0):
@@ -43,7 +33,7 @@ def run(strategy, sites=5, rounds=5, canaries=40, seed=0, site_norm=1.0):
     c = CanaryClients(initial, canaries, norm=1.0, seed=seed)
     arrays = initial
     for rnd in range(1, rounds + 1):
-        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), Grid(sites)))
+        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), FakeGrid(sites)))
         good = []
         for m in msgs:
             u = rng.standard_normal(D)
