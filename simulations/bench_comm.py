@@ -26,7 +26,16 @@ import time
 import tomllib
 from pathlib import Path
 
-from simulations.benchlib import MACHINE, load_run_config, median, parse_sets, run_flower, run_local, save_png
+from simulations.benchlib import (
+    MACHINE,
+    load_run_config,
+    median,
+    parse_sets,
+    run_flower,
+    run_local,
+    save_png,
+    thread_env,
+)
 from simulations.launch import ROOT
 
 # family -> presets applied in order (lm-quick is written to go on top of digits-quick), metrics
@@ -49,9 +58,9 @@ def family_overrides(family: str, rounds: int, sites: int, extra: dict) -> dict:
     return out
 
 
-def one_job(transport: str, overrides: dict, sites: int, work: Path) -> list[dict]:
+def one_job(transport: str, overrides: dict, sites: int, work: Path, threads: int) -> list[dict]:
     if transport == "flwr":
-        return run_flower(None, overrides, sites, work)["records"]
+        return run_flower(None, overrides, sites, work, env=thread_env(threads))["records"]
     return run_local(load_run_config(None, overrides), sites, work / "run")
 
 
@@ -103,10 +112,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--transport", choices=["flwr", "local"], default="flwr",
                     help="flwr: a real `flwr run` simulation per job; local: the same server loop in process")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process (0 = unset)")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "img" / "communication.png")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     extra = parse_sets(args.sets)
+    if args.transport == "local" and args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="fedgen-bench-comm-") as tmp:
         for fam in args.families:
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for dt in DTYPES:
                     ov = family_overrides(fam, args.rounds, args.sites,
                                           {**extra, "run.seed": seed, "strategy.update-dtype": dt})
-                    recs = one_job(args.transport, ov, args.sites, Path(tmp) / f"{fam}-{seed}-{dt}")
+                    recs = one_job(args.transport, ov, args.sites, Path(tmp) / f"{fam}-{seed}-{dt}", args.threads)
                     pair[dt] = summarize(recs, FAMILIES[fam][1])
                 results[fam].append(pair)
                 print(f"{fam} seed {seed}: " + "; ".join(

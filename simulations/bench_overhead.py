@@ -38,6 +38,7 @@ from simulations.benchlib import (
     run_flower,
     run_local_subprocess,
     save_png,
+    thread_env,
 )
 from simulations.launch import ROOT
 
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=6, help="R rounds (>= 2: round 1 is the cold one)")
     ap.add_argument("--pairs", type=int, default=3, help="alternating (flwr, in-process) runs")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process, both sides (0 = unset)")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "img" / "overhead.png")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
     args = ap.parse_args(argv)
@@ -125,8 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = []
     with tempfile.TemporaryDirectory(prefix="fedgen-bench-overhead-") as tmp:
         for i in range(args.pairs):
-            f = run_flower(args.preset, overrides, args.sites, Path(tmp) / f"flwr-{i}")
-            lo = run_local_subprocess(args.preset, overrides, args.sites, Path(tmp) / f"local-{i}")
+            env = thread_env(args.threads)
+            f = run_flower(args.preset, overrides, args.sites, Path(tmp) / f"flwr-{i}", env=env)
+            lo = run_local_subprocess(args.preset, overrides, args.sites, Path(tmp) / f"local-{i}", env=env)
             fr, lr = round_seconds(f["records"]), round_seconds(lo["records"])
             pairs.append({
                 "flwr_rounds": fr, "local_rounds": lr,
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = {
         "machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "sites": args.sites,
-        "rounds": args.rounds, "pairs": args.pairs, "sets": args.sets,
+        "rounds": args.rounds, "pairs": args.pairs, "sets": args.sets, "threads": args.threads,
         "load": load_note(x for p in pairs for x in p["load"]),
         "family": cfg["task.family"], "dataset": cfg["data.dataset"],
         "steady_round_flwr_s": median(median(p["flwr_rounds"][1:]) for p in pairs),
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pairs_raw": [{k: v for k, v in p.items() if k != "flwr_breakdown"} for p in pairs],
     }
     title = (f"fedgen federation overhead: {summary['family']} on {summary['dataset']}, K={args.sites} sites, "
-             f"R={args.rounds} rounds, {args.pairs} pairs, {MACHINE} ({summary['load']}), {summary['date']}")
+             f"R={args.rounds} rounds, {args.pairs} pairs, {args.threads} thread(s)/process, {MACHINE} ({summary['load']}), {summary['date']}")
     plot(pairs, args.png, title)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))

@@ -23,7 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.benchlib import MACHINE, load_note, median, parse_sets, round_seconds, run_flower, save_png
+from simulations.benchlib import (
+    MACHINE,
+    load_note,
+    median,
+    parse_sets,
+    round_seconds,
+    run_flower,
+    save_png,
+    thread_env,
+)
 from simulations.launch import ROOT
 
 # Small on purpose: what is measured is the federation at scale, not the model.
@@ -43,7 +52,8 @@ def job(sites_total: int, sampled: int, partitions: int, rounds: int, extra: dic
 def measure(res: dict) -> dict:
     recs, mem = res["records"], res["mem"]
     rt = round_seconds(recs)
-    return {"round_s": median(rt[1:]), "rounds": rt, "peak_pss": mem.peak_pss, "peak_rss": mem.peak_rss,
+    ledgers = [f for f in (res["run_dir"].parent / ".site-ledgers").rglob("*.json")]
+    return {"ledger_files": len(ledgers), "ledger_bytes": sum(f.stat().st_size for f in ledgers),"round_s": median(rt[1:]), "rounds": rt, "peak_pss": mem.peak_pss, "peak_rss": mem.peak_rss,
             "breakdown": mem.breakdown(), "max_by_label": mem.max_by_label,
             "sampled": [len(r["sampled"]) for r in recs if r["round"] >= 1],
             "ok": [sum(s["status"] == "ok" for s in r["sites"]) for r in recs if r["round"] >= 1],
@@ -87,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--pairs", type=int, default=1)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process (0 = unset)")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "img" / "scale.png")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -96,9 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="fedgen-bench-scale-") as tmp:
         for i in range(args.pairs):
             small = measure(run_flower(None, job(args.base_sites, args.sample, args.sites, args.rounds, extra),
-                                       args.base_sites, Path(tmp) / f"small-{i}"))
+                                       args.base_sites, Path(tmp) / f"small-{i}", env=thread_env(args.threads)))
             large = measure(run_flower(None, job(args.sites, args.sample, args.sites, args.rounds, extra),
-                                       args.sites, Path(tmp) / f"large-{i}"))
+                                       args.sites, Path(tmp) / f"large-{i}", env=thread_env(args.threads)))
             pairs.append({"small": small, "large": large, "time_ratio": large["round_s"] / small["round_s"],
                           "mem_ratio": large["peak_pss"] / small["peak_pss"]})
             print(f"pair {i + 1}/{args.pairs}: round {small['round_s']:.2f}s vs {large['round_s']:.2f}s; "
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     date = time.strftime("%Y-%m-%d")
     s = {
         "machine": MACHINE, "date": date, "sites": args.sites, "base_sites": args.base_sites, "sample": args.sample,
-        "rounds": args.rounds, "pairs": args.pairs, "sets": args.sets, "config": SCALE_CONFIG,
+        "rounds": args.rounds, "pairs": args.pairs, "sets": args.sets, "config": SCALE_CONFIG, "threads": args.threads,
         "load": load_note(p[k]["load"] for p in pairs for k in ("small", "large")),
         "round_small_s": median(p["small"]["round_s"] for p in pairs),
         "round_large_s": median(p["large"]["round_s"] for p in pairs),
@@ -116,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_rss_small_gib": median(p["small"]["peak_rss"] for p in pairs) / 2**30,
         "peak_rss_large_gib": median(p["large"]["peak_rss"] for p in pairs) / 2**30,
         "mem_ratio": median(p["mem_ratio"] for p in pairs),
+        "ledger_files_large": pairs[-1]["large"]["ledger_files"],
+        "ledger_bytes_large": pairs[-1]["large"]["ledger_bytes"],
         "sampled_per_round": pairs[-1]["large"]["sampled"], "ok_per_round": pairs[-1]["large"]["ok"],
         "breakdown_small": [(k, round(p, 3), round(r, 3), n) for k, p, r, n in pairs[-1]["small"]["breakdown"]],
         "breakdown_large": [(k, round(p, 3), round(r, 3), n) for k, p, r, n in pairs[-1]["large"]["breakdown"]],
@@ -132,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         n = args.base_sites if key == "small" else args.sites
         print(f"memory at peak, {n} sites (GiB PSS/RSS): " + ", ".join(
             f"{k} x{c}={p:.2f}/{r:.2f}" for k, p, r, c in s[f"breakdown_{key}"]))
+    print(f"idle-site state on disk (large run): {s['ledger_files_large']} ledger files, "
+          f"{s['ledger_bytes_large'] / 1e3:.1f} kB in all")
     print(f"{'figure':<32} {str(args.base_sites) + ' sites':>10} {str(args.sites) + ' sites':>11} {'ratio':>7}")
     print(f"{'round time (s, median r2..R)':<32} {s['round_small_s']:>10.2f} {s['round_large_s']:>11.2f} "
           f"{s['time_ratio']:>7.2f}")

@@ -45,6 +45,16 @@ def load_run_config(preset: str | None, overrides: dict | None = None) -> dict:
     return raw
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment that caps every process's intra-op threads (torch reads OMP_NUM_THREADS at import).
+
+    On a shared 2-core machine, several processes each running 2 OpenMP threads slow each
+    other down far more than their share (spinning workers); one thread per process keeps
+    both sides of a comparison in the same regime.
+    """
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads > 0 else {}
+
+
 def parse_sets(items: Iterable[str]) -> dict:
     """``key=value`` strings (TOML values, bare words as strings) -> dict."""
     from simulations.launch import _parse_override
@@ -191,7 +201,7 @@ def median(xs: Iterable[float]) -> float:
 
 
 def run_flower(preset: str | None, overrides: dict, num_sites: int, work: Path, interval: float = 0.5,
-               quiet: bool = True) -> dict:
+               quiet: bool = True, env: dict[str, str] | None = None) -> dict:
     """One ``flwr run`` simulation through the launcher, timed, with the memory of all it started.
 
     Returns the launch time (``t0``), the round records, the launcher's phase times and the
@@ -206,7 +216,7 @@ def run_flower(preset: str | None, overrides: dict, num_sites: int, work: Path, 
     t0 = time.time()
     with MemorySampler(flower_pids(flwr_home), interval) as mem:
         code = launch(preset, as_sets(overrides), num_sites, runs_dir, quiet=quiet, flwr_home=flwr_home,
-                      phases=phases)
+                      phases=phases, extra_env=env)
     t_end = time.time()
     if code != 0:
         raise RuntimeError(f"the flwr run failed (see {flwr_home / 'superlink.log'})")
@@ -297,16 +307,22 @@ def run_local(run_config: dict, num_nodes: int, run_dir: Path) -> list[dict]:
 
 
 def run_local_subprocess(preset: str | None, overrides: dict, num_nodes: int, work: Path,
-                         interval: float = 0.5) -> dict:
+                         interval: float = 0.5, env: dict[str, str] | None = None) -> dict:
     """:func:`run_local` in a fresh Python process (own imports, own memory), with its memory sampled."""
     work.mkdir(parents=True, exist_ok=True)
     spec = work / "local-job.json"
     spec.write_text(json.dumps({"preset": preset, "overrides": overrides, "num_nodes": num_nodes,
                                 "run_dir": str(work / "run")}))
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.benchlib", str(spec)], cwd=ROOT)
-    with MemorySampler(lambda: tree_pids(proc.pid), interval) as mem:
-        code = proc.wait()
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.benchlib", str(spec)], cwd=ROOT,
+                            env={**os.environ, **(env or {})})
+    try:
+        with MemorySampler(lambda: tree_pids(proc.pid), interval) as mem:
+            code = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted: do not leave the job running
+            proc.kill()
+            proc.wait()
     if code != 0:
         raise RuntimeError(f"the in-process run failed (exit {code})")
     recs = [json.loads(line) for line in (work / "run" / "rounds.jsonl").read_text().splitlines()]
