@@ -23,7 +23,7 @@ def train(msg: Message, context: Context) -> Message:
     result = train_round(
         cfg,
         site,
-        msg.content["arrays"],
+        R.from_wire(msg.content["arrays"]),
         server_round=int(config["server-round"]),
         state=context.state,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
@@ -34,7 +34,7 @@ def train(msg: Message, context: Context) -> Message:
         "status": ConfigRecord({R.STATUS: result.status, R.REASON: result.reason}),
     })
     if result.arrays is not None:
-        content["arrays"] = result.arrays
+        content["arrays"] = R.to_wire(result.arrays, cfg.strategy.update_dtype)
     return Message(content=content, reply_to=msg)
 
 
@@ -43,5 +43,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     setup_logging()
     cfg = parse_run_config(context.run_config)
     site = parse_node_config(context.node_config)
-    metrics = evaluate_round(cfg, site, msg.content["arrays"])
+    metrics = evaluate_round(cfg, site, R.from_wire(msg.content["arrays"]))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,9 +1,10 @@
 """Opacus at a site: wrap the task's private module, restore and persist the accountant.
 
 Privacy state is checkpointed state. A site's spend on a dataset is the accountant
-history, kept in two places: ``Context.state`` (lives as long as the SuperNode
-process) and, when the node config names one, a ledger file on the site's own disk,
-written atomically after every round, which survives restarts and later runs. The
+history, kept in one of two places: when the node config (or ``privacy.ledger-dir``)
+names one, a ledger file on the site's own disk, written atomically after every round,
+which survives restarts and later runs; otherwise ``Context.state`` (lives as long as the
+SuperNode process, and in a simulation in the memory of the simulation process). The
 ledger is the authority when present; a ledger that cannot be read or fails its
 checksum stops the site (fail closed) rather than restarting the count at zero.
 """

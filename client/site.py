@@ -66,7 +66,7 @@ def make_plan(cfg: AppConfig, num_records: int) -> privacy.DPPlan:
 
 
 class PrivacyState:
-    """The site's accountant history: ledger file when configured, else Context.state."""
+    """The site's accountant history: the ledger file when configured, else Context.state (never both)."""
 
     def __init__(self, state: RecordDict, site: SiteConfig, key: str, ledger_dir: str = "") -> None:
         self.state, self.key = state, key
@@ -87,7 +87,11 @@ class PrivacyState:
 
     def save(self, entry: LedgerEntry) -> None:
         if self.ledger is not None:
+            # The ledger is the authority (load() never reads Context.state when there is
+            # one); no copy in Context.state, which the simulation keeps in memory for every
+            # node, idle or not: with 1,000 simulated sites the state of idle sites stays on disk.
             self.ledger.save(self.key, entry)
+            return
         rec = self.state.get(STATE_KEY) or ConfigRecord()
         rec[self.key] = json.dumps({**entry.__dict__, "history": [list(h) for h in entry.history]})
         self.state[STATE_KEY] = rec

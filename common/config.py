@@ -142,6 +142,9 @@ class StrategySection(_Section):
     num_malicious_nodes: int = Field(0, ge=0, description="Krum/MultiKrum/Bulyan: assumed attackers per round")
     trim_beta: float = Field(0.2, gt=0, lt=0.5, description="trimmed mean: fraction cut at each end")
     max_update_norm: float = Field(0.0, ge=0, description="drop updates farther than this (L2) from the global model; 0 = off")
+    update_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="dtype model arrays travel in, both ways (global model and site replies); "
+        "float16 halves the bytes; both sides cast back to float32 before training or aggregating")
 
     @model_validator(mode="after")
     def _min_nodes(self) -> StrategySection:

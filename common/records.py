@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from common.tasks import unwrap
@@ -66,3 +66,48 @@ def load_arrayrecord(modules: dict[str, nn.Module], record: ArrayRecord) -> None
 
 def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
+
+
+# What model arrays travel as (strategy.update-dtype). Models and aggregation stay float32;
+# only the messages change: the sender casts, the receiver casts back before using them.
+WIRE_DTYPES = ("float32", "float16")
+
+
+def _is_float(dtype: str) -> bool:
+    return np.issubdtype(np.dtype(dtype), np.floating)
+
+
+def to_wire(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """The record with every floating-point array cast to ``dtype`` (others untouched).
+
+    ``float32`` returns the record itself (no copy). A finite value the smaller type cannot
+    hold (|x| > 65504 for float16) is an error here, at the sender, naming the array, rather
+    than an infinite value the server would drop without the cause.
+    """
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"update dtype {dtype!r}: use one of {WIRE_DTYPES}")
+    if dtype == "float32" and all(not _is_float(a.dtype) or a.dtype == "float32" for a in record.values()):
+        return record
+    out = OrderedDict()
+    for key, arr in record.items():
+        if not _is_float(arr.dtype) or arr.dtype == dtype:
+            out[key] = arr
+            continue
+        x = arr.numpy()
+        y = x.astype(dtype)
+        if not np.isfinite(y).all() and np.isfinite(x).all():
+            raise OverflowError(f"strategy.update-dtype = {dtype!r} cannot carry {key}: its largest magnitude "
+                                f"{float(np.abs(x).max()):.4g} exceeds {float(np.finfo(dtype).max):g}; "
+                                "use strategy.update-dtype = 'float32'")
+        out[key] = Array(y)
+    return ArrayRecord(out)
+
+
+def from_wire(record: ArrayRecord) -> ArrayRecord:
+    """The record with every floating-point array as float32 (what models and aggregation use)."""
+    if all(not _is_float(a.dtype) or a.dtype == "float32" for a in record.values()):
+        return record
+    out = OrderedDict()
+    for key, arr in record.items():
+        out[key] = Array(arr.numpy().astype(np.float32)) if _is_float(arr.dtype) and arr.dtype != "float32" else arr
+    return ArrayRecord(out)

@@ -120,6 +120,19 @@ def _payload_bytes(msg: Message) -> int:
     return sum(a.count_bytes() for a in msg.content.array_records.values())
 
 
+def _encode(messages: list[Message], dtype: str) -> list[Message]:
+    """Cast the model arrays of outgoing messages to ``strategy.update-dtype`` (once per distinct record)."""
+    if dtype == "float32":
+        return messages
+    cast: dict[int, ArrayRecord] = {}
+    for msg in messages:
+        for key, rec in list(msg.content.array_records.items()):
+            if id(rec) not in cast:
+                cast[id(rec)] = R.to_wire(rec, dtype)
+            msg.content[key] = cast[id(rec)]
+    return messages
+
+
 def _site_row(msg: Message, status: str, reason: str | None) -> dict:
     row: dict[str, Any] = {"node_id": int(msg.metadata.src_node_id), "status": status, "reason": reason}
     metrics: dict[str, float] = {}
@@ -207,7 +220,8 @@ def run_rounds(
                 log.warning("%s", reason)
                 return Outcome("stopped", reason, arrays, rnd - 1, records)
         started = time.time()
-        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), active))
+        messages = _encode(list(strategy.configure_train(rnd, arrays, ConfigRecord(), active)),
+                           cfg.strategy.update_dtype)
         bytes_sent = sum(_payload_bytes(m) for m in messages)
         sampled = [int(m.metadata.dst_node_id) for m in messages]
         # A reply the SuperLink writes for a node that went offline comes from the SuperLink
@@ -220,7 +234,9 @@ def run_rounds(
             status, reason = _reply_status(msg)
             if status == "ok":
                 try:
-                    check_train_reply(msg, arrays, cfg.strategy.max_update_norm)
+                    check_train_reply(msg, arrays, cfg.strategy.max_update_norm, cfg.strategy.update_dtype)
+                    for key, rec in list(msg.content.array_records.items()):
+                        msg.content[key] = R.from_wire(rec)  # aggregate in float32
                     good.append(msg)
                 except InvalidUpdate as err:
                     status, reason = "failed", f"invalid update dropped: {err}"

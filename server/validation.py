@@ -14,11 +14,13 @@ class InvalidUpdate(ValueError):
     """A reply that must not be aggregated; the message says why."""
 
 
-def check_train_reply(msg: Message, global_arrays: ArrayRecord, max_update_norm: float = 0.0) -> None:
+def check_train_reply(msg: Message, global_arrays: ArrayRecord, max_update_norm: float = 0.0,
+                      wire_dtype: str = "float32") -> None:
     """Raise :class:`InvalidUpdate` unless the reply is safe to aggregate.
 
-    Expected: exactly one ArrayRecord with the global model's keys, shapes and dtypes,
-    finite values, an update norm within ``max_update_norm`` (when > 0), and one
+    Expected: exactly one ArrayRecord with the global model's keys and shapes, the global
+    model's dtypes except that floating-point arrays travel as ``wire_dtype``
+    (``strategy.update-dtype``; the caller casts them back to float32 afterwards), finite values, an update norm within ``max_update_norm`` (when > 0), and one
     MetricRecord with a positive ``num-examples`` and numeric, finite metrics.
     """
     content = msg.content
@@ -36,9 +38,10 @@ def check_train_reply(msg: Message, global_arrays: ArrayRecord, max_update_norm:
     sq = 0.0
     for key, ref_arr in ref.items():
         a = got[key]
-        if tuple(a.shape) != tuple(ref_arr.shape) or a.dtype != ref_arr.dtype:
+        want = wire_dtype if np.issubdtype(np.dtype(ref_arr.dtype), np.floating) else ref_arr.dtype
+        if tuple(a.shape) != tuple(ref_arr.shape) or a.dtype != want:
             raise InvalidUpdate(f"{key}: shape/dtype {tuple(a.shape)}/{a.dtype}, expected "
-                                f"{tuple(ref_arr.shape)}/{ref_arr.dtype}")
+                                f"{tuple(ref_arr.shape)}/{want}")
         x = a.numpy()
         if np.issubdtype(x.dtype, np.floating):
             if not np.isfinite(x).all():

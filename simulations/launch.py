@@ -188,12 +188,16 @@ def _terminate(signum, _frame) -> None:
 
 
 def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: Path, quiet: bool = False,
-           extra_env: dict[str, str] | None = None, flwr_home: Path | None = None) -> int:
+           extra_env: dict[str, str] | None = None, flwr_home: Path | None = None,
+           phases: dict[str, float] | None = None) -> int:
     """Run one job; returns 0 only if Flower reports it ``finished:completed``.
 
     ``flwr_home`` (default: a temporary folder, removed afterwards) holds the SuperLink's
     state, its log and the connection config; ``extra_env`` is added to every process.
+    ``phases``, when given, receives wall-clock times (``time.time()``) of the steps:
+    ``superlink-ready``, ``run-submitted`` (``flwr run`` started), ``run-returned``, ``stopped``.
     """
+    phases = phases if phases is not None else {}
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     runs_dir = runs_dir.resolve()
@@ -206,6 +210,7 @@ def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: P
         run_config = flwr_home / "run-config.toml"
         run_config.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in config.items()))
         proc, address = start_superlink(flwr_home, env)
+        phases["superlink-ready"] = time.time()
         try:
             (flwr_home / "config.toml").write_text(
                 f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{address}"\ninsecure = true\n'
@@ -213,10 +218,13 @@ def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: P
             cmd = ["flwr", "run", ".", "local", "--stream", "--run-config", str(run_config),
                    "--federation-config", f"num-supernodes={num_sites}"]
             out = None if not quiet else subprocess.DEVNULL
+            phases["run-submitted"] = time.time()
             code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=out).returncode
+            phases["run-returned"] = time.time()
             status = run_status(env)
         finally:
             stop(proc, flwr_home)
+            phases["stopped"] = time.time()
     state = str(status.get("status", "?"))  # e.g. finished:completed, finished:failed
     ok = code == 0 and state == "finished:completed"
     print(f"fedgen: flwr run exited {code}; run {status.get('run-id', '?')} status: {state}"

@@ -1,0 +1,193 @@
+"""Federation overhead: R rounds x K sites through `flwr run` against the same job in one process.
+
+    python -m simulations.bench_overhead                          # digits-quick VAE, 3 sites, 6 rounds, 3 pairs
+    python -m simulations.bench_overhead --sites 5 --rounds 8 --set train.max-steps=40
+
+Both sides run the same server loop (server.rounds.run_rounds), strategy, validation,
+evaluation and ClientApp code, with the same config and seed; the in-process side
+(simulations.benchlib.LocalGrid, in a fresh Python process) calls the ClientApp directly,
+so the difference is what Flower adds: SuperLink, message serialization, Ray, polling.
+The two run alternately (flwr, local, flwr, local, ...) so a noisy machine slows both
+alike; figures are medians over the pairs of per-pair values:
+
+* steady round ratio: median wall time of rounds 2..R under flwr / the same in-process;
+* cold start: from the launch to the start of round 1 (SuperLink, `flwr run` submit,
+  SuperExec, simulation process, Ray, ServerApp imports, round-0 evaluation), plus the
+  first round's excess over a steady round (Ray actor start, ClientApp imports, first
+  data load), broken down by phase;
+* peak memory: PSS (and RSS) summed over every process each side started.
+
+Prints the table last; writes a PNG (--png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from simulations.benchlib import (
+    MACHINE,
+    load_note,
+    load_run_config,
+    median,
+    parse_sets,
+    round_seconds,
+    run_flower,
+    run_local_subprocess,
+    save_png,
+    thread_env,
+)
+from simulations.launch import ROOT
+
+
+def flower_phases(res: dict) -> dict[str, float]:
+    """Seconds spent in each phase before steady state, from the launcher's clock and the round records."""
+    recs, ph, t0 = res["records"], res["phases"], res["t0"]
+    r0 = next(r for r in recs if r["round"] == 0)
+    r1 = next(r for r in recs if r["round"] == 1)
+    steady = median(round_seconds(recs)[1:])
+    return {
+        "superlink-start": ph["superlink-ready"] - t0,
+        "submit-to-serverapp": r0["started_at"] - ph["run-submitted"],  # flwr run, SuperExec, imports, Evaluator
+        "round-0-eval": r0["ended_at"] - r0["started_at"],
+        "to-round-1": r1["started_at"] - r0["ended_at"],
+        "round-1-excess": (r1["ended_at"] - r1["started_at"]) - steady,  # Ray actor, ClientApp imports
+        "before-round-1": r1["started_at"] - t0,
+        "cold-start": (r1["ended_at"] - t0) - steady,
+        "shutdown": res["t_end"] - recs[-1]["ended_at"],
+    }
+
+
+def local_phases(res: dict) -> dict[str, float]:
+    recs, t0 = res["records"], res["t0"]
+    r0 = next(r for r in recs if r["round"] == 0)
+    r1 = next(r for r in recs if r["round"] == 1)
+    steady = median(round_seconds(recs)[1:])
+    return {"before-round-1": r1["started_at"] - t0, "cold-start": (r1["ended_at"] - t0) - steady,
+            "round-0-eval": r0["ended_at"] - r0["started_at"],
+            "round-1-excess": (r1["ended_at"] - r1["started_at"]) - steady}
+
+
+def plot(pairs: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for i, p in enumerate(pairs):
+        a.plot(range(1, len(p["flwr_rounds"]) + 1), p["flwr_rounds"], "o-", color="C0", alpha=0.7,
+               label="flwr run" if i == 0 else None)
+        a.plot(range(1, len(p["local_rounds"]) + 1), p["local_rounds"], "s--", color="C1", alpha=0.7,
+               label="in-process" if i == 0 else None)
+    a.set_xlabel("round")
+    a.set_ylabel("wall time (s)")
+    a.set_title("round time, every pair")
+    a.legend()
+    keys = ["superlink-start", "submit-to-serverapp", "round-0-eval", "to-round-1", "round-1-excess"]
+    bottom = 0.0
+    for k in keys:
+        v = median(p["flwr_phases"][k] for p in pairs)
+        b.bar(0, v, bottom=bottom, label=k)
+        bottom += v
+    bottom = 0.0
+    for k in ["before-round-1", "round-1-excess"]:
+        v = median(p["local_phases"][k] for p in pairs)
+        b.bar(1, v, bottom=bottom, color="grey" if k == "before-round-1" else "silver")
+        bottom += v
+    b.set_xticks([0, 1], ["flwr run", "in-process"])
+    b.set_ylabel("seconds to steady state (median)")
+    b.set_title("cold start")
+    b.legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=9)
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="digits-quick")
+    ap.add_argument("--sites", type=int, default=3, help="K simulated sites (all trained every round)")
+    ap.add_argument("--rounds", type=int, default=6, help="R rounds (>= 2: round 1 is the cold one)")
+    ap.add_argument("--pairs", type=int, default=3, help="alternating (flwr, in-process) runs")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process, both sides (0 = unset)")
+    ap.add_argument("--png", type=Path, default=ROOT / "docs" / "img" / "overhead.png")
+    ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    args = ap.parse_args(argv)
+    if args.rounds < 2:
+        ap.error("--rounds must be at least 2 (round 1 includes the cold start)")
+    overrides = {"run.num-rounds": args.rounds, "strategy.fraction-train": 1.0,
+                 "strategy.min-train-nodes": min(2, args.sites), "strategy.min-available-nodes": min(2, args.sites),
+                 **parse_sets(args.sets)}
+    cfg = load_run_config(args.preset, overrides)
+    pairs = []
+    with tempfile.TemporaryDirectory(prefix="fedgen-bench-overhead-") as tmp:
+        for i in range(args.pairs):
+            env = thread_env(args.threads)
+            f = run_flower(args.preset, overrides, args.sites, Path(tmp) / f"flwr-{i}", env=env)
+            lo = run_local_subprocess(args.preset, overrides, args.sites, Path(tmp) / f"local-{i}", env=env)
+            fr, lr = round_seconds(f["records"]), round_seconds(lo["records"])
+            pairs.append({
+                "flwr_rounds": fr, "local_rounds": lr,
+                "ratio": median(fr[1:]) / median(lr[1:]),
+                "flwr_phases": flower_phases(f), "local_phases": local_phases(lo),
+                "flwr_pss": f["mem"].peak_pss, "flwr_rss": f["mem"].peak_rss,
+                "local_pss": lo["mem"].peak_pss, "local_rss": lo["mem"].peak_rss,
+                "flwr_breakdown": f["mem"].breakdown(), "load": [f["load"], lo["load"]],
+            })
+            print(f"pair {i + 1}/{args.pairs}: steady round flwr {median(fr[1:]):.2f}s, in-process "
+                  f"{median(lr[1:]):.2f}s, ratio {pairs[-1]['ratio']:.2f}; cold start flwr "
+                  f"{pairs[-1]['flwr_phases']['cold-start']:.1f}s", flush=True)
+
+    def med(key, side="flwr_phases"):
+        return median(p[side][key] for p in pairs)
+
+    summary = {
+        "machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "sites": args.sites,
+        "rounds": args.rounds, "pairs": args.pairs, "sets": args.sets, "threads": args.threads,
+        "load": load_note(x for p in pairs for x in p["load"]),
+        "family": cfg["task.family"], "dataset": cfg["data.dataset"],
+        "steady_round_flwr_s": median(median(p["flwr_rounds"][1:]) for p in pairs),
+        "steady_round_local_s": median(median(p["local_rounds"][1:]) for p in pairs),
+        "steady_ratio": median(p["ratio"] for p in pairs),
+        "cold_start_s": med("cold-start"), "before_round1_s": med("before-round-1"),
+        "cold_start_local_s": med("cold-start", "local_phases"),
+        "phases_s": {k: med(k) for k in pairs[0]["flwr_phases"]},
+        "peak_pss_flwr_gib": median(p["flwr_pss"] for p in pairs) / 2**30,
+        "peak_rss_flwr_gib": median(p["flwr_rss"] for p in pairs) / 2**30,
+        "peak_pss_local_gib": median(p["local_pss"] for p in pairs) / 2**30,
+        "peak_rss_local_gib": median(p["local_rss"] for p in pairs) / 2**30,
+        "memory_breakdown_flwr": [(k, round(p, 3), round(r, 3), n) for k, p, r, n in pairs[-1]["flwr_breakdown"]],
+        "pairs_raw": [{k: v for k, v in p.items() if k != "flwr_breakdown"} for p in pairs],
+    }
+    title = (f"fedgen federation overhead: {summary['family']} on {summary['dataset']}, K={args.sites} sites, "
+             f"R={args.rounds} rounds, {args.pairs} pairs, {args.threads} thread(s)/process, {MACHINE} ({summary['load']}), {summary['date']}")
+    plot(pairs, args.png, title)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+
+    s = summary
+    print(f"\n{title}")
+    print("cold-start phases (median s): " + ", ".join(f"{k}={v:.2f}" for k, v in s["phases_s"].items()))
+    print("flwr memory at peak (last pair, GiB PSS/RSS): " + ", ".join(
+        f"{k} x{n}={p:.2f}/{r:.2f}" for k, p, r, n in s["memory_breakdown_flwr"]))
+    print(f"png: {args.png}")
+    print(f"{'figure':<34} {'flwr run':>10} {'in-process':>11} {'ratio':>7}")
+    print(f"{'steady round (s, median)':<34} {s['steady_round_flwr_s']:>10.3f} {s['steady_round_local_s']:>11.3f} "
+          f"{s['steady_ratio']:>7.2f}")
+    print(f"{'cold start to steady state (s)':<34} {s['cold_start_s']:>10.2f} {s['cold_start_local_s']:>11.2f} "
+          f"{s['cold_start_s'] / s['cold_start_local_s']:>7.2f}")
+    print(f"{'launch to round-1 start (s)':<34} {s['before_round1_s']:>10.2f} {'-':>11} {'-':>7}")
+    print(f"{'peak PSS, all processes (GiB)':<34} {s['peak_pss_flwr_gib']:>10.2f} {s['peak_pss_local_gib']:>11.2f} "
+          f"{s['peak_pss_flwr_gib'] / s['peak_pss_local_gib']:>7.2f}")
+    print(f"{'peak RSS sum (GiB)':<34} {s['peak_rss_flwr_gib']:>10.2f} {s['peak_rss_local_gib']:>11.2f} "
+          f"{s['peak_rss_flwr_gib'] / s['peak_rss_local_gib']:>7.2f}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

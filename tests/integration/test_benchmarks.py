@@ -1,0 +1,76 @@
+"""The benchmark scripts run end to end at tiny sizes and print the figures they promise.
+
+No timing is asserted (the machine is shared): only that each script finishes, prints its
+table last, returns / writes the fields docs/RESULTS.md quotes, and keeps its PNG small.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+PNG_LIMIT = 200 * 1024
+
+
+def _table_tail(out: str, header: str, rows: int) -> list[str]:
+    lines = [line for line in out.strip().splitlines() if line.strip()]
+    idx = max(i for i, line in enumerate(lines) if line.startswith(header))
+    assert len(lines) - idx == rows + 1, f"the table is not the last output:\n{out[-2000:]}"
+    return lines[idx:]
+
+
+def _png_ok(path):
+    assert path.exists() and 0 < path.stat().st_size < PNG_LIMIT
+
+
+def test_bench_comm_in_process(tmp_path, capsys):
+    """Every family, float32 against float16, with the same server loop in process (no Flower)."""
+    from simulations import bench_comm
+
+    png, js = tmp_path / "comm.png", tmp_path / "comm.json"
+    s = bench_comm.main(["--transport", "local", "--rounds", "1", "--sites", "2", "--set", "train.max-steps=2",
+                         "--set", "eval.fid-domain-n=200", "--set", "privacy.ledger-dir=",
+                         "--png", str(png), "--json", str(js)])
+    table = _table_tail(capsys.readouterr().out, "family", 4)  # vae: 2 metrics, gan, lm
+    assert [r.split()[0] for r in table[1:]] == ["vae", "vae", "gan", "lm"]
+    for row in s["rows"]:
+        assert row["down32"] > 0 and row["up32"] > 0
+        assert 0.5 < row["ratio"] < 0.53  # float16: half the array bytes, plus headers
+        assert row["metric32"] is not None and row["metric16"] is not None
+    assert {"machine", "date", "sites", "rounds", "seeds", "transport", "rows"} <= set(json.loads(js.read_text()))
+    _png_ok(png)
+
+
+@pytest.mark.slow
+def test_bench_overhead_tiny(tmp_path, capsys):
+    from simulations import bench_overhead
+
+    png, js = tmp_path / "overhead.png", tmp_path / "overhead.json"
+    s = bench_overhead.main(["--pairs", "1", "--rounds", "2", "--sites", "2", "--set", "train.max-steps=2",
+                             "--set", "eval.fid-domain-n=200", "--png", str(png), "--json", str(js)])
+    table = _table_tail(capsys.readouterr().out, "figure", 5)
+    assert "steady round" in table[1] and "cold start" in table[2] and "peak PSS" in table[4]
+    for key in ("steady_ratio", "steady_round_flwr_s", "steady_round_local_s", "cold_start_s", "before_round1_s",
+                "peak_pss_flwr_gib", "peak_pss_local_gib", "machine", "date", "load"):
+        assert key in s and s[key] is not None, key
+    assert s["steady_ratio"] > 0 and s["peak_pss_flwr_gib"] > 0
+    assert {"superlink-start", "submit-to-serverapp", "round-0-eval", "round-1-excess"} <= set(s["phases_s"])
+    assert any(label.startswith("ray: ClientAppActor") for label, *_ in s["memory_breakdown_flwr"])
+    _png_ok(png)
+
+
+@pytest.mark.slow
+def test_bench_scale_tiny(tmp_path, capsys):
+    from simulations import bench_scale
+
+    png, js = tmp_path / "scale.png", tmp_path / "scale.json"
+    s = bench_scale.main(["--sites", "8", "--sample", "2", "--rounds", "2", "--set", "data.dataset=digits",
+                          "--set", "eval.fid-domain-n=200", "--png", str(png), "--json", str(js)])
+    table = _table_tail(capsys.readouterr().out, "figure", 3)
+    assert "round time" in table[1] and "peak PSS" in table[2]
+    assert s["sampled_per_round"] == [2, 2] and s["ok_per_round"] == [2, 2]
+    for key in ("round_small_s", "round_large_s", "time_ratio", "peak_pss_small_gib", "peak_pss_large_gib",
+                "mem_ratio", "breakdown_large", "machine", "date", "load"):
+        assert key in s and s[key] is not None, key
+    _png_ok(png)
