@@ -74,3 +74,22 @@ def test_bench_scale_tiny(tmp_path, capsys):
                 "mem_ratio", "breakdown_large", "machine", "date", "load"):
         assert key in s and s[key] is not None, key
     _png_ok(png)
+
+
+def test_bench_privacy_utility_tiny(tmp_path, capsys):
+    """Two tiny in-process jobs (DP at epsilon 10 and no DP); the table and the PNG it promises."""
+    from simulations import bench_privacy_utility as pu
+
+    png, js = tmp_path / "pu.png", tmp_path / "pu.json"
+    s = pu.main(["--image-preset", "digits-quick", "--families", "vae", "--partitioners", "iid", "--epsilons", "10",
+                 "inf", "--sites", "2", "--rounds", "1", "--max-steps", "2", "--fid-n", "0",
+                 "--set", "eval.fid-domain-n=200", "--png", str(png), "--json", str(js)])
+    table = _table_tail(capsys.readouterr().out, "family", 2)
+    assert "CPU-min" in table[0]
+    dp, plain = s["rows"]
+    assert dp["epsilon"] == 10 and dp["epsilon_reached"] == pytest.approx(10, rel=0.01)
+    assert plain["epsilon_reached"] is None and plain["epsilon"] == float("inf")
+    for row in s["rows"]:
+        assert row["metric"] == "fid-domain" and row["value"] > 0 and row["n"] == 200 and row["cpu_min"] > 0
+    assert json.loads(js.read_text())["published_fid_eps10"]["GS-WGAN"] == 131.3
+    _png_ok(png)
