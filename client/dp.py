@@ -24,7 +24,7 @@ import torch
 from opacus import PrivacyEngine
 
 from common.privacy import DPPlan, HistoryEntry
-from common.tasks import GenerativeTask
+from common.tasks import GenerativeTask, is_ghost
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def make_private(
     name = task.private_modules[0]
     engine = PrivacyEngine(accountant=plan.accountant)
     engine.accountant.history = list(history)
-    module, optimizer, dp_loader = engine.make_private(
+    wrapped = engine.make_private(
         module=task.modules[name],
         optimizer=optimizers[name],
         data_loader=loader,
@@ -155,6 +155,12 @@ def make_private(
         poisson_sampling=True,
         grad_sample_mode=grad_sample_mode,
     )
+    if grad_sample_mode == "ghost":
+        # Opacus also returns a criterion wrapper; the tasks do not need it: they hand their
+        # per-example losses to common.tasks.backward_mean, which runs the same two passes.
+        module, optimizer, _criterion, dp_loader = wrapped
+    else:
+        module, optimizer, dp_loader = wrapped
     if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
         # The budget check priced the round at plan.sample_rate; never train at another rate.
         raise RuntimeError(f"Opacus sample rate {dp_loader.sample_rate} differs from the plan's {plan.sample_rate}")
@@ -166,12 +172,26 @@ def make_private(
 
     def step_hook(opt) -> None:
         # Count per-sample gradients whose norm exceeded the clipping bound (for operators).
-        samples = opt.grad_samples
-        if samples and len(samples[0]):
-            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+        norms = per_sample_norms(module, opt)
+        if norms is not None and len(norms):
             handles.clipped += int((norms > plan.max_grad_norm).sum())
             handles.seen += len(norms)
         accountant_hook(opt)
 
     optimizer.attach_step_hook(step_hook)
     return handles
+
+
+def per_sample_norms(module: torch.nn.Module, optimizer) -> torch.Tensor | None:
+    """This step's per-example gradient norms (before clipping), or None for an empty batch.
+
+    hooks / ew / functorch keep the per-sample gradients on the parameters; ghost clipping
+    never builds them and keeps only the norms it computed on its first backward pass.
+    """
+    if is_ghost(module):
+        norms, module._per_sample_gradient_norms = module._per_sample_gradient_norms, None  # never count twice
+        return norms
+    samples = optimizer.grad_samples
+    if not samples or not len(samples[0]):
+        return None
+    return torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)

@@ -37,7 +37,7 @@ from torch import nn
 
 from common.config import AppConfig
 from common.models import norm_groups
-from common.tasks import DataSpec, unwrap
+from common.tasks import DataSpec, backward_mean, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,10 @@ class GANTask:
         y = torch.cat([labels, y_fake]) if labels is not None and y_fake is not None else None
         target = torch.cat([torch.ones(len(real), device=self.device), torch.zeros(len(fake), device=self.device)])
         opt_d.zero_grad(set_to_none=True)
-        d_loss = F.binary_cross_entropy_with_logits(disc(x, y), target)
-        d_loss.backward()
+        d_losses = F.binary_cross_entropy_with_logits(disc(x, y), target, reduction="none")  # one per row
+        backward_mean(disc, opt_d, d_losses)
         opt_d.step()
+        d_loss = d_losses.detach().mean()
 
         # Generator: from the private discriminator's output on fakes only (no privacy cost).
         self._calls += 1
