@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 from opacus import PrivacyEngine
+from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.conv import compute_conv_grad_sample, convolution2d_backward_as_a_convolution
 
 from common.privacy import DPPlan, HistoryEntry
 from common.tasks import GenerativeTask, is_ghost
@@ -39,6 +41,25 @@ LEDGER_VERSION = 1
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+@register_grad_sampler(torch.nn.Conv2d)
+def conv2d_grad_sample(layer: torch.nn.Conv2d, activations: list[torch.Tensor],
+                       backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of a Conv2d (hooks and ghost modes), the faster of Opacus' two ways.
+
+    Opacus' default unfolds the input (im2col) and does one small matrix product per
+    example; for a layer with a single output channel (the VAE's last conv, at full
+    resolution) that product is all memory traffic, and Opacus' other implementation, the
+    weight gradient as one convolution with the batch as groups, becomes a depthwise
+    convolution: 10-15x faster on this CPU (batch 64, 32 -> 1 channels at 28x28). For two or
+    more output channels the unfold version was as fast or faster, so it stays. Both give
+    the same per-sample gradients (tests/contract compares every mode's clipped gradient).
+    """
+    if (layer.out_channels == 1 and layer.groups == 1 and layer.in_channels > 1 and len(activations[0])
+            and not isinstance(layer.padding, str)):  # "same"/"valid" would mean other padding here
+        return convolution2d_backward_as_a_convolution(layer, activations, backprops)
+    return compute_conv_grad_sample(layer, activations, backprops)
 
 
 class LedgerError(RuntimeError):
@@ -117,6 +138,7 @@ class PrivateTraining:
     loader: torch.utils.data.DataLoader
     clipped: int = 0
     seen: int = 0
+    last_norms: torch.Tensor | None = None  # the last step's per-example gradient norms, before clipping
 
     @property
     def history(self) -> list[HistoryEntry]:
@@ -172,7 +194,7 @@ def make_private(
 
     def step_hook(opt) -> None:
         # Count per-sample gradients whose norm exceeded the clipping bound (for operators).
-        norms = per_sample_norms(module, opt)
+        norms = handles.last_norms = per_sample_norms(module, opt)
         if norms is not None and len(norms):
             handles.clipped += int((norms > plan.max_grad_norm).sum())
             handles.seen += len(norms)
