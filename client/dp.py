@@ -136,6 +136,7 @@ class PrivateTraining:
 
     engine: PrivacyEngine
     loader: torch.utils.data.DataLoader
+    mode: str = "hooks"  # the Opacus grad-sample mode in use
     clipped: int = 0
     seen: int = 0
     last_norms: torch.Tensor | None = None  # the last step's per-example gradient norms, before clipping
@@ -147,6 +148,16 @@ class PrivateTraining:
     @property
     def clip_fraction(self) -> float:
         return self.clipped / self.seen if self.seen else 0.0
+
+
+def resolve_grad_sample_mode(setting: str, task: GenerativeTask) -> str:
+    """``privacy.grad-sample-mode``: ``auto`` is the family's default (the task's
+    ``grad_sample_mode`` attribute, the mode measured fastest for it by
+    ``simulations/bench_dp.py``; ``hooks`` for a family that names none); any other
+    value is used as it is."""
+    if setting != "auto":
+        return setting
+    return getattr(task, "grad_sample_mode", "hooks")
 
 
 def make_private(
@@ -163,6 +174,7 @@ def make_private(
     accountant continues from ``history``, so the epsilon it reports is the
     composition over every round so far.
     """
+    grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, task)
     if len(task.private_modules) != 1:
         raise ValueError(f"{task.family}: exactly one private module is supported, got {task.private_modules}")
     name = task.private_modules[0]
@@ -188,7 +200,7 @@ def make_private(
         raise RuntimeError(f"Opacus sample rate {dp_loader.sample_rate} differs from the plan's {plan.sample_rate}")
     task.modules[name] = module
     optimizers[name] = optimizer
-    handles = PrivateTraining(engine=engine, loader=dp_loader)
+    handles = PrivateTraining(engine=engine, loader=dp_loader, mode=grad_sample_mode)
 
     accountant_hook = optimizer.step_hook
 

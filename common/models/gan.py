@@ -145,6 +145,9 @@ class GANTask:
 
     family = "gan"
     private_modules = ("discriminator",)
+    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/_dp_overhead.md): expanded
+    # weights, fastest for the discriminator here (every mode works: only it is wrapped, no ConvTranspose).
+    grad_sample_mode = "ew"
 
     def __init__(self, cfg: AppConfig, spec: DataSpec, device: torch.device) -> None:
         if spec.kind != "image":

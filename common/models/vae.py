@@ -92,6 +92,9 @@ class VAETask:
 
     family = "vae"
     private_modules = ("vae",)
+    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/_dp_overhead.md): ghost clipping: exact norms for the Linear layers, one layer of per-example gradients at a time for
+    # the convolutions and GroupNorms; fastest of the four modes here.
+    grad_sample_mode = "ghost"
 
     def __init__(self, cfg: AppConfig, spec: DataSpec, device: torch.device) -> None:
         if spec.kind != "image":

@@ -13,7 +13,7 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from client.dp import make_private
+from client.dp import make_private, resolve_grad_sample_mode
 from client.site import train_round
 from common import privacy
 from common import records as R
@@ -136,6 +136,13 @@ def hooks_reference(family: str):
     """Opacus' hooks mode, with no clipping in effect: the batch and its per-example norms."""
     batch, _, norms, _, _ = private_step(family, "hooks", 1e9)
     return batch, norms
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_grad_sample_mode_is_one_the_family_supports(family):
+    _, task, _ = built(family)
+    assert resolve_grad_sample_mode("auto", task) in FAMILY_MODES[family]
+    assert resolve_grad_sample_mode("functorch", task) == "functorch"  # an explicit setting wins
 
 
 @pytest.mark.parametrize(("family", "mode"), CASES)
