@@ -224,7 +224,13 @@ def per_sample_norms(module: torch.nn.Module, optimizer) -> torch.Tensor | None:
     """
     if is_ghost(module):
         norms, module._per_sample_gradient_norms = module._per_sample_gradient_norms, None  # never count twice
-        return norms
+        if norms is None:
+            # Under ghost clipping the optimizer does not clip: the clipped sum must come from
+            # the two-pass backward. Without its norms this step's gradient is unclipped, so
+            # the step must not happen (raising here stops it before the parameters move).
+            raise RuntimeError("ghost clipping: this step's loss was not back-propagated through "
+                               "common.tasks.backward_mean, so its gradient is not clipped; refusing the step")
+        return norms if len(norms) else None
     samples = optimizer.grad_samples
     if not samples or not len(samples[0]):
         return None

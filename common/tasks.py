@@ -167,3 +167,5 @@ def empty_batch_grads(module: nn.Module, optimizer: torch.optim.Optimizer) -> No
             p.grad = torch.zeros_like(p)
         else:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    if is_ghost(module):
+        module.per_sample_gradient_norms = torch.zeros(0)  # no examples: nothing to clip (client.dp checks)

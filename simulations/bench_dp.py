@@ -87,10 +87,16 @@ class Row:
 
 
 def parse_sets(items: list[str]) -> dict:
+    """``KEY=VALUE`` overrides; VALUE is read as TOML (64, 1e-3, true), else kept as a string."""
     out = {}
     for item in items:
-        key, _, value = item.partition("=")
-        out[key] = tomllib.loads(f"v = {value}")["v"] if value not in ("", None) else value
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
     return out
 
 

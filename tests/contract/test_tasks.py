@@ -7,6 +7,7 @@ is registered and has a quick preset (``simulations/*.toml`` with its task.famil
 from __future__ import annotations
 
 import functools
+import sys
 import tomllib
 
 import pytest
@@ -174,6 +175,25 @@ def test_every_mode_clips_each_example_like_hooks(family, mode):
     assert torch.allclose(norms, ref_norms, rtol=1e-3, atol=1e-6)
     assert 0 < dp.clipped == ref_dp.clipped < dp.seen == ref_dp.seen
     assert (grad - ref_grad).norm() <= 1e-4 * ref_grad.norm()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ghost_refuses_a_step_whose_loss_bypassed_backward_mean(family, monkeypatch):
+    """Under ghost clipping the optimizer only adds noise; a plain backward would release an
+    unclipped gradient, so the private step must fail before any weight moves."""
+    cfg, task, data = built(family)
+    monkeypatch.setattr(sys.modules[type(task).__module__], "backward_mean",
+                        lambda module, opt, losses: losses.mean().backward())
+    optimizers = task.make_optimizers()
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size)
+    q, steps = privacy.steps_per_round(len(data), cfg.train.batch_size, 1, 1)
+    dp = make_private(task, optimizers, loader, privacy.DPPlan(1.0, q, steps, 1e-5, "rdp", 1.0), [], "ghost")
+    name = task.private_modules[0]
+    before = [p.detach().clone() for p in optimizers[name].params]
+    with pytest.raises(RuntimeError, match="not clipped"):
+        task.train_step(next(iter(dp.loader)), optimizers)
+    assert all(torch.equal(a, p) for a, p in zip(before, optimizers[name].params))
+    assert not dp.engine.accountant.history  # nothing released, nothing charged
 
 
 @pytest.mark.parametrize(("family", "mode"), CASES)
