@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import time
 import tomllib
@@ -41,6 +42,7 @@ from simulations.launch import ROOT
 
 MODES = ("hooks", "ew", "functorch", "ghost")
 FAMILY_PRESETS = {"vae": None, "gan": "gan-fashion", "lm": "lm-shakespeare"}
+QUICK_PRESETS = {"vae": "digits-quick", "gan": "gan-digits", "lm": "lm-quick"}  # --quick: smoke runs, tests
 TARGET = 1.5  # issue 9: DP epoch at most 1.5x the plain one
 
 
@@ -101,7 +103,7 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def bench_family(family: str, args: argparse.Namespace) -> tuple[list[Row], str]:
-    cfg = load_cfg(FAMILY_PRESETS[family], parse_sets(args.set))
+    cfg = load_cfg((QUICK_PRESETS if args.quick else FAMILY_PRESETS)[family], parse_sets(args.set))
     data, spec = site_dataset(cfg, parse_node_config({"partition-id": 0, "num-partitions": args.num_partitions}))
     _, planned = privacy.steps_per_round(len(data), cfg.train.batch_size, cfg.train.local_epochs,
                                          cfg.train.max_steps)
@@ -183,23 +185,27 @@ def main(argv: list[str] | None = None) -> None:
                     help="cpu: this process's CPU time (default; with 1 thread it is the wall time of an "
                          "idle machine, and other jobs' load barely moves it); wall: elapsed time")
     ap.add_argument("--png", default="", help="write a bar chart of the ratios here")
+    ap.add_argument("--quick", action="store_true", help="the families' quick presets (8x8 digits, tiny LM)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     families = list(FAMILY_PRESETS) if args.family == "all" else [args.family]
     rows, descs = [], []
     t0 = time.perf_counter()
+    loads = [os.getloadavg()[0]]
     for fam in families:
         fam_rows, desc = bench_family(fam, args)
         rows += fam_rows
         descs.append(desc)
+        loads.append(os.getloadavg()[0])
     elapsed = time.perf_counter() - t0
     if args.png:
         plot(rows, args.png, f"DP-SGD epoch / plain epoch ({args.clock} time), median of {args.repeats} "
              f"pairs, {args.threads} thread(s)")
     other = "wall" if args.clock == "cpu" else "cpu"
     print(f"\nDP overhead: median of {args.repeats} interleaved (DP, plain) pairs per mode, "
-          f"{args.threads} torch thread(s), {args.clock} clock, {elapsed:.0f} s in all")
+          f"{args.threads} torch thread(s), {args.clock} clock, {elapsed:.0f} s in all, "
+          f"1-min load average {min(loads):.1f}-{max(loads):.1f}")
     for desc in descs:
         print(f"  {desc}")
     print(f"| {'family':<6} | {'mode':<9} | {'DP s/epoch':>10} | {'plain s/epoch':>13} | "
