@@ -37,7 +37,7 @@ from torch import nn
 
 from common.config import AppConfig
 from common.models import norm_groups
-from common.tasks import DataSpec, unwrap
+from common.tasks import DataSpec, backward_mean, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,9 @@ class GANTask:
 
     family = "gan"
     private_modules = ("discriminator",)
+    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/_dp_overhead.md): expanded
+    # weights, fastest for the discriminator here (every mode works: only it is wrapped, no ConvTranspose).
+    grad_sample_mode = "ew"
 
     def __init__(self, cfg: AppConfig, spec: DataSpec, device: torch.device) -> None:
         if spec.kind != "image":
@@ -202,9 +205,10 @@ class GANTask:
         y = torch.cat([labels, y_fake]) if labels is not None and y_fake is not None else None
         target = torch.cat([torch.ones(len(real), device=self.device), torch.zeros(len(fake), device=self.device)])
         opt_d.zero_grad(set_to_none=True)
-        d_loss = F.binary_cross_entropy_with_logits(disc(x, y), target)
-        d_loss.backward()
+        d_losses = F.binary_cross_entropy_with_logits(disc(x, y), target, reduction="none")  # one per row
+        backward_mean(disc, opt_d, d_losses)
         opt_d.step()
+        d_loss = d_losses.detach().mean()
 
         # Generator: from the private discriminator's output on fakes only (no privacy cost).
         self._calls += 1

@@ -39,7 +39,7 @@ from torch import nn
 
 from common.config import AppConfig
 from common.data.text import UNK_ID, CharTokenizer, Tokenizer, make_tokenizer
-from common.tasks import DataSpec, unwrap
+from common.tasks import DataSpec, backward_mean, empty_batch_grads, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,9 @@ class LMTask:
 
     family = "lm"
     private_modules = ("lm",)
+    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/_dp_overhead.md): expanded weights: fastest here; ghost clipping works (Linear and Embedding have exact
+    # norm samplers) but its second backward pass costs more than building the per-window gradients.
+    grad_sample_mode = "ew"
 
     def __init__(self, cfg: AppConfig, spec: DataSpec, device: torch.device) -> None:
         if spec.kind != "text":
@@ -187,18 +190,17 @@ class LMTask:
         opt = optimizers["lm"]
         opt.zero_grad(set_to_none=True)
         if not len(x):
-            # An empty Poisson batch (rare): the DP step must still run, adding pure noise. Opacus'
-            # ew and functorch modes cannot run a batch of 0, so give it zero per-sample gradients.
-            if hasattr(opt, "original_optimizer"):
-                for p in opt.params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            empty_batch_grads(self.modules["lm"], opt)  # an empty Poisson batch: the DP step adds pure noise
             opt.step()
             return {"train-loss": 0.0, "batch-size": 0.0}
         logits = self.modules["lm"](x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss.backward()
+        # The privacy unit is one window: its loss is the mean over its tokens (all windows have
+        # the same length, so the batch mean equals the mean over every token).
+        per_window = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                     reduction="none").view(len(x), -1).mean(1)
+        backward_mean(self.modules["lm"], opt, per_window)
         opt.step()
-        return {"train-loss": float(loss.detach()), "batch-size": float(len(x))}
+        return {"train-loss": float(per_window.detach().mean()), "batch-size": float(len(x))}
 
     def _targets(self, loader: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         for batch in loader:

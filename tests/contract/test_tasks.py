@@ -6,13 +6,15 @@ is registered and has a quick preset (``simulations/*.toml`` with its task.famil
 
 from __future__ import annotations
 
+import functools
+import sys
 import tomllib
 
 import pytest
 import torch
 from flwr.app import RecordDict
 
-from client.dp import make_private
+from client.dp import make_private, resolve_grad_sample_mode
 from client.site import train_round
 from common import privacy
 from common import records as R
@@ -95,35 +97,108 @@ def test_sample_is_deterministic_for_a_seed(family):
         assert a == b and all(isinstance(s, str) for s in a)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_per_sample_clipping_bounds_the_private_gradient(family):
-    """With noise 0, the privatised gradient is a mean of clipped per-sample gradients: its
-    norm is at most C * (per-sample gradients) / (expected batch size)."""
+# Opacus grad-sample modes (privacy.grad-sample-mode). Every family supports every mode; a
+# family that could not use one would drop it here, with the reason, and in its README row.
+MODES = ("hooks", "ew", "functorch", "ghost")
+FAMILY_MODES = {family: MODES for family in FAMILIES}
+CASES = [(family, mode) for family in FAMILIES for mode in FAMILY_MODES[family]]
+
+
+def private_step(family: str, mode: str, clip: float, batch=None):
+    """One private step (noise 0) in ``mode`` on ``batch`` (default: the first Poisson batch).
+
+    Returns the batch, the privatised gradient of the private module (flat), this step's
+    per-example gradient norms before clipping, and the DP handles. The RNG is seeded
+    before the step, so every mode sees the same latents (VAE noise, GAN fakes).
+    """
     cfg, task, data = built(family)
-    clip = 1e-3
     optimizers = task.make_optimizers()
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size)
     q, steps = privacy.steps_per_round(len(data), cfg.train.batch_size, 1, 1)
     plan = privacy.DPPlan(0.0, q, steps, 1e-5, "rdp", clip)
-    dp = make_private(task, optimizers, loader, plan, [], cfg.privacy.grad_sample_mode)
+    dp = make_private(task, optimizers, loader, plan, [], mode)
     name = task.private_modules[0]
     opt = optimizers[name]
-    batch = next(iter(dp.loader))
+    if batch is None:
+        torch.manual_seed(1)
+        batch = next(iter(dp.loader))
+    torch.manual_seed(2)
     task.train_step(batch, optimizers)
-    n_samples = len(opt.grad_samples[0])
-    assert n_samples > 0
-    grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in opt.params)).item()
-    assert grad_norm <= clip * n_samples / opt.expected_batch_size * (1 + 1e-4)
-    assert dp.seen == n_samples and dp.clip_fraction == 1.0  # every sample needed clipping at C=1e-3
+    grad = torch.cat([p.grad.reshape(-1) for p in opt.params])
     # Modules that do not see private data are not wrapped by Opacus.
     for other, module in task.modules.items():
         if other != name:
             assert not hasattr(module, "_module"), f"{other} must not be made private"
+    return batch, grad, dp.last_norms, dp, opt
+
+
+@functools.lru_cache(maxsize=None)
+def hooks_reference(family: str):
+    """Opacus' hooks mode, with no clipping in effect: the batch and its per-example norms."""
+    batch, _, norms, _, _ = private_step(family, "hooks", 1e9)
+    return batch, norms
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dp_round_charges_accountant_once_per_private_step(family):
-    cfg = family_config(family, **{"train.max-steps": 4, "run.num-rounds": 2})
+def test_auto_grad_sample_mode_is_one_the_family_supports(family):
+    _, task, _ = built(family)
+    assert resolve_grad_sample_mode("auto", task) in FAMILY_MODES[family]
+    assert resolve_grad_sample_mode("functorch", task) == "functorch"  # an explicit setting wins
+
+
+@pytest.mark.parametrize(("family", "mode"), CASES)
+def test_per_sample_clipping_bounds_the_private_gradient(family, mode):
+    """With noise 0, the privatised gradient is a mean of clipped per-sample gradients: its
+    norm is at most C * (per-sample gradients) / (expected batch size)."""
+    clip = 1e-3
+    _, grad, norms, dp, opt = private_step(family, mode, clip)
+    n_samples = len(norms)
+    assert n_samples > 0
+    assert grad.norm().item() <= clip * n_samples / opt.expected_batch_size * (1 + 1e-4)
+    assert dp.seen == n_samples and dp.clip_fraction == 1.0  # every sample needed clipping at C=1e-3
+    assert sum(s for _, _, s in dp.engine.accountant.history) == 1  # one step, one charge
+
+
+@pytest.mark.parametrize(("family", "mode"), [c for c in CASES if c[1] != "hooks"])
+def test_every_mode_clips_each_example_like_hooks(family, mode):
+    """Same batch, same latents, noise 0 and a clipping bound between the per-example norms
+    (about half the examples clipped): every mode computes the same per-example norms and
+    the same privatised gradient as Opacus' hooks mode, which materialises each example's
+    gradient. This is what shows that ghost clipping (norms from activations and backprops,
+    then a second backward of the re-weighted losses) really bounds each example."""
+    batch, ref_norms = hooks_reference(family)
+    ranked = ref_norms.sort().values
+    k = len(ranked) // 2
+    clip = float(ranked[k - 1] + ranked[k]) / 2
+    _, ref_grad, _, ref_dp, _ = private_step(family, "hooks", clip, batch)
+    _, grad, norms, dp, _ = private_step(family, mode, clip, batch)
+    assert torch.allclose(norms, ref_norms, rtol=1e-3, atol=1e-6)
+    assert 0 < dp.clipped == ref_dp.clipped < dp.seen == ref_dp.seen
+    assert (grad - ref_grad).norm() <= 1e-4 * ref_grad.norm()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ghost_refuses_a_step_whose_loss_bypassed_backward_mean(family, monkeypatch):
+    """Under ghost clipping the optimizer only adds noise; a plain backward would release an
+    unclipped gradient, so the private step must fail before any weight moves."""
+    cfg, task, data = built(family)
+    monkeypatch.setattr(sys.modules[type(task).__module__], "backward_mean",
+                        lambda module, opt, losses: losses.mean().backward())
+    optimizers = task.make_optimizers()
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size)
+    q, steps = privacy.steps_per_round(len(data), cfg.train.batch_size, 1, 1)
+    dp = make_private(task, optimizers, loader, privacy.DPPlan(1.0, q, steps, 1e-5, "rdp", 1.0), [], "ghost")
+    name = task.private_modules[0]
+    before = [p.detach().clone() for p in optimizers[name].params]
+    with pytest.raises(RuntimeError, match="not clipped"):
+        task.train_step(next(iter(dp.loader)), optimizers)
+    assert all(torch.equal(a, p) for a, p in zip(before, optimizers[name].params))
+    assert not dp.engine.accountant.history  # nothing released, nothing charged
+
+
+@pytest.mark.parametrize(("family", "mode"), CASES)
+def test_dp_round_charges_accountant_once_per_private_step(family, mode):
+    cfg = family_config(family, **{"train.max-steps": 4, "run.num-rounds": 2, "privacy.grad-sample-mode": mode})
     state = RecordDict()
     arrays = None
     for rnd in (1, 2):
