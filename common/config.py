@@ -125,7 +125,7 @@ class PrivacySection(_Section):
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["auto", "hooks", "ew", "functorch", "ghost"] = Field(
         "auto", description="Opacus per-sample gradients; auto = the family's measured fastest "
-        "(docs/_dp_overhead.md): vae ghost, gan ew, lm ew")
+        "(docs/RESULTS.md#dp-overhead): vae ghost, gan ew, lm ew")
     budget: float = Field(0.0, ge=0, description="site budget unless the node sets one; 0 = target-epsilon")
     ledger_dir: str = Field("", description="where sites keep ledgers when their node config names no "
                             "ledger-path (simulation: the launcher sets one per job); empty = process memory only")

@@ -145,7 +145,7 @@ class GANTask:
 
     family = "gan"
     private_modules = ("discriminator",)
-    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/_dp_overhead.md): expanded
+    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/RESULTS.md#dp-overhead): expanded
     # weights, fastest for the discriminator here (every mode works: only it is wrapped, no ConvTranspose).
     grad_sample_mode = "ew"
 

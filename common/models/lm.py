@@ -147,7 +147,7 @@ class LMTask:
 
     family = "lm"
     private_modules = ("lm",)
-    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/_dp_overhead.md): expanded weights: fastest here; ghost clipping works (Linear and Embedding have exact
+    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/RESULTS.md#dp-overhead): expanded weights: fastest here; ghost clipping works (Linear and Embedding have exact
     # norm samplers) but its second backward pass costs more than building the per-window gradients.
     grad_sample_mode = "ew"
 

@@ -92,7 +92,7 @@ class VAETask:
 
     family = "vae"
     private_modules = ("vae",)
-    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/_dp_overhead.md): ghost clipping: exact norms for the Linear layers, one layer of per-example gradients at a time for
+    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/RESULTS.md#dp-overhead): ghost clipping: exact norms for the Linear layers, one layer of per-example gradients at a time for
     # the convolutions and GroupNorms; fastest of the four modes here.
     grad_sample_mode = "ghost"
 
