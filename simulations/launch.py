@@ -81,7 +81,9 @@ def merged_run_config(preset: str | None, overrides: list[str], runs_dir: Path) 
     config.update(_parse_override(o) for o in overrides)
     config.setdefault("run.runs-dir", str(runs_dir))
     if not config.get("privacy.ledger-dir"):
-        config["privacy.ledger-dir"] = site_ledger_dir(runs_dir, str(config.get("run.resume", "")))
+        # Beside the runs the job writes (a run.runs-dir from the preset or --set wins over --runs-dir).
+        config["privacy.ledger-dir"] = site_ledger_dir(Path(str(config["run.runs-dir"])).resolve(),
+                                                       str(config.get("run.resume", "")))
     return config
 
 
