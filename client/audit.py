@@ -48,6 +48,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 import torch.nn.functional as F
 
 from client.dp import make_private
+from client.site import PrivacyState, dataset_key
 from common import privacy
 from common.audit import default_guess_counts, one_run_audit
 from common.config import AppConfig, SiteConfig, site_budget
@@ -197,8 +198,6 @@ class AuditRefused(RuntimeError):
 
 def _price_on_ledger(cfg: AppConfig, site: SiteConfig, plan: privacy.DPPlan, steps: int):
     """The site's ledger entry, after checking that the audit fits in its budget."""
-    from client.site import PrivacyState, dataset_key  # site imports this module's neighbours
-
     ledger = PrivacyState(RecordDict(), site, dataset_key(cfg, site), cfg.privacy.ledger_dir)
     if ledger.ledger is None:
         return None, None  # no ledger on disk: the audit's spend is reported, not stored
@@ -291,7 +290,8 @@ def run_sample_audit(
     counts = guess_counts if guess_counts is not None else default_guess_counts(num_canaries)
     best = one_run_audit(scores, included, delta, confidence, counts)
     result = AuditResult(
-        method=method(cfg.task.family), family=cfg.task.family, m=num_canaries, guesses=best["guesses"], correct=best["correct"], confidence=confidence,
+        method=method(cfg.task.family), family=cfg.task.family, m=num_canaries, guesses=best["guesses"],
+        correct=best["correct"], confidence=confidence,
         empirical_epsilon=float(best["epsilon"]), claimed_epsilon=float(claimed),
         seconds=time.perf_counter() - start, delta=delta, included=int(included.sum()),
         k_plus=best["k_plus"], k_minus=best["k_minus"], steps=steps, noise_multiplier=float(noise),
