@@ -724,6 +724,37 @@ def audit_run_cmd(
         raise typer.Exit(VIOLATION_EXIT)
 
 
+@_command("sample", target=audit_app)
+def audit_sample_cmd(
+    run: RunArg,
+    num_sites: Annotated[Optional[int], typer.Option("--num-sites", min=1, help="Sites of the run (default: as "
+                                                     "many as reported).")] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Audit one site of an existing run at sample level, with the run's own settings.
+
+    The site (audit.sample-partition) trains an audit-only model on its data plus canary
+    records; the one-run lower bound is stored in RUN beside the site's claimed epsilon.
+    Exits 3 if the bound exceeds the claim.
+    """
+    from simulations.audit import sample_audit  # imports torch and opacus: only here
+
+    run_dir = resolve_run(runs_dir, run)
+    note = sample_audit(run_dir, num_sites)
+    with RunStore.open(run_dir) as store:
+        audits = store.audits()
+    if json_out:
+        _emit_json({"run_id": run_dir.name, "audits": audits, "note": note})
+    else:
+        table = audits_table(audits)
+        if table is not None:
+            _stdout().print(table)
+        _stdout().print(Text(note, style="dim"))
+    if any(a["violation"] for a in audits):
+        raise typer.Exit(VIOLATION_EXIT)
+
+
 def main() -> None:
     app()
 

@@ -34,6 +34,35 @@ def _new_run(runs_dir: Path, since: float) -> Path:
     return Path(fresh[0]["run_dir"])
 
 
+def sample_audit(run_dir: Path, num_sites: int | None = None) -> str:
+    """The sample-level audit of one site with the run's own config, stored in the run's store.
+
+    Returns a line on what it cost (or why the site refused it).
+    """
+    cfg = parse_run_config(json.loads((Path(run_dir) / "config.json").read_text()))
+    with RunStore.open(run_dir, readonly=False) as store:
+        sites = cfg.data.num_partitions or num_sites or _num_sites(store)
+        site = parse_node_config({"partition-id": cfg.audit.sample_partition, "num-partitions": sites})
+        try:
+            r = run_sample_audit(cfg, site, num_canaries=cfg.audit.sample_canaries,
+                                 epochs=cfg.audit.sample_epochs or None, confidence=cfg.audit.confidence,
+                                 seed=cfg.audit.seed or None)
+        except AuditRefused as err:
+            return f"sample-level audit refused: {err}"
+        store.record_audit({**r.as_dict(), "level": "sample"})
+    return (f"the sample-level audit trained one more model at site {site.partition_id} for {r.seconds:.1f} s "
+            f"({r.steps} steps, {r.m} canaries, {r.included} of them inserted)")
+
+
+def _num_sites(store: RunStore) -> int:
+    """How many sites the run had: the partition count its sites reported."""
+    rows = [s for r in store.rounds() for s in r.get("sites", []) if s.get("partition_id") is not None]
+    if not rows:
+        raise StoreError(f"{store.run_dir}: no site has reported yet, so the number of sites is unknown; "
+                         "pass it (--num-sites)")
+    return len({s["node_id"] for s in rows})
+
+
 def run_audit(preset: str | None, overrides: list[str], num_sites: int, runs_dir: Path, *, sample: bool = True,
               quiet: bool = False, extra_env: dict[str, str] | None = None) -> dict:
     """Run the audit simulation (and the sample-level audit); return what was stored.
@@ -47,25 +76,15 @@ def run_audit(preset: str | None, overrides: list[str], num_sites: int, runs_dir
     run_dir = _new_run(runs_dir, started - 1.0)
     run_seconds = time.time() - started
     cfg = parse_run_config(json.loads((run_dir / "config.json").read_text()))
-    with RunStore.open(run_dir, readonly=False) as store:
-        info = store.run_info()
-        notes = []
-        if not cfg.audit.user_canaries:
-            notes.append("no canary clients (audit.user-canaries = 0): no user-level audit")
-        if sample and info["status"] == "completed":
-            site = parse_node_config({"partition-id": cfg.audit.sample_partition,
-                                      "num-partitions": cfg.data.num_partitions or num_sites})
-            try:
-                r = run_sample_audit(cfg, site, num_canaries=cfg.audit.sample_canaries,
-                                     epochs=cfg.audit.sample_epochs or None, confidence=cfg.audit.confidence,
-                                     seed=cfg.audit.seed or None)
-                store.record_audit({**r.as_dict(), "level": "sample"})
-                notes.append(f"the sample-level audit trained one more model at site {site.partition_id} "
-                             f"for {r.seconds:.1f} s ({r.steps} steps, {r.m} canaries, {r.included} of them inserted)")
-            except AuditRefused as err:
-                notes.append(f"sample-level audit refused: {err}")
-        audits = store.audits()
-        info = store.run_info()
+    notes = []
+    if not cfg.audit.user_canaries:
+        notes.append("no canary clients (audit.user-canaries = 0): no user-level audit")
+    with RunStore.open(run_dir) as store:
+        completed = store.run_info()["status"] == "completed"
+    if sample and completed:
+        notes.append(sample_audit(run_dir, num_sites))
+    with RunStore.open(run_dir) as store:
+        audits, info = store.audits(), store.run_info()
     user = next((a for a in audits if a["level"] == "user"), None)
     if user is not None:
         notes.insert(0, f"the federated run took {run_seconds:.0f} s with {user['canaries']} canary clients "

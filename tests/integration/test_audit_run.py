@@ -67,3 +67,13 @@ def test_the_cli_shows_the_stored_audits(audit):
     out = CliRunner().invoke(cli_app, ["audit", "show", "latest", "--runs-dir", runs_dir, "--json"])
     assert out.exit_code == 0, out.output
     assert {a["level"] for a in json.loads(out.stdout)["audits"]} == {"user", "sample"}
+
+
+def test_a_site_of_an_existing_run_is_audited_again_from_the_cli(audit):
+    runs_dir = str(__import__("pathlib").Path(audit["run_dir"]).parent)
+    out = CliRunner().invoke(cli_app, ["audit", "sample", "latest", "--runs-dir", runs_dir, "--json"])
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.stdout)
+    samples = [a for a in payload["audits"] if a["level"] == "sample"]
+    assert len(samples) == 2 and samples[0]["details"]["seed"] != samples[1]["details"]["seed"]  # fresh secrets
+    assert "sample-level audit trained one more model" in payload["note"]
