@@ -14,28 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        kids.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return kids
+from simulations.benchlib import tree_pids
 
 
 def tree_rss_bytes(root: int) -> int:
-    kids, total, todo = _children(), 0, [root]
     page = os.sysconf("SC_PAGE_SIZE")
-    while todo:
-        pid = todo.pop()
+    total = 0
+    for pid in tree_pids(root):
         try:
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
         except OSError:
             pass
-        todo.extend(kids.get(pid, []))
     return total
 
 
