@@ -107,6 +107,9 @@ class UserLevelDP(Strategy):
         self._sample_rate = 1.0
         self.last_clip_fraction: float | None = None
         self.last_round: dict[str, float] = {}
+        # Replies left out of the adaptive count (an audit's canary clients, server/canaries.py):
+        # the bound follows the real sites' norms, not the canaries' fixed one.
+        self.uncounted: set[int] = set()
 
     # --- accounting -------------------------------------------------------------------
     def epsilon(self) -> float:
@@ -143,7 +146,7 @@ class UserLevelDP(Strategy):
         k = len(replies)
         total = {key: np.zeros_like(v, dtype=np.float64) for key, v in self._global.items()
                  if np.issubdtype(v.dtype, np.floating)}
-        fitted = 0  # updates that fit under C (the sites' norm bits)
+        fitted = counted = 0  # updates that fit under C (the sites' norm bits), of those counted
         clip = self.clipping_norm
         for msg in replies:
             arrays = next(iter(msg.content.array_records.values()))
@@ -151,7 +154,9 @@ class UserLevelDP(Strategy):
             # Adaptive: the site already clipped (a no-op here); this re-clip is what the
             # guarantee rests on, whatever a site sent.
             update, norm = clip_update(update, clip)
-            fitted += self._norm_bit(msg, norm, clip)
+            if id(msg) not in self.uncounted:
+                fitted += self._norm_bit(msg, norm, clip)
+                counted += 1
             for key in total:
                 total[key] += update[key]
         z_update = self.update_noise_multiplier()
@@ -164,19 +169,21 @@ class UserLevelDP(Strategy):
             else:  # integer buffers (e.g. counters) are not trained: keep the global value
                 noised[key] = Array(np.asarray(ref))
         self.history = privacy.compact([*self.history, (self.noise_multiplier, self._sample_rate, 1)])
-        clipped = k - fitted
-        self.last_clip_fraction = clipped / k
-        self.last_round = {"sites": float(k), "clipping-norm": float(clip), "clip-fraction": clipped / k,
+        counted = max(counted, 1)
+        clipped = counted - fitted
+        self.last_clip_fraction = clipped / counted
+        self.last_round = {"sites": float(k), "clipping-norm": float(clip), "clip-fraction": clipped / counted,
                            "noise-std": float(std), "noise-multiplier": float(self.noise_multiplier),
                            "update-noise-multiplier": float(z_update), "sample-rate": float(self._sample_rate),
                            "delta": float(self.delta)}
         if self.adaptive:
             # Andrew et al.: C moves towards the target quantile of the norms, from a noisy count.
-            noisy = (fitted + self.rng.normal(0.0, self.count_stddev)) / k
+            noisy = (fitted + self.rng.normal(0.0, self.count_stddev)) / counted
             self.clipping_norm = clip * float(np.exp(-self.clip_norm_lr * (noisy - self.target_quantile)))
             self.last_round["next-clipping-norm"] = float(self.clipping_norm)
+        self.uncounted = set()
         log.info("round %d: user-level DP over %d site(s), clip %.4g, noise std %.4g, %d/%d updates clipped, "
-                 "user-level epsilon %.3f", server_round, k, clip, std, clipped, k, self.epsilon())
+                 "user-level epsilon %.3f", server_round, k, clip, std, clipped, counted, self.epsilon())
 
         # Site metrics are aggregated as usual; the weights go to a single uniform release.
         metric_msgs = [m.content for m in replies]

@@ -264,6 +264,8 @@ def run_rounds(
                 extra = canaries.replies(arrays, len(sampled) / max(len(remaining), 1), good)
                 canary_updates = len(extra)
                 merged = good + extra
+                if isinstance(strategy, UserLevelDP):
+                    strategy.uncounted = {id(m) for m in extra}  # canaries do not steer the clipping bound
             new_arrays, agg = strategy.aggregate_train(rnd, merged)
             if canaries is not None:  # the figures operators read are the real sites' own
                 agg = aggregate_train_metrics([m.content for m in good], R.NUM_EXAMPLES)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
 
-def run(strategy, sites=5, rounds=5, canaries=40, seed=0, site_norm=1.0):
+def run(strategy, sites=5, rounds=5, canaries=40, seed=0, site_norm=1.0, trace=None):
     """``rounds`` rounds of ``sites`` random site updates plus the canaries; the audit result."""
     rng = np.random.default_rng(1000 + seed)
     initial = ArrayRecord({"w": Array(np.zeros(D, dtype=np.float32)), "steps": Array(np.zeros(1, dtype=np.int64))})
@@ -41,7 +41,12 @@ def run(strategy, sites=5, rounds=5, canaries=40, seed=0, site_norm=1.0):
             content = RecordDict({"arrays": ArrayRecord({"w": Array(update), "steps": arrays["steps"]}),
                                   "metrics": MetricRecord({"num-examples": 100.0, "train-loss": 1.0})})
             good.append(Message(content=content, reply_to=m))
-        arrays, _ = strategy.aggregate_train(rnd, good + c.replies(arrays, 1.0, good))
+        extra = c.replies(arrays, 1.0, good)
+        if isinstance(strategy, UserLevelDP):
+            strategy.uncounted = {id(m) for m in extra}  # as server/rounds.py does
+        arrays, _ = strategy.aggregate_train(rnd, good + extra)
+        if trace is not None:
+            trace.append(dict(strategy.last_round))
     claimed = strategy.epsilon() if isinstance(strategy, UserLevelDP) else math.inf
     return c, c.estimate(initial, arrays, 1e-5, claimed)
 
@@ -93,3 +98,15 @@ def test_canaries_are_secret_reproducible_and_need_both_kinds():
     assert abs(float(a.direction(0) @ a.direction(1))) < 0.5 and np.linalg.norm(a.direction(0)) == pytest.approx(1)
     with pytest.raises(ValueError, match="at least 4"):
         CanaryClients(initial, 3, 1.0, seed=0)
+
+
+def test_canaries_do_not_steer_the_adaptive_bound():
+    """Sites' updates of norm 5 (all clipped at C = 1) vs 40 canaries at norm 1 (all fit):
+    counted with the sites, the canaries would pull C down; left out, C grows every round."""
+    dp = UserLevelDP(fedavg(), noise_multiplier=1.0, clipping_norm=1.0, delta=1e-5, seed=0, adaptive=True,
+                     count_stddev=1.0)
+    trace = []
+    run(dp, rounds=3, site_norm=5.0, trace=trace)
+    assert [t["clip-fraction"] for t in trace] == [1.0, 1.0, 1.0]  # of the 5 real sites
+    bounds = [t["clipping-norm"] for t in trace] + [dp.clipping_norm]
+    assert all(later > earlier for earlier, later in zip(bounds, bounds[1:])), bounds
