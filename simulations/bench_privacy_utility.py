@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         ax.set_title("LM, Shakespeare by role" if lm else "images, Fashion-MNIST")
         if groups:
             ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     save_png(fig, args.png)
 
