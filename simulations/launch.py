@@ -115,18 +115,23 @@ def start_superlink(flwr_home: Path, env: dict[str, str]) -> tuple[subprocess.Po
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"flower-superlink exited with {proc.returncode}; see {flwr_home / 'superlink.log'}")
-        try:
-            with urllib.request.urlopen(f"http://{address}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return proc, address
-        except OSError:
-            pass
-        time.sleep(0.2)
-    stop(proc, flwr_home)
-    raise SystemExit("flower-superlink did not start within 60 s")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"flower-superlink exited with {proc.returncode}; see {flwr_home / 'superlink.log'}")
+            try:
+                with urllib.request.urlopen(f"http://{address}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return proc, address
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit("flower-superlink did not start within 60 s")
+    except BaseException:
+        # A timeout, or a SIGTERM / Ctrl-C while it starts: the SuperLink (in a session of its
+        # own) would outlive us, so stop it and what it started.
+        stop(proc, flwr_home)
+        raise
 
 
 def processes_with_env(name: str, value: str) -> list[int]:

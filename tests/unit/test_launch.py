@@ -14,3 +14,19 @@ def test_site_ledgers_go_beside_the_runs_the_job_writes(tmp_path):
     assert Path(cfg["privacy.ledger-dir"]).parent == mine / ".site-ledgers"
     plain = merged_run_config(None, [], tmp_path / "default")
     assert Path(plain["privacy.ledger-dir"]).parent == tmp_path / "default" / ".site-ledgers"
+
+
+def test_a_signal_while_the_superlink_starts_leaves_no_process_behind(tmp_path, monkeypatch):
+    """SIGTERM (SystemExit via the launcher's handler) during the health wait used to leak it."""
+    import pytest
+
+    from simulations import launch as L
+
+    def interrupted(*_a, **_k):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(L.urllib.request, "urlopen", interrupted)
+    env = L.flower_env(tmp_path)
+    with pytest.raises(SystemExit):
+        L.start_superlink(tmp_path, env)
+    assert L.processes_with_env("FLWR_HOME", str(tmp_path)) == []
