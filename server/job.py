@@ -39,7 +39,7 @@ def save_model(path: Path, arrays_state: dict[str, torch.Tensor], cfg: AppConfig
     tmp.replace(path)
 
 
-def make_canaries(cfg: AppConfig, initial) -> CanaryClients:
+def canary_clients(cfg: AppConfig, initial) -> CanaryClients:
     a = cfg.audit
     seed = a.seed or int(np.random.SeedSequence().entropy % (2**63))  # secret unless the operator fixes it
     return CanaryClients(initial, a.user_canaries, a.canary_norm or cfg.central_dp.clipping_norm, seed)
@@ -89,7 +89,7 @@ def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
         canaries = None
         if cfg.audit.user_canaries:
             arrays = evaluator.initial_arrays()
-            canaries = make_canaries(cfg, arrays)
+            canaries = canary_clients(cfg, arrays)
         outcome = run_rounds(grid, cfg, strategy, evaluator, RoundRecorder(run_dir, store, cfg.run.num_rounds),
                              run_dir, arrays=arrays, start_round=start_round,
                              on_round_end=None if canaries else lambda rnd, arrs: checkpointer.save(rnd, arrs, strategy, cfg),

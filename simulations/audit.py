@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -22,9 +21,6 @@ from client.audit import AuditRefused, run_sample_audit
 from common.config import parse_node_config, parse_run_config
 from server.store import RunStore, StoreError, list_runs
 from simulations.launch import ROOT, launch
-
-log = logging.getLogger(__name__)
-
 
 def _new_run(runs_dir: Path, since: float) -> Path:
     fresh = [r for r in list_runs(runs_dir) if (r["created_at"] or 0) >= since and not r.get("error")]
