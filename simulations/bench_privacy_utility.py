@@ -44,13 +44,13 @@ def _eps(text: str) -> float:
 
 
 def job_overrides(family: str, partitioner: str | None, epsilon: float, args: argparse.Namespace) -> dict:
-    o: dict = {"run.num-rounds": args.rounds, "train.max-steps": args.max_steps, "run.seed": args.seed,
-               "privacy.ledger-dir": ""}
+    rounds, steps = (args.lm_rounds, args.lm_max_steps) if family == "lm" else (args.rounds, args.max_steps)
+    o: dict = {"run.num-rounds": rounds, "train.max-steps": steps, "run.seed": args.seed, "privacy.ledger-dir": ""}
     if family == "lm":
-        o.update({"eval.every": args.rounds})
+        o.update({"eval.every": rounds})
     else:
         o.update({"data.partitioner": partitioner, "eval.fid-inception-n": args.fid_n, "eval.fid-inception-every": 0,
-                  "eval.every": args.rounds, "eval.fid-domain-n": min(args.fid_n, 2000) or 200})
+                  "eval.every": rounds, "eval.fid-domain-n": min(args.fid_n, 2000) or 200})
     if math.isinf(epsilon):
         o["privacy.enabled"] = False
     else:
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lm-sites", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-steps", type=int, default=40, help="local DP-SGD steps per site and round")
+    ap.add_argument("--lm-rounds", type=int, default=10, help="the LM's rounds (its preset's)")
+    ap.add_argument("--lm-max-steps", type=int, default=100, help="the LM's local steps per site and round")
     ap.add_argument("--fid-n", type=int, default=2000, help="Inception FID samples (and real images)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--transport", choices=["local", "flwr"], default="local")
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"family": fam, "partition": part or "roles", "epsilon": eps, "metric": key, "value": value,
                          "n": n, "epsilon_reached": res["final"].get("epsilon_max"),
                          "cpu_min": res["cpu_s"] / 60, "wall_min": res["wall_s"] / 60, "sites": sites,
-                         "rounds": args.rounds, "max_steps": args.max_steps})
+                         "rounds": ov["run.num-rounds"], "max_steps": ov["train.max-steps"]})
 
     import matplotlib
 
@@ -171,10 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     date = time.strftime("%Y-%m-%d")
     print(f"\nprivacy-utility: {MACHINE}, {date}, transport {args.transport}, seed {args.seed}, "
-          f"{args.rounds} rounds x {args.max_steps} local steps, {load_note(loads)}; PNG {args.png}")
+          f"{load_note(loads)}; PNG {args.png}")
     print("published centralized FID at eps 10: " + ", ".join(f"{k} {v}" for k, v in PUBLISHED_FID_EPS10.items()))
     print(f"{'family':<7}{'partition':<10}{'target eps':>11}{'reached':>9}{'metric':>15}{'value':>10}{'N':>7}"
-          f"{'CPU-min':>9}{'wall-min':>9}")
+          f"{'CPU-min':>9}{'wall-min':>9}  sites x rounds x steps")
     for r in rows:
         print(f"{r['family']:<7}{r['partition']:<10}{r['epsilon']:>11g}"
               f"{'-' if r['epsilon_reached'] is None else format(r['epsilon_reached'], '.2f'):>9}"
