@@ -27,6 +27,7 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample, convolution2d_backward_as_a_convolution
 
 from common.privacy import DPPlan, HistoryEntry
+from common.bookkeeping import Bookkeeper
 from common.tasks import GenerativeTask, is_ghost
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,9 @@ def make_private(
     name = task.private_modules[0]
     engine = PrivacyEngine(accountant=plan.accountant)
     engine.accountant.history = list(history)
+    # bk (book-keeping, common/bookkeeping.py) uses Opacus' ghost-clipping wrapper and optimizer
+    # (the optimizer only adds noise), with the wrapper's hooks replaced by one-pass clipping.
+    opacus_mode = "ghost" if grad_sample_mode == "bk" else grad_sample_mode
     wrapped = engine.make_private(
         module=task.modules[name],
         optimizer=optimizers[name],
@@ -188,9 +192,9 @@ def make_private(
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         poisson_sampling=True,
-        grad_sample_mode=grad_sample_mode,
+        grad_sample_mode=opacus_mode,
     )
-    if grad_sample_mode == "ghost":
+    if opacus_mode == "ghost":
         # Opacus also returns a criterion wrapper; the tasks do not need it: they hand their
         # per-example losses to common.tasks.backward_mean, which runs the same two passes.
         module, optimizer, _criterion, dp_loader = wrapped
@@ -199,6 +203,10 @@ def make_private(
     if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
         # The budget check priced the round at plan.sample_rate; never train at another rate.
         raise RuntimeError(f"Opacus sample rate {dp_loader.sample_rate} differs from the plan's {plan.sample_rate}")
+    if grad_sample_mode == "bk":
+        module.remove_hooks()
+        module.enable_hooks()  # the flag now gates the book-keeping hooks (GAN: off for generator steps)
+        module._fedgen_bookkeeper = Bookkeeper(module._module, plan.max_grad_norm, lambda: module.hooks_enabled)
     task.modules[name] = module
     optimizers[name] = optimizer
     handles = PrivateTraining(engine=engine, loader=dp_loader, mode=grad_sample_mode)
@@ -221,7 +229,7 @@ def per_sample_norms(module: torch.nn.Module, optimizer) -> torch.Tensor | None:
     """This step's per-example gradient norms (before clipping), or None for an empty batch.
 
     hooks / ew / functorch keep the per-sample gradients on the parameters; ghost clipping
-    never builds them and keeps only the norms it computed on its first backward pass.
+    and bk never build them all and keep only the norms computed on the (first) backward pass.
     """
     if is_ghost(module):
         norms, module._per_sample_gradient_norms = module._per_sample_gradient_norms, None  # never count twice

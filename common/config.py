@@ -123,9 +123,9 @@ class PrivacySection(_Section):
     noise_multiplier: float = Field(0.0, ge=0, description="0 = calibrate from target-epsilon")
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
-    grad_sample_mode: Literal["auto", "hooks", "ew", "functorch", "ghost"] = Field(
+    grad_sample_mode: Literal["auto", "hooks", "ew", "functorch", "ghost", "bk"] = Field(
         "auto", description="Opacus per-sample gradients; auto = the family's measured fastest "
-        "(docs/RESULTS.md#dp-overhead): vae ghost, gan ew, lm ew")
+        "(docs/RESULTS.md#dp-overhead): bk for all three families")
     budget: float = Field(0.0, ge=0, description="site budget unless the node sets one; 0 = target-epsilon")
     ledger_dir: str = Field("", description="where sites keep ledgers when their node config names no "
                             "ledger-path (simulation: the launcher sets one per job); empty = process memory only")

@@ -141,12 +141,17 @@ def backward_mean(module: nn.Module, optimizer: torch.optim.Optimizer, per_examp
     example's gradient norm (from activations and backprops), a second backward of
     ``sum_i c_i * loss_i`` (``c_i = min(1, C / norm_i)``) leaves the sum of clipped
     per-example gradients in ``.grad``; the optimizer then only adds noise and divides by
-    the expected batch size. That needs one loss per example, hence this signature.
+    the expected batch size. That needs one loss per example, hence this signature. Under
+    ``bk`` (common/bookkeeping.py) one backward pass gives both the norms and the clipped sum.
     """
     if per_example_loss.dim() != 1:
         raise ValueError(f"one loss per example expected, got shape {tuple(per_example_loss.shape)}")
     if not is_ghost(module):
         per_example_loss.mean().backward()
+        return
+    bookkeeper = getattr(module, "_fedgen_bookkeeper", None)
+    if bookkeeper is not None:  # privacy.grad-sample-mode = "bk": the clipped sum in one pass
+        module.per_sample_gradient_norms = bookkeeper.backward(per_example_loss)
         return
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 

@@ -40,7 +40,7 @@ from common.train import train_local
 from common.tasks import build_task
 from simulations.launch import ROOT
 
-MODES = ("hooks", "ew", "functorch", "ghost")
+MODES = ("hooks", "ew", "functorch", "ghost", "bk")
 FAMILY_PRESETS = {"vae": None, "gan": "gan-fashion", "lm": "lm-shakespeare"}
 QUICK_PRESETS = {"vae": "digits-quick", "gan": "gan-digits", "lm": "lm-quick"}  # --quick: smoke runs, tests
 TARGET = 1.5  # issue 9: DP epoch at most 1.5x the plain one

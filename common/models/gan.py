@@ -145,9 +145,9 @@ class GANTask:
 
     family = "gan"
     private_modules = ("discriminator",)
-    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/RESULTS.md#dp-overhead): expanded
-    # weights, fastest for the discriminator here (every mode works: only it is wrapped, no ConvTranspose).
-    grad_sample_mode = "ew"
+    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/RESULTS.md#dp-overhead): bk
+    # (common/bookkeeping.py), fastest for the discriminator here (every mode works: only it is wrapped).
+    grad_sample_mode = "bk"
 
     def __init__(self, cfg: AppConfig, spec: DataSpec, device: torch.device) -> None:
         if spec.kind != "image":

@@ -147,9 +147,9 @@ class LMTask:
 
     family = "lm"
     private_modules = ("lm",)
-    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/RESULTS.md#dp-overhead): expanded weights: fastest here; ghost clipping works (Linear and Embedding have exact
-    # norm samplers) but its second backward pass costs more than building the per-window gradients.
-    grad_sample_mode = "ew"
+    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/RESULTS.md#dp-overhead): bk
+    # (common/bookkeeping.py): ghost norms and the clipped sum in one backward pass; fastest here.
+    grad_sample_mode = "bk"
 
     def __init__(self, cfg: AppConfig, spec: DataSpec, device: torch.device) -> None:
         if spec.kind != "text":

@@ -92,9 +92,9 @@ class VAETask:
 
     family = "vae"
     private_modules = ("vae",)
-    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/RESULTS.md#dp-overhead): ghost clipping: exact norms for the Linear layers, one layer of per-example gradients at a time for
-    # the convolutions and GroupNorms; fastest of the four modes here.
-    grad_sample_mode = "ghost"
+    # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/RESULTS.md#dp-overhead): bk
+    # (common/bookkeeping.py): one backward pass, per-example gradients only for convs and norms; fastest here.
+    grad_sample_mode = "bk"
 
     def __init__(self, cfg: AppConfig, spec: DataSpec, device: torch.device) -> None:
         if spec.kind != "image":

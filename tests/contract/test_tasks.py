@@ -99,7 +99,7 @@ def test_sample_is_deterministic_for_a_seed(family):
 
 # Opacus grad-sample modes (privacy.grad-sample-mode). Every family supports every mode; a
 # family that could not use one would drop it here, with the reason, and in its README row.
-MODES = ("hooks", "ew", "functorch", "ghost")
+MODES = ("hooks", "ew", "functorch", "ghost", "bk")
 FAMILY_MODES = {family: MODES for family in FAMILIES}
 CASES = [(family, mode) for family in FAMILIES for mode in FAMILY_MODES[family]]
 
@@ -177,17 +177,18 @@ def test_every_mode_clips_each_example_like_hooks(family, mode):
     assert (grad - ref_grad).norm() <= 1e-4 * ref_grad.norm()
 
 
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_ghost_refuses_a_step_whose_loss_bypassed_backward_mean(family, monkeypatch):
-    """Under ghost clipping the optimizer only adds noise; a plain backward would release an
-    unclipped gradient, so the private step must fail before any weight moves."""
+def test_ghost_refuses_a_step_whose_loss_bypassed_backward_mean(family, mode, monkeypatch):
+    """Under ghost clipping and bk the optimizer only adds noise; a plain backward would release
+    an unclipped gradient, so the private step must fail before any weight moves."""
     cfg, task, data = built(family)
     monkeypatch.setattr(sys.modules[type(task).__module__], "backward_mean",
                         lambda module, opt, losses: losses.mean().backward())
     optimizers = task.make_optimizers()
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size)
     q, steps = privacy.steps_per_round(len(data), cfg.train.batch_size, 1, 1)
-    dp = make_private(task, optimizers, loader, privacy.DPPlan(1.0, q, steps, 1e-5, "rdp", 1.0), [], "ghost")
+    dp = make_private(task, optimizers, loader, privacy.DPPlan(1.0, q, steps, 1e-5, "rdp", 1.0), [], mode)
     name = task.private_modules[0]
     before = [p.detach().clone() for p in optimizers[name].params]
     with pytest.raises(RuntimeError, match="not clipped"):
