@@ -115,11 +115,13 @@ class Bookkeeper:
         for layer, act, g, samples in pending:
             if isinstance(layer, nn.Linear):
                 o, i = layer.out_features, layer.in_features
-                gc = g.reshape(n, -1, o) * coef.view(n, 1, 1)
-                if layer.weight.requires_grad:
-                    layer.weight.grad = gc.reshape(-1, o).t() @ act.reshape(-1, i).to(gc.dtype)
+                g3, a3 = g.reshape(n, -1, o), act.reshape(n, -1, i).to(g.dtype)
+                if layer.weight.requires_grad:  # re-weight whichever side is smaller, then one product
+                    c = coef.view(n, 1, 1)
+                    left, right = (g3, a3 * c) if i < o else (g3 * c, a3)
+                    layer.weight.grad = left.reshape(-1, o).t() @ right.reshape(-1, i)
                 if layer.bias is not None and layer.bias.requires_grad:
-                    layer.bias.grad = gc.sum(dim=(0, 1))
+                    layer.bias.grad = coef @ g3.sum(1)
             elif isinstance(layer, nn.Embedding):
                 d = layer.embedding_dim
                 gc = g.reshape(n, -1, d) * coef.view(n, 1, 1)
