@@ -38,6 +38,9 @@ from torch import nn
 
 # Layers whose clipped sum is computed directly from (input, backprop) without per-example gradients.
 _DIRECT = (nn.Linear, nn.Embedding)
+# Layers of one tensor input and one tensor output whose per-example gradients Opacus' samplers build.
+_SAMPLED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+            nn.InstanceNorm3d, nn.RMSNorm)
 
 
 class Bookkeeper:
@@ -55,7 +58,8 @@ class Bookkeeper:
             if next(layer.children(), None) is not None:
                 raise ValueError(f"grad-sample-mode bk: {name or 'the model'} ({type(layer).__name__}) holds "
                                  "parameters directly and has sub-layers; use hooks or ghost")
-            if not isinstance(layer, _DIRECT) and type(layer) not in GradSampleModule.GRAD_SAMPLERS:
+            kind = type(layer)
+            if not (kind in _DIRECT or (kind in _SAMPLED and kind in GradSampleModule.GRAD_SAMPLERS)):
                 raise ValueError(f"grad-sample-mode bk: no per-example gradient for {name} "
                                  f"({type(layer).__name__}); use hooks, ew or ghost")
             for p in own:

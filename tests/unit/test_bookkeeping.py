@@ -96,6 +96,10 @@ def test_refuses_what_it_cannot_clip_exactly():
     with pytest.raises(ValueError, match="holds parameters directly"):
         Bookkeeper(Holder(), 1.0)
 
+    for layer in (nn.RNN(3, 3), nn.EmbeddingBag(5, 3)):  # several inputs or outputs: Opacus has samplers, bk has not
+        with pytest.raises(ValueError, match="no per-example gradient"):
+            Bookkeeper(nn.Sequential(layer), 1.0)
+
     twice = nn.Linear(3, 3)
     bk = Bookkeeper(twice, 1.0)
     x = torch.randn(2, 3)
