@@ -93,6 +93,53 @@ def quality(final: dict) -> tuple[str, float | None, float | None]:
     return "-", None, None
 
 
+def print_table(rows: list[dict]) -> None:
+    print(f"{'family':<7}{'partition':<10}{'target eps':>11}{'reached':>9}{'metric':>15}{'value':>10}{'N':>7}"
+          f"{'CPU-min':>9}{'wall-min':>9}  sites x rounds x steps")
+    for r in rows:
+        print(f"{r['family']:<7}{r['partition']:<10}{r['epsilon']:>11g}"
+              f"{'-' if r['epsilon_reached'] is None else format(r['epsilon_reached'], '.2f'):>9}"
+              f"{r['metric']:>15}{'-' if r['value'] is None else format(r['value'], '.1f'):>10}"
+              f"{'-' if r['n'] is None else int(r['n']):>7}{_num(r.get('cpu_min')):>9}{_num(r.get('wall_min')):>9}"
+              f"  {r['sites']} x {r['rounds']} x {r['max_steps']}{'  ' + r['note'] if r.get('note') else ''}")
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
+
+
+def plot(rows: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, lm in zip(axes, (False, True)):
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            if (r["family"] == "lm") == lm:
+                groups.setdefault(f"{r['family']} {r['partition']}", []).append(r)
+        finite = [r["epsilon"] for g in groups.values() for r in g if math.isfinite(r["epsilon"])]
+        x_inf = 2 * max(finite) if finite else 1.0
+        for label, g in groups.items():
+            g = sorted(g, key=lambda r: r["epsilon"])
+            xs = [x_inf if math.isinf(r["epsilon"]) else r["epsilon"] for r in g]
+            ax.plot(xs, [r["value"] for r in g], marker="o", label=label)
+        if not lm and groups:
+            ax.axhline(PUBLISHED_FID_EPS10["GS-WGAN"], color="grey", ls=":", label="GS-WGAN at eps 10 (central)")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"epsilon (no DP plotted at {x_inf:g})")
+        ax.set_ylabel("perplexity" if lm else "FID")
+        ax.set_title("LM, Shakespeare by role" if lm else "images, Fashion-MNIST")
+        if groups:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    save_png(fig, png)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["images", "lm", "all"], default="images")
@@ -114,8 +161,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "img" / "privacy_utility.png")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--replot", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="run nothing: merge the rows of earlier --json files into one table and PNG")
     args = ap.parse_args(argv)
     args.sets = parse_sets(args.sets)
+    if args.replot:
+        rows = [r for path in args.replot for r in json.loads(path.read_text())["rows"]]
+        for r in rows:
+            r["epsilon"] = _eps(str(r["epsilon"]))
+        plot(rows, args.png)
+        print_table(rows)
+        return {"rows": rows}
 
     jobs = []
     if args.only in ("images", "all"):
@@ -142,46 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
                          "cpu_min": res["cpu_s"] / 60, "wall_min": res["wall_s"] / 60, "sites": sites,
                          "rounds": ov["run.num-rounds"], "max_steps": ov["train.max-steps"]})
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, lm in zip(axes, (False, True)):
-        groups: dict[str, list[dict]] = {}
-        for r in rows:
-            if (r["family"] == "lm") == lm:
-                groups.setdefault(f"{r['family']} {r['partition']}", []).append(r)
-        finite = [r["epsilon"] for g in groups.values() for r in g if math.isfinite(r["epsilon"])]
-        x_inf = 2 * max(finite) if finite else 1.0
-        for label, g in groups.items():
-            xs = [x_inf if math.isinf(r["epsilon"]) else r["epsilon"] for r in g]
-            ax.plot(xs, [r["value"] for r in g], marker="o", label=label)
-        if not lm and groups:
-            ax.axhline(PUBLISHED_FID_EPS10["GS-WGAN"], color="grey", ls=":", label="GS-WGAN at eps 10 (central)")
-        ax.set_xscale("log")
-        ax.set_xlabel(f"epsilon (no DP plotted at {x_inf:g})")
-        ax.set_ylabel("perplexity" if lm else "FID")
-        ax.set_title("LM, Shakespeare by role" if lm else "images, Fashion-MNIST")
-        if groups:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    save_png(fig, args.png)
+    plot(rows, args.png)
 
     date = time.strftime("%Y-%m-%d")
     print(f"\nprivacy-utility: {MACHINE}, {date}, transport {args.transport}, seed {args.seed}, "
           f"{load_note(loads)}; PNG {args.png}")
     print("published centralized FID at eps 10: " + ", ".join(f"{k} {v}" for k, v in PUBLISHED_FID_EPS10.items()))
-    print(f"{'family':<7}{'partition':<10}{'target eps':>11}{'reached':>9}{'metric':>15}{'value':>10}{'N':>7}"
-          f"{'CPU-min':>9}{'wall-min':>9}  sites x rounds x steps")
-    for r in rows:
-        print(f"{r['family']:<7}{r['partition']:<10}{r['epsilon']:>11g}"
-              f"{'-' if r['epsilon_reached'] is None else format(r['epsilon_reached'], '.2f'):>9}"
-              f"{r['metric']:>15}{'-' if r['value'] is None else format(r['value'], '.1f'):>10}"
-              f"{'-' if r['n'] is None else int(r['n']):>7}{r['cpu_min']:>9.1f}{r['wall_min']:>9.1f}")
+    print_table(rows)
     summary = {"machine": MACHINE, "date": date, "transport": args.transport, "rows": rows,
                "published_fid_eps10": PUBLISHED_FID_EPS10, "sets": args.sets, "loads": loads}
     if args.json:

@@ -93,3 +93,8 @@ def test_bench_privacy_utility_tiny(tmp_path, capsys):
         assert row["metric"] == "fid-domain" and row["value"] > 0 and row["n"] == 200 and row["cpu_min"] > 0
     assert json.loads(js.read_text())["published_fid_eps10"]["GS-WGAN"] == 131.3
     _png_ok(png)
+    # --replot merges earlier runs' rows without running anything
+    again = pu.main(["--replot", str(js), str(js), "--png", str(tmp_path / "merged.png")])
+    assert [r["value"] for r in again["rows"]] == [r["value"] for r in s["rows"]] * 2
+    assert again["rows"][1]["epsilon"] == float("inf")
+    _png_ok(tmp_path / "merged.png")
