@@ -100,6 +100,9 @@ class Bookkeeper:
         for (layer, act, out), g in zip(records, backprops):
             if g is None:
                 g = torch.zeros_like(out)  # the layer's output did not reach the loss
+            if len(act) != n or len(g) != n:  # rows must be examples, or norms would mix them
+                raise ValueError(f"grad-sample-mode bk: layer {self._names.get(id(layer))} saw a batch of "
+                                 f"{len(act)} rows for {n} per-example losses; use hooks")
             if isinstance(layer, nn.Linear):
                 sq += _linear_sq_norms(layer, act, g)
                 pending.append((layer, act, g, None))

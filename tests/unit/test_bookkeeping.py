@@ -100,6 +100,12 @@ def test_refuses_what_it_cannot_clip_exactly():
         with pytest.raises(ValueError, match="no per-example gradient"):
             Bookkeeper(nn.Sequential(layer), 1.0)
 
+    flat = nn.Linear(3, 1)
+    bk = Bookkeeper(flat, 1.0)
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="rows for 2 per-example losses"):
+        bk.backward(flat(x.reshape(8, 3)).reshape(2, 4).sum(1))  # the layer saw positions as rows
+
     twice = nn.Linear(3, 3)
     bk = Bookkeeper(twice, 1.0)
     x = torch.randn(2, 3)
