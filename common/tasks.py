@@ -128,7 +128,8 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def is_ghost(module: nn.Module) -> bool:
-    """True for an Opacus ghost-clipping wrapper (``privacy.grad-sample-mode = "ghost"``)."""
+    """True for an Opacus ghost-clipping wrapper (``privacy.grad-sample-mode`` ``ghost``, or ``bk``,
+    which reuses the wrapper and its optimizer)."""
     return hasattr(module, "get_clipping_coef")
 
 

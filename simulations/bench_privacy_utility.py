@@ -45,12 +45,11 @@ def _eps(text: str) -> float:
 
 def job_overrides(family: str, partitioner: str | None, epsilon: float, args: argparse.Namespace) -> dict:
     rounds, steps = (args.lm_rounds, args.lm_max_steps) if family == "lm" else (args.rounds, args.max_steps)
-    o: dict = {"run.num-rounds": rounds, "train.max-steps": steps, "run.seed": args.seed, "privacy.ledger-dir": ""}
-    if family == "lm":
-        o.update({"eval.every": rounds})
-    else:
+    o: dict = {"run.num-rounds": rounds, "train.max-steps": steps, "run.seed": args.seed, "privacy.ledger-dir": "",
+               "eval.every": rounds}  # the final model only
+    if family != "lm":
         o.update({"data.partitioner": partitioner, "eval.fid-inception-n": args.fid_n, "eval.fid-inception-every": 0,
-                  "eval.every": rounds, "eval.fid-domain-n": min(args.fid_n, 2000) or 200})
+                  "eval.fid-domain-n": min(args.fid_n, 2000) or 200})
     if math.isinf(epsilon):
         o["privacy.enabled"] = False
     else:

@@ -7,7 +7,6 @@ is registered and has a quick preset (``simulations/*.toml`` with its task.famil
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import tomllib
 
@@ -220,8 +219,8 @@ def test_dp_round_charges_accountant_once_per_private_step(family, mode):
 def test_accountant_charges_the_rate_the_sampler_uses(family):
     """Opacus' own hook charges 1 / len(loader), and for some batch counts (93, 99, 105, 117,
     123, ...) its loader's len() rounds one short: a site sampling at 1/123 was charged 1/122
-    and ran out of budget a round early. Here the batch size is chosen to hit such a count."""
-    cfg, task, data = built(family)
+    and ran out of budget a round early. Here 123 records in batches of 1 hit such a count."""
+    _, task, data = built(family)
     assert len(data) >= 123
     data, size = torch.utils.data.Subset(data, range(123)), 1  # ceil(123 / 1) = 123 batches
     optimizers = task.make_optimizers()
