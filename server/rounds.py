@@ -295,7 +295,12 @@ def run_rounds(
 
         if not good:
             if rows and all(r["status"] == "refused" for r in rows):
-                continue  # every sampled site is exhausted: the check at the top ends the run
+                if rnd < num_rounds:
+                    continue  # every sampled site is exhausted: the check at the top ends the run
+                reason = (f"every sampled site's privacy budget is exhausted in round {rnd}, the last; "
+                          f"the model of round {rnd - 1} is final")
+                log.warning("%s", reason)
+                return Outcome("stopped", reason, arrays, rnd, records)  # rounds recorded, as at the top
             reasons = "; ".join(sorted({f"{r['reason']}" for r in rows})) or "no site replied"
             reason = f"every sampled site failed in round {rnd}: {reasons}"
             log.error("%s", reason)

@@ -1,0 +1,92 @@
+"""The round loop's endings, driven by a grid whose sites answer from a script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from uuid import uuid4
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from server.rounds import run_rounds
+from server.strategy import aggregate_train_metrics
+from tests.conftest import FakeGrid, quick_config
+
+pytestmark = pytest.mark.usefixtures("flower_identity")
+
+
+class ScriptedGrid(FakeGrid):
+    """Each node answers ``answer(node, round)``: "ok" (a trained update) or "refused" (budget spent)."""
+
+    def __init__(self, n: int, answer) -> None:
+        super().__init__(n)
+        self.answer, self.pending = answer, {}
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
+            self.pending[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        out = []
+        for mid in list(ids):
+            msg = self.pending.pop(mid)
+            rnd = int(msg.content["config"]["server-round"])
+            if self.answer(int(msg.metadata.dst_node_id), rnd) == "refused":
+                content = RecordDict({"metrics": MetricRecord({"num-examples": 0.0, "epsilon": 8.0}),
+                                      "status": ConfigRecord({"status": "budget-exhausted",
+                                                              "reason": "budget-exhausted: spent"})})
+            else:
+                arrays = ArrayRecord({"w": Array(np.full(3, float(rnd), dtype=np.float32))})
+                content = RecordDict({"arrays": arrays, "metrics": MetricRecord(
+                    {"num-examples": 10.0, "train-loss": 1.0, "epsilon": float(rnd)})})
+            out.append(Message(content=content, reply_to=msg))
+        return out
+
+
+class NoEval:
+    def initial_arrays(self) -> ArrayRecord:
+        return ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+
+    def evaluate(self, arrays: ArrayRecord, server_round: int | None = None) -> dict[str, float]:
+        return {}
+
+    def save_samples(self, arrays: ArrayRecord, path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def run(tmp_path, num_rounds: int, answer):
+    cfg = quick_config(**{"run.num-rounds": num_rounds, "strategy.min-train-nodes": 1})
+    strategy = FedAvg(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0,
+                      train_metrics_aggr_fn=aggregate_train_metrics)
+    recorded: list[dict] = []
+    outcome = run_rounds(ScriptedGrid(2, answer), cfg, strategy, NoEval(), recorded.append, tmp_path)
+    return outcome, recorded
+
+
+def test_every_site_refusing_the_last_round_stops_the_run_it_does_not_complete(tmp_path):
+    outcome, recorded = run(tmp_path, 3, lambda node, rnd: "refused" if rnd == 3 else "ok")
+    assert outcome.status == "stopped" and "privacy budget" in outcome.reason and "round 3" in outcome.reason
+    assert [r["round"] for r in recorded] == [0, 1, 2, 3]
+    assert recorded[3]["epsilon_max"] is None and {s["status"] for s in recorded[3]["sites"]} == {"refused"}
+    assert np.allclose(outcome.arrays["w"].numpy(), 2.0)  # the model of round 2 stands
+
+
+def test_refusals_before_the_last_round_stop_at_the_next_round(tmp_path):
+    outcome, recorded = run(tmp_path, 4, lambda node, rnd: "refused" if rnd >= 2 else "ok")
+    assert outcome.status == "stopped" and "privacy budget" in outcome.reason
+    assert [r["round"] for r in recorded] == [0, 1, 2]
+    assert outcome.rounds_done == 2
+
+
+def test_one_site_refusing_the_last_round_still_completes_with_the_other(tmp_path):
+    outcome, recorded = run(tmp_path, 2, lambda node, rnd: "refused" if (rnd == 2 and node == 100) else "ok")
+    assert outcome.status == "completed" and outcome.rounds_done == 2
+    assert recorded[2]["epsilon_max"] == 2.0
+    assert np.allclose(outcome.arrays["w"].numpy(), 2.0)
