@@ -14,9 +14,6 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 HistoryEntry = tuple[float, float, int]
 
 # The RDP bound could be tighter with higher orders; the epsilon we report stays a valid upper bound.
@@ -67,6 +64,8 @@ def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str
 ) -> float:
     """Noise multiplier so that ``total_steps`` steps at ``sample_rate`` reach ``target_epsilon``."""
+    from opacus.accountants.utils import get_noise_multiplier  # see _epsilon
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,
@@ -96,6 +95,10 @@ def epsilon(history: list[HistoryEntry], delta: float, accountant: str = "rdp") 
 
 @functools.lru_cache(maxsize=256)
 def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
+    # Imported here: importing opacus costs seconds (it pulls in torch.distributed and
+    # scipy.stats), and a ServerApp without user-level DP never calls into it.
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(accountant)
     acc.history = list(history)
     eps = acc.get_epsilon(delta=delta)

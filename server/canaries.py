@@ -46,7 +46,6 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from common import records as R
-from common.audit import one_shot_epsilon_estimate
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +158,8 @@ class CanaryClients:
             raise ValueError("the model did not change: nothing to audit (no round was aggregated)")
         cos = np.array([float(change @ self.direction(i)) / norm for i in range(self.m)])
         cin, cout = cos[self.inserted], cos[~self.inserted]
+        from common.audit import one_shot_epsilon_estimate  # scipy.stats: only an audit run pays its import
+
         eps = one_shot_epsilon_estimate(cin, cout, delta, null_dim=self.dim, equal_variances=True)
         eps_fitted = one_shot_epsilon_estimate(cin, cout, delta, equal_variances=True)
         eps_unequal = one_shot_epsilon_estimate(cin, cout, delta, null_dim=self.dim)
