@@ -28,6 +28,7 @@ def train(msg: Message, context: Context) -> Message:
         state=context.state,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         run_id=context.run_id,
+        run_name=str(config.get(R.RUN_NAME, "")),
     )
     content = RecordDict({
         "metrics": MetricRecord(result.metrics),

@@ -7,9 +7,12 @@ calls of :func:`train_round` / :func:`evaluate_round`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,69 @@ def make_plan(cfg: AppConfig, num_records: int) -> privacy.DPPlan:
     return privacy.DPPlan(noise, q, steps, delta, p.accountant, p.max_grad_norm)
 
 
+# Settings that may change when a run is resumed and do not change what a site computes.
+_RESUME_ONLY = ("resume", "resume_force", "round_timeout", "keep_checkpoints")
+
+
+def request_digest(cfg: AppConfig, site: SiteConfig, key: str, run_name: str, server_round: int,
+                   proximal_mu: float, global_arrays: ArrayRecord) -> str:
+    """What decides a round's training at this site: the run, the round, every setting, the records, the model.
+
+    Not the site's own budget or ledger location: they decide whether the site may train,
+    not what it computes, and an update already paid for may be sent again under any budget."""
+    settings = cfg.model_dump()
+    for name in _RESUME_ONLY:
+        settings["run"].pop(name, None)
+    h = hashlib.sha256(json.dumps({"run": run_name, "round": server_round, "mu": proximal_mu, "key": key,
+                                   "site": site.model_dump(exclude={"privacy_budget", "ledger_path"}), "cfg": settings}, sort_keys=True, default=str).encode())
+    for name, arr in global_arrays.items():
+        x = arr.numpy()
+        h.update(f"{name}|{x.dtype.str}|{x.shape}".encode())
+        h.update(x.tobytes())
+    return h.hexdigest()
+
+
+class SavedReply:
+    """The update a site last trained, kept beside its ledger, with the digest of the request.
+
+    A server that dies after the sites trained a round but before it checkpointed that
+    round resumes from the previous checkpoint and asks for the same round again, with the
+    same model. Training again would charge the site's budget a second time for nothing;
+    sending the update it already trained (and paid for) again is post-processing of that
+    DP release and costs no privacy. The file is written before the ledger records the
+    charge, and the ledger's line for the round names the request's digest: an update is
+    sent again only if the ledger says it was paid for (a crash between the two writes
+    leaves an unpaid file, which is never sent). An unreadable file is ignored (the site trains).
+    """
+
+    def __init__(self, ledger_path: Path, key: str) -> None:
+        tag = hashlib.sha256(key.encode()).hexdigest()[:16]
+        self.path = ledger_path.with_name(f"{ledger_path.name}.{tag}.last-reply.pt")
+
+    def load(self, digest: str) -> tuple[ArrayRecord, dict[str, float]] | None:
+        if not self.path.exists():
+            return None
+        try:
+            saved = torch.load(self.path, weights_only=True)
+            if saved["digest"] != digest:
+                return None
+            return ArrayRecord(torch_state_dict=saved["arrays"]), {k: float(v) for k, v in saved["metrics"].items()}
+        except Exception as err:  # noqa: BLE001 - any damage means: not usable, train as usual
+            log.warning("saved update %s is unreadable (%s); training this round as usual", self.path, err)
+            return None
+
+    def save(self, digest: str, arrays: ArrayRecord, metrics: dict[str, float]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # the ledger's folder: not made yet in round 1
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save({"digest": digest, "arrays": arrays.to_torch_state_dict(), "metrics": dict(metrics)}, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
 class PrivacyState:
     """The site's accountant history: the ledger file when configured, else Context.state (never both)."""
 
@@ -105,7 +171,10 @@ def train_round(
     state: RecordDict,
     proximal_mu: float = 0.0,
     run_id: int | str = 0,
+    run_name: str = "",
 ) -> RoundResult:
+    """Train one round; with a ledger on disk and a ``run_name``, a round asked again with
+    the same model and settings is answered with the saved update (:class:`SavedReply`)."""
     fault = faults.planned_fault(site.partition_id, server_round)
     if fault == "crash":
         raise RuntimeError(f"injected crash ({faults.ENV})")
@@ -120,6 +189,8 @@ def train_round(
     metrics: dict[str, float] = {R.PARTITION: float(site.partition_id)}
     torch.manual_seed(cfg.run.seed * 1_000_003 + server_round * 101 + site.partition_id)
 
+    saved: SavedReply | None = None
+    digest = ""
     if cfg.privacy.enabled:
         plan = make_plan(cfg, n)
         budget = site_budget(cfg, site)
@@ -131,6 +202,18 @@ def train_round(
                                 plan.delta, plan.accountant)
         metrics.update({R.EPSILON: spent, R.BUDGET: budget, R.DELTA: plan.delta, R.NOISE: plan.noise_multiplier,
                         R.SAMPLE_RATE: plan.sample_rate})
+        if pstate.ledger is not None and run_name:
+            saved = SavedReply(pstate.ledger.path, pstate.key)
+            digest = request_digest(cfg, site, pstate.key, run_name, server_round, proximal_mu, global_arrays)
+            paid = any(r.get("request") == digest for r in entry.rounds)
+            replay = saved.load(digest) if paid else None
+            if replay is not None:
+                arrays, sent = replay
+                log.info("site %d: round %d of run %s asked again with the same model and settings: sending the "
+                         "update already trained and paid for (epsilon stays %.4f)", site.partition_id, server_round,
+                         run_name, spent)
+                metrics = {**sent, R.EPSILON: spent, R.REPLAYED: 1.0}
+                return RoundResult(status="ok", metrics=metrics, arrays=_with_fault(arrays, fault, global_arrays))
         if would > budget * (1 + 1e-9):
             reason = (f"budget-exhausted: this round would raise epsilon from {spent:.4f} to {would:.4f}, "
                       f"above the site's budget {budget:g} (delta {plan.delta:g}); nothing was trained or spent")
@@ -152,21 +235,28 @@ def train_round(
     if not math.isfinite(result.mean_loss):
         raise FloatingPointError(f"local training diverged (loss {result.mean_loss}); lower train.lr")
 
+    # REPLAYED in every reply: Flower aggregates metrics only when all replies have the same keys.
+    metrics.update({R.NUM_EXAMPLES: float(n), R.TRAIN_LOSS: result.mean_loss, R.STEPS: float(result.steps),
+                    R.REPLAYED: 0.0})
+    arrays = R.to_arrayrecord(task.modules)
     if dp is not None:
         history = privacy.compact(dp.history)
         eps = privacy.epsilon(history, plan.delta, plan.accountant)
         entry.history, entry.delta, entry.epsilon = history, plan.delta, eps
         entry.budget, entry.accountant = budget, plan.accountant
-        entry.rounds.append({"run": str(run_id), "family": cfg.task.family, "round": server_round,
-                             "steps": result.steps, "noise": plan.noise_multiplier, "sample_rate": plan.sample_rate})
-        pstate.save(entry)
         metrics.update({R.EPSILON: eps, R.CLIP_FRACTION: dp.clip_fraction})
+        line = {"run": str(run_id), "family": cfg.task.family, "round": server_round,
+                "steps": result.steps, "noise": plan.noise_multiplier, "sample_rate": plan.sample_rate}
+        if saved is not None:
+            saved.save(digest, arrays, metrics)  # before the charge is recorded: see SavedReply
+            line["request"] = digest
+        entry.rounds.append(line)
+        pstate.save(entry)
+    return RoundResult(status="ok", metrics=metrics, arrays=_with_fault(arrays, fault, global_arrays))
 
-    metrics.update({R.NUM_EXAMPLES: float(n), R.TRAIN_LOSS: result.mean_loss, R.STEPS: float(result.steps)})
-    arrays = R.to_arrayrecord(task.modules)
-    if fault is not None:
-        arrays = faults.corrupt(arrays, fault, global_arrays)
-    return RoundResult(status="ok", metrics=metrics, arrays=arrays)
+
+def _with_fault(arrays: ArrayRecord, fault: str | None, global_arrays: ArrayRecord) -> ArrayRecord:
+    return arrays if fault is None else faults.corrupt(arrays, fault, global_arrays)
 
 
 def evaluate_round(cfg: AppConfig, site: SiteConfig, global_arrays: ArrayRecord) -> dict[str, Any]:

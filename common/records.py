@@ -26,8 +26,12 @@ NOISE = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 CLIP_FRACTION = "clip-fraction"
 STEPS = "steps"
+REPLAYED = "replayed"  # 1.0: the site answered with the update it had already trained for this request
 PARTITION = "partition-id"
 BUDGET_EXHAUSTED = "budget-exhausted"
+# Key of the train config the server sends: its name for the run, the same across a resume
+# (the flwr run id is not).
+RUN_NAME = "fedgen-run"
 # Keys of the ConfigRecord a site sends back (status of the round at that site).
 STATUS = "status"
 REASON = "reason"

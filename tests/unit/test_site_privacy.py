@@ -128,3 +128,118 @@ def test_a_site_folder_cannot_stand_in_for_the_bundled_digits(tmp_path):
 
     with pytest.raises(ValueError, match="data.dataset = 'image-folder'"):
         site_dataset(cfg_(), site_(**{"data-path": str(tmp_path)}))
+
+
+def _rounds_in_ledger(cfg, s) -> list[int]:
+    return [r["round"] for r in Ledger(s.ledger_path).load(dataset_key(cfg, s)).rounds]
+
+
+def _same(a, b) -> bool:
+    return list(a.keys()) == list(b.keys()) and all(
+        (a[k].numpy() == b[k].numpy()).all() for k in a.keys())
+
+
+def test_a_round_asked_again_is_answered_with_the_paid_update_and_costs_nothing(tmp_path):
+    # A server died after this site trained round 2 and resumed from its round-1 checkpoint:
+    # the same run asks for round 2 again with the same model.
+    cfg, s = cfg_(), site_(tmp_path)
+    arrays = global_arrays(cfg)
+    train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    first = train_round(cfg, s, arrays, 2, RecordDict(), run_name="run-a")
+    ledger = (tmp_path / "ledger.json").read_bytes()
+    again = train_round(cfg, s, arrays, 2, RecordDict(), run_name="run-a")
+    assert again.status == "ok" and again.metrics[R.REPLAYED] == 1.0 and first.metrics[R.REPLAYED] == 0.0
+    assert set(again.metrics) == set(first.metrics)  # Flower aggregates replies only when their keys agree
+    assert _same(again.arrays, first.arrays)
+    assert again.metrics[R.EPSILON] == first.metrics[R.EPSILON]
+    assert again.metrics[R.TRAIN_LOSS] == first.metrics[R.TRAIN_LOSS]
+    assert (tmp_path / "ledger.json").read_bytes() == ledger  # nothing charged
+    assert _rounds_in_ledger(cfg, s) == [1, 2]
+    # A site at its budget still answers with what it already paid for.
+    spent = site_(tmp_path, **{"privacy-budget": first.metrics[R.EPSILON]})
+    assert train_round(cfg, spent, arrays, 2, RecordDict(), run_name="run-a").metrics[R.REPLAYED] == 1.0
+    assert train_round(cfg, spent, arrays, 3, RecordDict(), run_name="run-a").status == "budget-exhausted"
+
+
+@pytest.mark.parametrize("change", ["model", "setting", "run", "round", "no-run-name"])
+def test_anything_different_in_the_request_trains_and_is_charged(tmp_path, change):
+    cfg, s = cfg_(), site_(tmp_path)
+    arrays = global_arrays(cfg)
+    train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    cfg2, arrays2, name, rnd = cfg, arrays, "run-a", 1
+    if change == "model":
+        arrays2 = global_arrays(cfg_(**{"run.seed": 1}))
+    elif change == "setting":
+        cfg2 = cfg_(**{"train.lr": 0.001})
+    elif change == "run":
+        name = "run-b"
+    elif change == "round":
+        rnd = 2
+    else:
+        name = ""
+    res = train_round(cfg2, s, arrays2, rnd, RecordDict(), run_name=name)
+    assert res.metrics[R.REPLAYED] == 0.0
+    assert _rounds_in_ledger(cfg, s) == [1, rnd]
+
+
+def test_resume_only_settings_do_not_stop_a_replay(tmp_path):
+    cfg, s, arrays = cfg_(), site_(tmp_path), global_arrays(cfg_())
+    train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    resumed = cfg_(**{"run.resume": "latest", "run.round-timeout": 30.0})
+    assert train_round(resumed, s, arrays, 1, RecordDict(), run_name="run-a").metrics[R.REPLAYED] == 1.0
+
+
+def test_a_damaged_saved_update_is_ignored_and_the_round_trained(tmp_path):
+    cfg, s, arrays = cfg_(), site_(tmp_path), global_arrays(cfg_())
+    train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    (saved,) = tmp_path.glob("ledger.json.*.last-reply.pt")
+    saved.write_bytes(b"\x00not a checkpoint")
+    res = train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    assert res.metrics[R.REPLAYED] == 0.0 and _rounds_in_ledger(cfg, s) == [1, 1]
+
+
+def test_an_update_whose_charge_was_not_recorded_is_never_sent_again(tmp_path, monkeypatch):
+    cfg, s, arrays = cfg_(), site_(tmp_path), global_arrays(cfg_())
+    real_save = Ledger.save
+
+    def ledger_write_fails(self, key, entry):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Ledger, "save", ledger_write_fails)
+    with pytest.raises(OSError, match="disk full"):
+        train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    assert len(list(tmp_path.glob("*.last-reply.pt"))) == 1  # written, but the ledger never said it was paid
+    monkeypatch.setattr(Ledger, "save", real_save)
+    res = train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    assert res.metrics[R.REPLAYED] == 0.0 and _rounds_in_ledger(cfg, s) == [1]
+
+
+def test_the_first_round_of_a_site_whose_ledger_folder_does_not_exist_yet(tmp_path):
+    cfg, arrays = cfg_(), global_arrays(cfg_())
+    s = parse_node_config({"partition-id": 1, "num-partitions": 3, "ledger-path": str(tmp_path / "new" / "l.json")})
+    train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    assert train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a").metrics[R.REPLAYED] == 1.0
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_round_mixing_a_sent_again_and_a_trained_update_aggregates(tmp_path):
+    from flwr.app import ConfigRecord, Message, MetricRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.strategy import aggregate_train_metrics
+    from tests.conftest import FakeGrid
+
+    cfg, arrays = cfg_(), global_arrays(cfg_())
+    a, b = site_(tmp_path / "a"), parse_node_config({"partition-id": 2, "num-partitions": 3,
+                                                     "ledger-path": str(tmp_path / "b.json")})
+    train_round(cfg, a, arrays, 1, RecordDict(), run_name="run-a")
+    results = [train_round(cfg, a, arrays, 1, RecordDict(), run_name="run-a"),  # sent again
+               train_round(cfg, b, arrays, 1, RecordDict(), run_name="run-a")]  # trained
+    assert [r.metrics[R.REPLAYED] for r in results] == [1.0, 0.0]
+    strategy = FedAvg(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0,
+                      train_metrics_aggr_fn=aggregate_train_metrics)
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(2)))
+    replies = [Message(content=RecordDict({"arrays": r.arrays, "metrics": MetricRecord(r.metrics)}), reply_to=m)
+               for r, m in zip(results, msgs)]
+    merged, metrics = strategy.aggregate_train(1, replies)
+    assert merged is not None and metrics["replayed"] == pytest.approx(0.5, abs=0.01)  # weighted by examples
