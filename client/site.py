@@ -81,8 +81,9 @@ def request_digest(cfg: AppConfig, site: SiteConfig, key: str, run_name: str, se
     settings = cfg.model_dump()
     for name in _RESUME_ONLY:
         settings["run"].pop(name, None)
-    h = hashlib.sha256(json.dumps({"run": run_name, "round": server_round, "mu": proximal_mu, "key": key,
-                                   "site": site.model_dump(exclude={"privacy_budget", "ledger_path"}), "cfg": settings}, sort_keys=True, default=str).encode())
+    request = {"run": run_name, "round": server_round, "mu": proximal_mu, "key": key, "cfg": settings,
+               "site": site.model_dump(exclude={"privacy_budget", "ledger_path"})}
+    h = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode())
     for name, arr in global_arrays.items():
         x = arr.numpy()
         h.update(f"{name}|{x.dtype.str}|{x.shape}".encode())

@@ -220,7 +220,8 @@ def run_rounds(
                 log.warning("%s", reason)
                 return Outcome("stopped", reason, arrays, rnd - 1, records)
         started = time.time()
-        messages = _encode(list(strategy.configure_train(rnd, arrays, ConfigRecord({R.RUN_NAME: run_dir.name}), active)),
+        train_config = ConfigRecord({R.RUN_NAME: run_dir.name})  # lets a site recognise a round asked again
+        messages = _encode(list(strategy.configure_train(rnd, arrays, train_config, active)),
                            cfg.strategy.update_dtype)
         bytes_sent = sum(_payload_bytes(m) for m in messages)
         sampled = [int(m.metadata.dst_node_id) for m in messages]
