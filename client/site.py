@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from client import faults
 from client.dp import Ledger, LedgerEntry, make_private
+from common import atomic
 from common import privacy
 from common import records as R
 from common.config import AppConfig, SiteConfig, site_budget
@@ -121,15 +120,9 @@ class SavedReply:
             return None
 
     def save(self, digest: str, arrays: ArrayRecord, metrics: dict[str, float]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)  # the ledger's folder: not made yet in round 1
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"digest": digest, "arrays": arrays.to_torch_state_dict(), "metrics": dict(metrics)}, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Makes the ledger's folder too: not there yet in round 1.
+        atomic.torch_save({"digest": digest, "arrays": arrays.to_torch_state_dict(), "metrics": dict(metrics)},
+                          self.path)
 
 
 class PrivacyState:

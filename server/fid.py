@@ -28,8 +28,6 @@ import importlib.metadata
 import inspect
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+
+from common import atomic
 
 log = logging.getLogger(__name__)
 
@@ -226,18 +226,6 @@ def _train_domain_net(net: DomainNet, images: torch.Tensor, labels: torch.Tensor
     return scores
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def domain_extractor(images: torch.Tensor, labels: torch.Tensor | None, cache_dir: str | Path,
                      hp: DomainTraining = DomainTraining()) -> DomainFeatures:
     """The domain feature extractor for this held-out data: from the cache, or trained and cached.
@@ -267,7 +255,7 @@ def domain_extractor(images: torch.Tensor, labels: torch.Tensor | None, cache_di
         torch.manual_seed(hp.seed)
         net = DomainNet(images.shape[-1], images.shape[1], num_classes)
     scores = _train_domain_net(net, images, labels, hp)
-    _atomic_save(net.state_dict(), path)
+    atomic.torch_save(net.state_dict(), path)
     log.info("FID %s extractor trained on %d held-out images in %.1fs (%s); cached at %s", name, len(images),
              time.time() - t, ", ".join(f"{k} {v:.3g}" for k, v in scores.items()), path)
     return DomainFeatures(net, name, f"{name}-{key}")
@@ -318,7 +306,7 @@ class FIDScorer:
         self.num_real = int(m.real_features_num_samples)
         log.info("FID %s: real statistics of %d images in %.1fs", self.name, self.num_real, time.time() - t)
         if path is not None:
-            _atomic_save({"sum": m.real_features_sum.cpu(), "cov_sum": m.real_features_cov_sum.cpu(),
+            atomic.torch_save({"sum": m.real_features_sum.cpu(), "cov_sum": m.real_features_cov_sum.cpu(),
                           "n": m.real_features_num_samples.cpu()}, path)
 
     def score(self, images: torch.Tensor) -> float:
