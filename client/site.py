@@ -68,7 +68,7 @@ def make_plan(cfg: AppConfig, num_records: int) -> privacy.DPPlan:
 
 
 # Settings that may change when a run is resumed and do not change what a site computes.
-_RESUME_ONLY = ("resume", "resume_force", "round_timeout", "keep_checkpoints")
+_RESUME_ONLY = ("resume", "resume_force", "round_timeout", "reply_poll_interval", "keep_checkpoints")
 
 
 def request_digest(cfg: AppConfig, site: SiteConfig, key: str, run_name: str, server_round: int,

@@ -38,6 +38,11 @@ class RunSection(_Section):
     runs_dir: str = Field("runs", min_length=1, description="folder that holds one subfolder per run")
     name: str = Field("", description="optional run name prefix")
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in a round")
+    reply_poll_interval: float = Field(
+        0.02, gt=0, le=5.0,
+        description="seconds between the server's pulls for replies (each pull is one request to the "
+                    "SuperLink; a reply waits up to this long after it arrives)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: str = Field("", description='"" = a new run; a run id (or "latest") to continue from its checkpoint')
     resume_force: bool = Field(False, description="resume even if the config differs from the checkpoint's")

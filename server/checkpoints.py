@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 VERSION = 1
 # Keys that may differ between a crashed run and its resumption.
-RESUME_KEYS = {"run.resume", "run.resume-force", "run.num-rounds", "run.round-timeout", "run.keep-checkpoints"}
+RESUME_KEYS = {"run.resume", "run.resume-force", "run.num-rounds", "run.round-timeout", "run.reply-poll-interval",
+               "run.keep-checkpoints"}
 
 
 class CheckpointError(RuntimeError):

@@ -92,13 +92,13 @@ class RoundRecorder:
         log.info("%s", round_line(rec, self.num_rounds))
 
 
-REPLY_POLL_SECONDS = 0.2  # Flower's send_and_receive sleeps 3 s between pulls
+def exchange(grid: Grid, messages: list[Message], timeout: float,
+             poll_interval: float) -> tuple[list[Message], dict[str, int]]:
+    """Push the round's messages and pull replies every ``poll_interval`` s until all are in or time is up.
 
-
-def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], dict[str, int]]:
-    """Push the round's messages and pull replies every 0.2 s until all are in or time is up.
-
-    Returns the replies and, for each pushed message id, the node it was sent to.
+    Returns the replies and, for each pushed message id, the node it was sent to. Flower's own
+    ``send_and_receive`` sleeps 3 s between pulls; the last reply of a round waits on average
+    half the interval before the server sees it (``run.reply-poll-interval``, 20 ms by default).
     """
     dsts = [int(m.metadata.dst_node_id) for m in messages]
     ids = list(grid.push_messages(messages))
@@ -111,7 +111,7 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[
         replies.extend(got)
         pending -= {m.metadata.reply_to_message_id for m in got}
         if pending:
-            time.sleep(REPLY_POLL_SECONDS)
+            time.sleep(min(poll_interval, max(0.0, end - time.monotonic())))
     return replies, dst_of
 
 
@@ -227,7 +227,7 @@ def run_rounds(
         sampled = [int(m.metadata.dst_node_id) for m in messages]
         # A reply the SuperLink writes for a node that went offline comes from the SuperLink
         # itself: attribute every reply to the node its request was sent to.
-        replies, dst_of = exchange(grid, messages, cfg.run.round_timeout)
+        replies, dst_of = exchange(grid, messages, cfg.run.round_timeout, cfg.run.reply_poll_interval)
         bytes_received = sum(_payload_bytes(m) for m in replies if not m.has_error())
 
         rows, good = [], []

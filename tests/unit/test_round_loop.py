@@ -90,3 +90,51 @@ def test_one_site_refusing_the_last_round_still_completes_with_the_other(tmp_pat
     assert outcome.status == "completed" and outcome.rounds_done == 2
     assert recorded[2]["epsilon_max"] == 2.0
     assert np.allclose(outcome.arrays["w"].numpy(), 2.0)
+
+
+class SlowGrid(ScriptedGrid):
+    """Replies become visible one pull after another: pull k returns at most the k-th reply."""
+
+    def pull_messages(self, ids):
+        first = sorted(ids)[:1]
+        return super().pull_messages(first)
+
+
+def _round_messages(n: int) -> list[Message]:
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    return [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                    dst_node_id=node, message_type="train") for node in range(1, n + 1)]
+
+
+def test_exchange_sleeps_the_configured_poll_interval_between_pulls(monkeypatch):
+    import server.rounds as rounds
+
+    slept: list[float] = []
+    monkeypatch.setattr(rounds.time, "sleep", slept.append)
+    replies, dst_of = rounds.exchange(SlowGrid(3, lambda node, rnd: "ok"), _round_messages(3),
+                                      timeout=60.0, poll_interval=0.05)
+    assert len(replies) == 3 and sorted(dst_of.values()) == [1, 2, 3]
+    assert slept == [0.05, 0.05]  # one sleep between each of the three pulls, none after the last
+
+
+def test_exchange_never_sleeps_past_the_round_timeout(monkeypatch):
+    import server.rounds as rounds
+
+    clock = iter(range(0, 10_000)).__next__  # each monotonic() read is one second later
+    monkeypatch.setattr(rounds.time, "monotonic", lambda: float(clock()))
+    slept: list[float] = []
+    monkeypatch.setattr(rounds.time, "sleep", slept.append)
+    replies, _ = rounds.exchange(SlowGrid(3, lambda node, rnd: "ok"), _round_messages(3),
+                                 timeout=2.5, poll_interval=5.0)
+    assert len(replies) < 3  # the timeout ended the wait with replies still out
+    assert slept and all(s <= 2.5 for s in slept)
+
+
+def test_reply_poll_interval_is_validated_and_may_change_on_resume():
+    from common.config import ConfigError, parse_run_config
+    from server.checkpoints import RESUME_KEYS
+
+    assert quick_config().run.reply_poll_interval == 0.02
+    with pytest.raises(ConfigError, match="reply-poll-interval"):
+        parse_run_config({"run.reply-poll-interval": 0.0})
+    assert "run.reply-poll-interval" in RESUME_KEYS
