@@ -15,7 +15,10 @@ alike; figures are medians over the pairs of per-pair values:
   SuperExec, simulation process, Ray, ServerApp imports, round-0 evaluation), plus the
   first round's excess over a steady round (Ray actor start, ClientApp imports, first
   data load), broken down by phase;
-* peak memory: PSS (and RSS) summed over every process each side started.
+* peak memory: PSS (and RSS) summed over every process each side started;
+* Flower's floor (``--plain``, on by default): the same launch of ``simulations/plainapp``,
+  an app that imports only flwr and whose sites answer at once, run third in every pair:
+  what any app pays on this machine before and in each round.
 
 Prints the table last; writes a PNG (--png).
 """
@@ -37,6 +40,7 @@ from simulations.benchlib import (
     round_seconds,
     run_flower,
     run_local_subprocess,
+    run_plain,
     save_png,
     thread_env,
 )
@@ -83,6 +87,9 @@ def plot(pairs: list[dict], path: Path, title: str) -> None:
                label="flwr run" if i == 0 else None)
         a.plot(range(1, len(p["local_rounds"]) + 1), p["local_rounds"], "s--", color="C1", alpha=0.7,
                label="in-process" if i == 0 else None)
+        if "plain_rounds" in p:
+            a.plot(range(1, len(p["plain_rounds"]) + 1), p["plain_rounds"], "^:", color="C2", alpha=0.7,
+                   label="plain Flower app" if i == 0 else None)
     a.set_xlabel("round")
     a.set_ylabel("wall time (s)")
     a.set_title("round time, every pair")
@@ -98,7 +105,15 @@ def plot(pairs: list[dict], path: Path, title: str) -> None:
         v = median(p["local_phases"][k] for p in pairs)
         b.bar(1, v, bottom=bottom, color="grey" if k == "before-round-1" else "silver")
         bottom += v
-    b.set_xticks([0, 1], ["flwr run", "in-process"])
+    ticks = ["flwr run", "in-process"]
+    if all("plain_phases" in p for p in pairs):
+        bottom = 0.0
+        for k in keys:
+            v = median(p["plain_phases"][k] for p in pairs)
+            b.bar(2, v, bottom=bottom, color=f"C{keys.index(k)}", alpha=0.5)
+            bottom += v
+        ticks.append("plain app")
+    b.set_xticks(range(len(ticks)), ticks)
     b.set_ylabel("seconds to steady state (median)")
     b.set_title("cold start")
     b.legend(fontsize=7, loc="upper right")
@@ -117,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process, both sides (0 = unset)")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "img" / "overhead.png")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    ap.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the plain Flower app (simulations/plainapp) in every pair: Flower's floor")
     args = ap.parse_args(argv)
     if args.rounds < 2:
         ap.error("--rounds must be at least 2 (round 1 includes the cold start)")
@@ -131,7 +148,12 @@ def main(argv: list[str] | None = None) -> dict:
             f = run_flower(args.preset, overrides, args.sites, Path(tmp) / f"flwr-{i}", env=env)
             lo = run_local_subprocess(args.preset, overrides, args.sites, Path(tmp) / f"local-{i}", env=env)
             fr, lr = round_seconds(f["records"]), round_seconds(lo["records"])
-            pairs.append({
+            plain = {}
+            if args.plain:
+                pl = run_plain(args.sites, args.rounds, Path(tmp) / f"plain-{i}", cfg["run.reply-poll-interval"], env=env)
+                plain = {"plain_rounds": round_seconds(pl["records"]), "plain_phases": flower_phases(pl),
+                         "plain_pss": pl["mem"].peak_pss, "plain_rss": pl["mem"].peak_rss}
+            pairs.append({**plain,
                 "flwr_rounds": fr, "local_rounds": lr,
                 "ratio": median(fr[1:]) / median(lr[1:]),
                 "flwr_phases": flower_phases(f), "local_phases": local_phases(lo),
@@ -141,7 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
             })
             print(f"pair {i + 1}/{args.pairs}: steady round flwr {median(fr[1:]):.2f}s, in-process "
                   f"{median(lr[1:]):.2f}s, ratio {pairs[-1]['ratio']:.2f}; cold start flwr "
-                  f"{pairs[-1]['flwr_phases']['cold-start']:.1f}s", flush=True)
+                  f"{pairs[-1]['flwr_phases']['cold-start']:.1f}s"
+                  + (f"; plain app: steady round {median(plain['plain_rounds'][1:]):.2f}s, cold start "
+                     f"{plain['plain_phases']['cold-start']:.1f}s" if plain else ""), flush=True)
 
     def med(key, side="flwr_phases"):
         return median(p[side][key] for p in pairs)
@@ -164,6 +188,14 @@ def main(argv: list[str] | None = None) -> dict:
         "memory_breakdown_flwr": [(k, round(p, 3), round(r, 3), n) for k, p, r, n in pairs[-1]["flwr_breakdown"]],
         "pairs_raw": [{k: v for k, v in p.items() if k != "flwr_breakdown"} for p in pairs],
     }
+    if args.plain:
+        summary.update({
+            "steady_round_plain_s": median(median(p["plain_rounds"][1:]) for p in pairs),
+            "cold_start_plain_s": med("cold-start", "plain_phases"),
+            "phases_plain_s": {k: med(k, "plain_phases") for k in pairs[0]["plain_phases"]},
+            "peak_pss_plain_gib": median(p["plain_pss"] for p in pairs) / 2**30,
+            "peak_rss_plain_gib": median(p["plain_rss"] for p in pairs) / 2**30,
+        })
     title = (f"fedgen federation overhead: {summary['family']} on {summary['dataset']}, K={args.sites} sites, "
              f"R={args.rounds} rounds, {args.pairs} pairs, {args.threads} thread(s)/process, {MACHINE} ({summary['load']}), {summary['date']}")
     plot(pairs, args.png, title)
@@ -175,17 +207,27 @@ def main(argv: list[str] | None = None) -> dict:
     print("cold-start phases (median s): " + ", ".join(f"{k}={v:.2f}" for k, v in s["phases_s"].items()))
     print("flwr memory at peak (last pair, GiB PSS/RSS): " + ", ".join(
         f"{k} x{n}={p:.2f}/{r:.2f}" for k, p, r, n in s["memory_breakdown_flwr"]))
+    if args.plain:
+        print("plain Flower app phases (median s): "
+              + ", ".join(f"{k}={v:.2f}" for k, v in s["phases_plain_s"].items()))
+        print(f"fedgen's cold start above the plain app's: {s['cold_start_s'] - s['cold_start_plain_s']:.2f} s; "
+              f"its steady round above the plain app's: {s['steady_round_flwr_s'] - s['steady_round_plain_s']:.3f} s")
     print(f"png: {args.png}")
-    print(f"{'figure':<34} {'flwr run':>10} {'in-process':>11} {'ratio':>7}")
+
+    def plain(key: str, fmt: str) -> str:
+        return f"{s[key]:>11{fmt}}" if args.plain else f"{'-':>11}"
+
+    print(f"{'figure':<34} {'flwr run':>10} {'in-process':>11} {'ratio':>7} {'plain app':>11}")
     print(f"{'steady round (s, median)':<34} {s['steady_round_flwr_s']:>10.3f} {s['steady_round_local_s']:>11.3f} "
-          f"{s['steady_ratio']:>7.2f}")
+          f"{s['steady_ratio']:>7.2f} {plain('steady_round_plain_s', '.3f')}")
     print(f"{'cold start to steady state (s)':<34} {s['cold_start_s']:>10.2f} {s['cold_start_local_s']:>11.2f} "
-          f"{s['cold_start_s'] / s['cold_start_local_s']:>7.2f}")
-    print(f"{'launch to round-1 start (s)':<34} {s['before_round1_s']:>10.2f} {'-':>11} {'-':>7}")
+          f"{s['cold_start_s'] / s['cold_start_local_s']:>7.2f} {plain('cold_start_plain_s', '.2f')}")
+    before_plain = f"{s['phases_plain_s']['before-round-1']:>11.2f}" if args.plain else f"{'-':>11}"
+    print(f"{'launch to round-1 start (s)':<34} {s['before_round1_s']:>10.2f} {'-':>11} {'-':>7} {before_plain}")
     print(f"{'peak PSS, all processes (GiB)':<34} {s['peak_pss_flwr_gib']:>10.2f} {s['peak_pss_local_gib']:>11.2f} "
-          f"{s['peak_pss_flwr_gib'] / s['peak_pss_local_gib']:>7.2f}")
+          f"{s['peak_pss_flwr_gib'] / s['peak_pss_local_gib']:>7.2f} {plain('peak_pss_plain_gib', '.2f')}")
     print(f"{'peak RSS sum (GiB)':<34} {s['peak_rss_flwr_gib']:>10.2f} {s['peak_rss_local_gib']:>11.2f} "
-          f"{s['peak_rss_flwr_gib'] / s['peak_rss_local_gib']:>7.2f}")
+          f"{s['peak_rss_flwr_gib'] / s['peak_rss_local_gib']:>7.2f} {plain('peak_rss_plain_gib', '.2f')}")
     return summary
 
 

@@ -225,6 +225,32 @@ def run_flower(preset: str | None, overrides: dict, num_sites: int, work: Path, 
             "load": os.getloadavg()[0]}
 
 
+PLAIN_APP = ROOT / "simulations" / "plainapp"
+
+
+def run_plain(num_sites: int, rounds: int, work: Path, poll_interval: float, interval: float = 0.5,
+              env: dict[str, str] | None = None) -> dict:
+    """The same launch with Flower's floor: ``simulations/plainapp`` imports only flwr and its
+    sites answer at once. Returns what :func:`run_flower` does (round 0 = sites registered)."""
+    from simulations.launch import launch
+
+    work.mkdir(parents=True, exist_ok=True)
+    flwr_home, records = work / "flwr-home", work / "plain-rounds.jsonl"
+    flwr_home.mkdir(exist_ok=True)
+    config = {"run.num-rounds": rounds, "run.num-sites": num_sites, "run.records": str(records),
+              "run.reply-poll-interval": poll_interval}
+    phases: dict[str, float] = {}
+    t0 = time.time()
+    with MemorySampler(flower_pids(flwr_home), interval) as mem:
+        code = launch(None, [], num_sites, work / "runs", quiet=True, flwr_home=flwr_home, phases=phases,
+                      extra_env=env, app_dir=PLAIN_APP, run_config=config)
+    t_end = time.time()
+    if code != 0 or not records.exists():
+        raise RuntimeError(f"the plain Flower app failed (see {flwr_home / 'superlink.log'})")
+    recs = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+    return {"t0": t0, "t_end": t_end, "records": recs, "phases": phases, "mem": mem, "load": os.getloadavg()[0]}
+
+
 # ---------------------------------------------------------------- in-process grid
 
 class LocalGrid:

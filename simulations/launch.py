@@ -196,8 +196,12 @@ def _terminate(signum, _frame) -> None:
 
 def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: Path, quiet: bool = False,
            extra_env: dict[str, str] | None = None, flwr_home: Path | None = None,
-           phases: dict[str, float] | None = None) -> int:
+           phases: dict[str, float] | None = None, app_dir: Path = ROOT,
+           run_config: dict[str, object] | None = None) -> int:
     """Run one job; returns 0 only if Flower reports it ``finished:completed``.
+
+    ``app_dir`` is the Flower app to run (default: fedgen); with ``run_config`` given, that
+    config is sent as it is instead of fedgen's preset + overrides (used for another app).
 
     ``flwr_home`` (default: a temporary folder, removed afterwards) holds the SuperLink's
     state, its log and the connection config; ``extra_env`` is added to every process.
@@ -213,16 +217,16 @@ def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: P
         flwr_home = Path(flwr_home or tmp)
         flwr_home.mkdir(parents=True, exist_ok=True)
         env = {**flower_env(flwr_home), **(extra_env or {})}
-        config = merged_run_config(preset, overrides, runs_dir)
-        run_config = flwr_home / "run-config.toml"
-        run_config.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in config.items()))
+        config = run_config if run_config is not None else merged_run_config(preset, overrides, runs_dir)
+        config_file = flwr_home / "run-config.toml"
+        config_file.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in config.items()))
         proc, address = start_superlink(flwr_home, env)
         phases["superlink-ready"] = time.time()
         try:
             (flwr_home / "config.toml").write_text(
                 f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{address}"\ninsecure = true\n'
             )
-            cmd = ["flwr", "run", ".", "local", "--stream", "--run-config", str(run_config),
+            cmd = ["flwr", "run", str(app_dir), "local", "--stream", "--run-config", str(config_file),
                    "--federation-config", f"num-supernodes={num_sites}"]
             out = None if not quiet else subprocess.DEVNULL
             phases["run-submitted"] = time.time()

@@ -57,6 +57,10 @@ def test_bench_overhead_tiny(tmp_path, capsys):
     assert s["steady_ratio"] > 0 and s["peak_pss_flwr_gib"] > 0
     assert {"superlink-start", "submit-to-serverapp", "round-0-eval", "round-1-excess"} <= set(s["phases_s"])
     assert any(label.startswith("ray: ClientAppActor") for label, *_ in s["memory_breakdown_flwr"])
+    # Flower's floor, the plain app, ran beside them: its rounds are timed and its cold start split.
+    assert s["steady_round_plain_s"] > 0 and s["cold_start_plain_s"] > 0 and s["peak_pss_plain_gib"] > 0
+    assert {"superlink-start", "submit-to-serverapp", "round-1-excess"} <= set(s["phases_plain_s"])
+    assert "plain app" in table[0] and len(s["pairs_raw"][0]["plain_rounds"]) == 2
     _png_ok(png)
 
 
