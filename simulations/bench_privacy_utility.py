@@ -117,7 +117,7 @@ def plot(rows: list[dict], png: Path) -> None:
     for ax, lm in zip(axes, (False, True)):
         groups: dict[str, list[dict]] = {}
         for r in rows:
-            if (r["family"] == "lm") == lm:
+            if (r["family"] == "lm") == lm and r["value"] is not None:  # a cell without a result has no point
                 groups.setdefault(f"{r['family']} {r['partition']}", []).append(r)
         finite = [r["epsilon"] for g in groups.values() for r in g if math.isfinite(r["epsilon"])]
         x_inf = 2 * max(finite) if finite else 1.0
@@ -197,17 +197,17 @@ def main(argv: list[str] | None = None) -> dict:
                          "cpu_min": res["cpu_s"] / 60, "wall_min": res["wall_s"] / 60, "sites": sites,
                          "rounds": ov["run.num-rounds"], "max_steps": ov["train.max-steps"]})
 
+    date = time.strftime("%Y-%m-%d")
+    summary = {"machine": MACHINE, "date": date, "transport": args.transport, "rows": rows,
+               "published_fid_eps10": PUBLISHED_FID_EPS10, "sets": args.sets, "loads": loads}
+    if args.json:  # before the plot: what the jobs measured is kept even if drawing fails
+        args.json.write_text(json.dumps(summary, indent=1, default=str))
     plot(rows, args.png)
 
-    date = time.strftime("%Y-%m-%d")
     print(f"\nprivacy-utility: {MACHINE}, {date}, transport {args.transport}, seed {args.seed}, "
           f"{load_note(loads)}; PNG {args.png}")
     print("published centralized FID at eps 10: " + ", ".join(f"{k} {v}" for k, v in PUBLISHED_FID_EPS10.items()))
     print_table(rows)
-    summary = {"machine": MACHINE, "date": date, "transport": args.transport, "rows": rows,
-               "published_fid_eps10": PUBLISHED_FID_EPS10, "sets": args.sets, "loads": loads}
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
 
