@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from opacus import PrivacyEngine
 from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample, convolution2d_backward_as_a_convolution
 
+from common.atomic import write_bytes
 from common.privacy import DPPlan, HistoryEntry
 from common.bookkeeping import Bookkeeper
 from common.tasks import GenerativeTask, is_ghost
@@ -119,17 +118,7 @@ class Ledger:
         entries[key] = {**entry.__dict__, "history": [list(h) for h in entry.history]}
         doc = {"version": LEDGER_VERSION, "updated_at": time.time(), "entries": entries,
                "checksum": _checksum(entries)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(doc, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes(self.path, json.dumps(doc, indent=1).encode())
 
 
 @dataclass

@@ -15,9 +15,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from common.atomic import write_bytes
 from common.config import AppConfig
 from server.central_dp import UserLevelDP
 
@@ -40,20 +39,6 @@ RESUME_KEYS = {"run.resume", "run.resume-force", "run.num-rounds", "run.round-ti
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _np_tree_to_torch(value: Any) -> Any:
@@ -151,14 +136,14 @@ class Checkpointer:
         torch.save(payload, buf)
         data = buf.getvalue()
         path = self.dir / f"round-{rnd:04d}.pt"
-        _atomic_write(path, data)
+        write_bytes(path, data)
         entries = [e for e in self._entries() if e["round"] != rnd]
         entries.append({"file": path.name, "round": rnd, "sha256": hashlib.sha256(data).hexdigest()})
         entries.sort(key=lambda e: e["round"])
         for old in entries[: -self.keep]:
             (self.dir / old["file"]).unlink(missing_ok=True)
         entries = entries[-self.keep :]
-        _atomic_write(self.index, json.dumps({"checkpoints": entries}, indent=1).encode())
+        write_bytes(self.index, json.dumps({"checkpoints": entries}, indent=1).encode())
         return path
 
     def latest(self) -> Checkpoint | None:
