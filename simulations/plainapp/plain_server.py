@@ -22,6 +22,8 @@ def main(grid: Grid, context: Context) -> None:
     poll, out = float(cfg["run.reply-poll-interval"]), str(cfg["run.records"])
     t = time.time()
     while len(nodes := sorted(grid.get_node_ids())) < sites:
+        if time.time() - t > 120:
+            raise RuntimeError(f"only {len(nodes)} of run.num-sites = {sites} sites registered within 120 s")
         time.sleep(poll)
     records = [{"round": 0, "started_at": t, "ended_at": time.time()}]
     for rnd in range(1, rounds + 1):
