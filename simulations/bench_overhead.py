@@ -214,20 +214,20 @@ def main(argv: list[str] | None = None) -> dict:
               f"its steady round above the plain app's: {s['steady_round_flwr_s'] - s['steady_round_plain_s']:.3f} s")
     print(f"png: {args.png}")
 
-    def plain(key: str, fmt: str) -> str:
+    def plain_cell(key: str, fmt: str) -> str:
         return f"{s[key]:>11{fmt}}" if args.plain else f"{'-':>11}"
 
     print(f"{'figure':<34} {'flwr run':>10} {'in-process':>11} {'ratio':>7} {'plain app':>11}")
     print(f"{'steady round (s, median)':<34} {s['steady_round_flwr_s']:>10.3f} {s['steady_round_local_s']:>11.3f} "
-          f"{s['steady_ratio']:>7.2f} {plain('steady_round_plain_s', '.3f')}")
+          f"{s['steady_ratio']:>7.2f} {plain_cell('steady_round_plain_s', '.3f')}")
     print(f"{'cold start to steady state (s)':<34} {s['cold_start_s']:>10.2f} {s['cold_start_local_s']:>11.2f} "
-          f"{s['cold_start_s'] / s['cold_start_local_s']:>7.2f} {plain('cold_start_plain_s', '.2f')}")
+          f"{s['cold_start_s'] / s['cold_start_local_s']:>7.2f} {plain_cell('cold_start_plain_s', '.2f')}")
     before_plain = f"{s['phases_plain_s']['before-round-1']:>11.2f}" if args.plain else f"{'-':>11}"
     print(f"{'launch to round-1 start (s)':<34} {s['before_round1_s']:>10.2f} {'-':>11} {'-':>7} {before_plain}")
     print(f"{'peak PSS, all processes (GiB)':<34} {s['peak_pss_flwr_gib']:>10.2f} {s['peak_pss_local_gib']:>11.2f} "
-          f"{s['peak_pss_flwr_gib'] / s['peak_pss_local_gib']:>7.2f} {plain('peak_pss_plain_gib', '.2f')}")
+          f"{s['peak_pss_flwr_gib'] / s['peak_pss_local_gib']:>7.2f} {plain_cell('peak_pss_plain_gib', '.2f')}")
     print(f"{'peak RSS sum (GiB)':<34} {s['peak_rss_flwr_gib']:>10.2f} {s['peak_rss_local_gib']:>11.2f} "
-          f"{s['peak_rss_flwr_gib'] / s['peak_rss_local_gib']:>7.2f} {plain('peak_rss_plain_gib', '.2f')}")
+          f"{s['peak_rss_flwr_gib'] / s['peak_rss_local_gib']:>7.2f} {plain_cell('peak_rss_plain_gib', '.2f')}")
     return summary
 
 
