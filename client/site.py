@@ -23,7 +23,7 @@ from client.dp import Ledger, LedgerEntry, make_private
 from common import atomic
 from common import privacy
 from common import records as R
-from common.config import AppConfig, SiteConfig, site_budget
+from common.config import RESUME_ONLY_RUN_FIELDS, AppConfig, SiteConfig, site_budget
 from common.data.site import site_dataset
 from common.tasks import build_task, pick_device
 from common.train import add_proximal_term, train_local
@@ -67,10 +67,6 @@ def make_plan(cfg: AppConfig, num_records: int) -> privacy.DPPlan:
     return privacy.DPPlan(noise, q, steps, delta, p.accountant, p.max_grad_norm)
 
 
-# Settings that may change when a run is resumed and do not change what a site computes.
-_RESUME_ONLY = ("resume", "resume_force", "round_timeout", "reply_poll_interval", "keep_checkpoints")
-
-
 def request_digest(cfg: AppConfig, site: SiteConfig, key: str, run_name: str, server_round: int,
                    proximal_mu: float, global_arrays: ArrayRecord) -> str:
     """What decides a round's training at this site: the run, the round, every setting, the records, the model.
@@ -78,7 +74,7 @@ def request_digest(cfg: AppConfig, site: SiteConfig, key: str, run_name: str, se
     Not the site's own budget or ledger location: they decide whether the site may train,
     not what it computes, and an update already paid for may be sent again under any budget."""
     settings = cfg.model_dump()
-    for name in _RESUME_ONLY:
+    for name in RESUME_ONLY_RUN_FIELDS:
         settings["run"].pop(name, None)
     request = {"run": run_name, "round": server_round, "mu": proximal_mu, "key": key, "cfg": settings,
                "site": site.model_dump(exclude={"privacy_budget", "ledger_path"})}

@@ -32,6 +32,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# run.* fields a resumed run may change that do not change what a site computes (so they stay out
+# of a site's request digest); run.num-rounds may change on resume too, but it sets the noise.
+RESUME_ONLY_RUN_FIELDS = ("resume", "resume_force", "round_timeout", "reply_poll_interval", "keep_checkpoints")
+
+
 class RunSection(_Section):
     num_rounds: int = Field(3, ge=1, description="federated rounds to run")
     seed: int = Field(0, ge=0)

@@ -26,15 +26,14 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from common.atomic import write_bytes
-from common.config import AppConfig
+from common.config import RESUME_ONLY_RUN_FIELDS, AppConfig
 from server.central_dp import UserLevelDP
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 # Keys that may differ between a crashed run and its resumption.
-RESUME_KEYS = {"run.resume", "run.resume-force", "run.num-rounds", "run.round-timeout", "run.reply-poll-interval",
-               "run.keep-checkpoints"}
+RESUME_KEYS = {"run.num-rounds", *(f"run.{name.replace('_', '-')}" for name in RESUME_ONLY_RUN_FIELDS)}
 
 
 class CheckpointError(RuntimeError):
