@@ -95,23 +95,21 @@ def plot(pairs: list[dict], path: Path, title: str) -> None:
     a.set_title("round time, every pair")
     a.legend()
     keys = ["superlink-start", "submit-to-serverapp", "round-0-eval", "to-round-1", "round-1-excess"]
-    bottom = 0.0
-    for k in keys:
-        v = median(p["flwr_phases"][k] for p in pairs)
-        b.bar(0, v, bottom=bottom, label=k)
-        bottom += v
-    bottom = 0.0
-    for k in ["before-round-1", "round-1-excess"]:
-        v = median(p["local_phases"][k] for p in pairs)
-        b.bar(1, v, bottom=bottom, color="grey" if k == "before-round-1" else "silver")
-        bottom += v
+
+    def stack(x: int, side: str, phases: list[str], colors: list[str], **style) -> None:
+        """One bar of ``side``'s median phases, stacked in order."""
+        bottom = 0.0
+        for k, color in zip(phases, colors):
+            v = median(p[side][k] for p in pairs)
+            b.bar(x, v, bottom=bottom, color=color, label=k if x == 0 else None, **style)
+            bottom += v
+
+    phase_colors = [f"C{i}" for i in range(len(keys))]
+    stack(0, "flwr_phases", keys, phase_colors)
+    stack(1, "local_phases", ["before-round-1", "round-1-excess"], ["grey", "silver"])
     ticks = ["flwr run", "in-process"]
     if all("plain_phases" in p for p in pairs):
-        bottom = 0.0
-        for k in keys:
-            v = median(p["plain_phases"][k] for p in pairs)
-            b.bar(2, v, bottom=bottom, color=f"C{keys.index(k)}", alpha=0.5)
-            bottom += v
+        stack(2, "plain_phases", keys, phase_colors, alpha=0.5)
         ticks.append("plain app")
     b.set_xticks(range(len(ticks)), ticks)
     b.set_ylabel("seconds to steady state (median)")
