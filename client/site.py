@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,24 @@ def train_round(
     run_name: str = "",
 ) -> RoundResult:
     """Train one round; with a ledger on disk and a ``run_name``, a round asked again with
-    the same model and settings is answered with the saved update (:class:`SavedReply`)."""
+    the same model and settings is answered with the saved update (:class:`SavedReply`).
+    Every reply says how long the site took (``R.SITE_SECONDS``...)."""
+    start = time.perf_counter()
+    result = _train_round(cfg, site, global_arrays, server_round, state, proximal_mu, run_id, run_name)
+    result.metrics[R.SITE_SECONDS] = time.perf_counter() - start
+    return result
+
+
+def _train_round(
+    cfg: AppConfig,
+    site: SiteConfig,
+    global_arrays: ArrayRecord,
+    server_round: int,
+    state: RecordDict,
+    proximal_mu: float,
+    run_id: int | str,
+    run_name: str,
+) -> RoundResult:
     fault = faults.planned_fault(site.partition_id, server_round)
     if fault == "crash":
         raise RuntimeError(f"injected crash ({faults.ENV})")
@@ -202,7 +220,8 @@ def train_round(
                 log.info("site %d: round %d of run %s asked again with the same model and settings: sending the "
                          "update already trained and paid for (epsilon stays %.4f)", site.partition_id, server_round,
                          run_name, spent)
-                metrics = {**sent, R.EPSILON: spent, R.REPLAYED: 1.0}
+                metrics = {**sent, R.EPSILON: spent, R.REPLAYED: 1.0, R.TRAIN_SECONDS: 0.0,
+                           R.TRAIN_CPU_SECONDS: 0.0}
                 return RoundResult(status="ok", metrics=metrics, arrays=_with_fault(arrays, fault, global_arrays))
         if would > budget * (1 + 1e-9):
             reason = (f"budget-exhausted: this round would raise epsilon from {spent:.4f} to {would:.4f}, "
@@ -219,7 +238,9 @@ def train_round(
         q, steps = privacy.steps_per_round(n, cfg.train.batch_size, cfg.train.local_epochs, cfg.train.max_steps)
 
     hooks = add_proximal_term(optimizers, task.modules, proximal_mu) if proximal_mu > 0 else []
+    wall, cpu = time.perf_counter(), time.process_time()
     result = train_local(task, loader, optimizers, steps)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     for h in hooks:
         h.remove()
     if not math.isfinite(result.mean_loss):
@@ -227,7 +248,7 @@ def train_round(
 
     # REPLAYED in every reply: Flower aggregates metrics only when all replies have the same keys.
     metrics.update({R.NUM_EXAMPLES: float(n), R.TRAIN_LOSS: result.mean_loss, R.STEPS: float(result.steps),
-                    R.REPLAYED: 0.0})
+                    R.REPLAYED: 0.0, R.TRAIN_SECONDS: wall, R.TRAIN_CPU_SECONDS: cpu})
     arrays = R.to_arrayrecord(task.modules)
     if dp is not None:
         history = privacy.compact(dp.history)

@@ -28,6 +28,12 @@ CLIP_FRACTION = "clip-fraction"
 STEPS = "steps"
 REPLAYED = "replayed"  # 1.0: the site answered with the update it had already trained for this request
 PARTITION = "partition-id"
+# Time at the site, in every trained or replayed reply: wall seconds of the whole call (data,
+# model, privacy accounting, training), of the local training loop alone, and the process CPU
+# seconds of that loop (less than its wall time when the site waited for a core).
+SITE_SECONDS = "site-seconds"
+TRAIN_SECONDS = "train-seconds"
+TRAIN_CPU_SECONDS = "train-cpu-seconds"
 BUDGET_EXHAUSTED = "budget-exhausted"
 # Key of the train config the server sends: its name for the run, the same across a resume
 # (the flwr run id is not).

@@ -10,7 +10,11 @@ so the difference is what Flower adds: SuperLink, message serialization, Ray, po
 The two run alternately (flwr, local, flwr, local, ...) so a noisy machine slows both
 alike; figures are medians over the pairs of per-pair values:
 
-* steady round ratio: median wall time of rounds 2..R under flwr / the same in-process;
+* steady round ratio: median wall time of rounds 2..R under flwr / the same in-process,
+  split into the sites' own calls (the seconds each reply reports: data, model, accounting,
+  the training loop's wall and CPU time) and the rest of the round (server evaluation and
+  aggregation on both sides; messages, SuperLink and Ray under flwr): a training loop whose
+  wall time exceeds its CPU time waited for a core;
 * cold start: from the launch to the start of round 1 (SuperLink, `flwr run` submit,
   SuperExec, simulation process, Ray, ServerApp imports, round-0 evaluation), plus the
   first round's excess over a steady round (Ray actor start, ClientApp imports, first
@@ -42,6 +46,7 @@ from simulations.benchlib import (
     run_local_subprocess,
     run_plain,
     save_png,
+    site_sums,
     thread_env,
 )
 from simulations.launch import ROOT
@@ -63,6 +68,15 @@ def flower_phases(res: dict) -> dict[str, float]:
         "cold-start": (r1["ended_at"] - t0) - steady,
         "shutdown": res["t_end"] - recs[-1]["ended_at"],
     }
+
+
+SITE_KEYS = {"sites": "site-seconds", "train": "train-seconds", "train_cpu": "train-cpu-seconds"}
+
+
+def site_times(recs: list[dict], side: str) -> dict[str, list[float]]:
+    """Per round, the seconds the sites' own calls took (summed over sites; they run one at a
+    time on both sides), their training loops' wall and CPU seconds: ``{side}_sites``..."""
+    return {f"{side}_{name}": site_sums(recs, key) for name, key in SITE_KEYS.items()}
 
 
 def local_phases(res: dict) -> dict[str, float]:
@@ -152,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
                 plain = {"plain_rounds": round_seconds(pl["records"]), "plain_phases": flower_phases(pl),
                          "plain_pss": pl["mem"].peak_pss, "plain_rss": pl["mem"].peak_rss}
             pairs.append({**plain,
-                "flwr_rounds": fr, "local_rounds": lr,
+                "flwr_rounds": fr, "local_rounds": lr, **site_times(f["records"], "flwr"),
+                **site_times(lo["records"], "local"),
                 "ratio": median(fr[1:]) / median(lr[1:]),
                 "flwr_phases": flower_phases(f), "local_phases": local_phases(lo),
                 "flwr_pss": f["mem"].peak_pss, "flwr_rss": f["mem"].peak_rss,
@@ -176,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
         "steady_round_flwr_s": median(median(p["flwr_rounds"][1:]) for p in pairs),
         "steady_round_local_s": median(median(p["local_rounds"][1:]) for p in pairs),
         "steady_ratio": median(p["ratio"] for p in pairs),
+        **{f"steady_{name}_{side}_s": median(median(p[f"{side}_{name}"][1:]) for p in pairs)
+           for name in SITE_KEYS for side in ("flwr", "local")},
         "cold_start_s": med("cold-start"), "before_round1_s": med("before-round-1"),
         "cold_start_local_s": med("cold-start", "local_phases"),
         "phases_s": {k: med(k) for k in pairs[0]["flwr_phases"]},
@@ -186,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         "memory_breakdown_flwr": [(k, round(p, 3), round(r, 3), n) for k, p, r, n in pairs[-1]["flwr_breakdown"]],
         "pairs_raw": [{k: v for k, v in p.items() if k != "flwr_breakdown"} for p in pairs],
     }
+    for side in ("flwr", "local"):  # the round's time not spent in the sites' calls
+        summary[f"steady_outside_{side}_s"] = summary[f"steady_round_{side}_s"] - summary[f"steady_sites_{side}_s"]
     if args.plain:
         summary.update({
             "steady_round_plain_s": median(median(p["plain_rounds"][1:]) for p in pairs),
@@ -218,6 +237,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'figure':<34} {'flwr run':>10} {'in-process':>11} {'ratio':>7} {'plain app':>11}")
     print(f"{'steady round (s, median)':<34} {s['steady_round_flwr_s']:>10.3f} {s['steady_round_local_s']:>11.3f} "
           f"{s['steady_ratio']:>7.2f} {plain_cell('steady_round_plain_s', '.3f')}")
+    print(f"{'  of which in site calls (s)':<34} {s['steady_sites_flwr_s']:>10.3f} "
+          f"{s['steady_sites_local_s']:>11.3f} {s['steady_sites_flwr_s'] / s['steady_sites_local_s']:>7.2f} {'-':>11}")
+    print(f"{'  of which outside them (s)':<34} {s['steady_outside_flwr_s']:>10.3f} "
+          f"{s['steady_outside_local_s']:>11.3f} {'-':>7} {plain_cell('steady_round_plain_s', '.3f')}")
+    print(f"{'  training loops, wall (s)':<34} {s['steady_train_flwr_s']:>10.3f} {s['steady_train_local_s']:>11.3f} "
+          f"{s['steady_train_flwr_s'] / s['steady_train_local_s']:>7.2f} {'-':>11}")
+    print(f"{'  training loops, CPU (s)':<34} {s['steady_train_cpu_flwr_s']:>10.3f} "
+          f"{s['steady_train_cpu_local_s']:>11.3f} {s['steady_train_cpu_flwr_s'] / s['steady_train_cpu_local_s']:>7.2f}"
+          f" {'-':>11}")
     print(f"{'cold start to steady state (s)':<34} {s['cold_start_s']:>10.2f} {s['cold_start_local_s']:>11.2f} "
           f"{s['cold_start_s'] / s['cold_start_local_s']:>7.2f} {plain_cell('cold_start_plain_s', '.2f')}")
     before_plain = f"{s['phases_plain_s']['before-round-1']:>11.2f}" if args.plain else f"{'-':>11}"

@@ -195,6 +195,12 @@ def round_seconds(recs: list[dict]) -> list[float]:
     return [r["ended_at"] - r["started_at"] for r in recs if r["round"] >= 1]
 
 
+def site_sums(recs: list[dict], key: str) -> list[float]:
+    """Per round 1..R, the sum over the sites' replies of metric ``key`` (site-seconds, ...)."""
+    return [sum(float((row.get("metrics") or {}).get(key, 0.0)) for row in r["sites"])
+            for r in recs if r["round"] >= 1]
+
+
 def median(xs: Iterable[float]) -> float:
     xs = list(xs)
     return statistics.median(xs) if xs else float("nan")

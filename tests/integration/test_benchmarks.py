@@ -49,12 +49,18 @@ def test_bench_overhead_tiny(tmp_path, capsys):
     png, js = tmp_path / "overhead.png", tmp_path / "overhead.json"
     s = bench_overhead.main(["--pairs", "1", "--rounds", "2", "--sites", "2", "--set", "train.max-steps=2",
                              "--set", "eval.fid-domain-n=200", "--png", str(png), "--json", str(js)])
-    table = _table_tail(capsys.readouterr().out, "figure", 5)
-    assert "steady round" in table[1] and "cold start" in table[2] and "peak PSS" in table[4]
+    table = _table_tail(capsys.readouterr().out, "figure", 9)
+    assert "steady round" in table[1] and "cold start" in table[6] and "peak PSS" in table[8]
+    assert "in site calls" in table[2] and "outside them" in table[3] and "training loops, CPU" in table[5]
     for key in ("steady_ratio", "steady_round_flwr_s", "steady_round_local_s", "cold_start_s", "before_round1_s",
                 "peak_pss_flwr_gib", "peak_pss_local_gib", "machine", "date", "load"):
         assert key in s and s[key] is not None, key
     assert s["steady_ratio"] > 0 and s["peak_pss_flwr_gib"] > 0
+    # The steady round split into the sites' own calls (from their replies) and the rest.
+    for side in ("flwr", "local"):
+        assert 0 < s[f"steady_train_{side}_s"] < s[f"steady_sites_{side}_s"] < s[f"steady_round_{side}_s"]
+        assert s[f"steady_train_cpu_{side}_s"] > 0
+        assert s[f"steady_outside_{side}_s"] == pytest.approx(s[f"steady_round_{side}_s"] - s[f"steady_sites_{side}_s"])
     assert {"superlink-start", "submit-to-serverapp", "round-0-eval", "round-1-excess"} <= set(s["phases_s"])
     assert any(label.startswith("ray: ClientAppActor") for label, *_ in s["memory_breakdown_flwr"])
     # Flower's floor, the plain app, ran beside them: its rounds are timed and its cold start split.

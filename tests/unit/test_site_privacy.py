@@ -155,10 +155,23 @@ def test_a_round_asked_again_is_answered_with_the_paid_update_and_costs_nothing(
     assert again.metrics[R.TRAIN_LOSS] == first.metrics[R.TRAIN_LOSS]
     assert (tmp_path / "ledger.json").read_bytes() == ledger  # nothing charged
     assert _rounds_in_ledger(cfg, s) == [1, 2]
+    # Its time is its own: no training, only the lookup.
+    assert again.metrics[R.TRAIN_SECONDS] == again.metrics[R.TRAIN_CPU_SECONDS] == 0.0 < again.metrics[R.SITE_SECONDS]
     # A site at its budget still answers with what it already paid for.
     spent = site_(tmp_path, **{"privacy-budget": first.metrics[R.EPSILON]})
     assert train_round(cfg, spent, arrays, 2, RecordDict(), run_name="run-a").metrics[R.REPLAYED] == 1.0
     assert train_round(cfg, spent, arrays, 3, RecordDict(), run_name="run-a").status == "budget-exhausted"
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_every_trained_reply_says_how_long_the_site_took(dp):
+    cfg = cfg_(**{"privacy.enabled": dp})
+    res = train_round(cfg, site_(), global_arrays(cfg), 1, RecordDict())
+    m = res.metrics
+    assert res.status == "ok" and m[R.STEPS] == STEPS
+    # The whole call includes the training loop; the loop's CPU time is its own process's.
+    assert 0 < m[R.TRAIN_SECONDS] < m[R.SITE_SECONDS]
+    assert 0 < m[R.TRAIN_CPU_SECONDS] <= m[R.TRAIN_SECONDS] * 1.5 + 0.05
 
 
 @pytest.mark.parametrize("change", ["model", "setting", "run", "round", "no-run-name"])
