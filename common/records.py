@@ -28,9 +28,10 @@ CLIP_FRACTION = "clip-fraction"
 STEPS = "steps"
 REPLAYED = "replayed"  # 1.0: the site answered with the update it had already trained for this request
 PARTITION = "partition-id"
-# Time at the site, in every trained or replayed reply: wall seconds of the whole call (data,
-# model, privacy accounting, training), of the local training loop alone, and the process CPU
-# seconds of that loop (less than its wall time when the site waited for a core).
+# Time at the site: wall seconds of the whole call (data, model, privacy accounting, training;
+# in every reply), and in every trained or replayed reply (0 when replayed) the local training
+# loop's wall seconds and its process's CPU seconds (with one torch thread, less than the wall
+# time when the site waited for a core).
 SITE_SECONDS = "site-seconds"
 TRAIN_SECONDS = "train-seconds"
 TRAIN_CPU_SECONDS = "train-cpu-seconds"
