@@ -24,9 +24,10 @@ Steinke, Nasr, Jagielski (NeurIPS 2023), black-box, with the family's own loss a
 
 Privacy of the audit itself: the audit model is trained on the site's real records, so
 its result is a function of private data. With DP on it is one more run of the site's
-DP-SGD: when the site has a ledger (``ledger-path``), the audit is priced before it
-touches data, refused if it would exceed the site's budget, and charged to the ledger
-afterwards, like a training round. With DP off the numbers are not private at all.
+DP-SGD, and the result is post-processing of that model (scores use only the model and
+the canaries): it goes through ``client/privacy_state.py`` like a training round, priced
+before it touches data, refused past the site's budget, charged ahead on the site's
+ledger and confirmed afterwards. With DP off the numbers are not private at all.
 
 The dataset given (or built from the config) is never modified: canaries live in a
 separate tensor and are joined to it with a ``ConcatDataset`` for the audit run only.
@@ -34,7 +35,6 @@ separate tensor and are joined to it with a ``ConcatDataset`` for the audit run 
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -42,16 +42,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 import torch.nn.functional as F
 
 from client.dp import make_private
-from client.site import PrivacyState, dataset_key
+from client.privacy_state import BudgetExceeded, SitePrivacy, dataset_key, legacy_dataset_key, make_plan
 from common import privacy
 from common.audit import default_guess_counts, one_run_audit
-from common.config import AppConfig, SiteConfig, site_budget
+from common.config import AppConfig, SiteConfig
 from common.data.site import site_dataset
 from common.tasks import DataSpec, GenerativeTask, build_task, pick_device, unwrap
 from common.train import train_local
@@ -176,11 +175,6 @@ def membership_and_streams(seed: int, m: int) -> tuple[np.ndarray, torch.Generat
     return included, canary_gen, int(seq_train.generate_state(1)[0])
 
 
-@functools.lru_cache(maxsize=64)
-def _calibrated_noise(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    return privacy.calibrate_noise(target, delta, q, steps, accountant)  # slow (many accountant calls)
-
-
 def audit_steps(cfg: AppConfig, num_records: int, epochs: int | None) -> int:
     """Steps of the audit run: ``epochs`` passes, else the site's whole run (all rounds)."""
     if epochs is not None:
@@ -194,35 +188,6 @@ def audit_steps(cfg: AppConfig, num_records: int, epochs: int | None) -> int:
 
 class AuditRefused(RuntimeError):
     """The audit would take the site past its privacy budget; nothing was trained or spent."""
-
-
-def _price_on_ledger(cfg: AppConfig, site: SiteConfig, plan: privacy.DPPlan, steps: int):
-    """The site's ledger entry, after checking that the audit fits in its budget."""
-    ledger = PrivacyState(RecordDict(), site, dataset_key(cfg, site), cfg.privacy.ledger_dir)
-    if ledger.ledger is None:
-        return None, None  # no ledger on disk: the audit's spend is reported, not stored
-    entry = ledger.load()
-    budget = site_budget(cfg, site)
-    would = privacy.epsilon(privacy.compact([*entry.history, (plan.noise_multiplier, plan.sample_rate, steps)]),
-                            plan.delta, plan.accountant)
-    if would > budget * (1 + 1e-9):
-        raise AuditRefused(f"budget-exhausted: the audit would raise this site's epsilon from "
-                           f"{privacy.epsilon(entry.history, plan.delta, plan.accountant):.4f} to {would:.4f}, "
-                           f"above its budget {budget:g}; nothing was trained or spent")
-    entry.budget = budget
-    return ledger, entry
-
-
-def _charge_ledger(ledger, entry, history, plan: privacy.DPPlan, cfg: AppConfig, seed: int) -> None:
-    if ledger is None:
-        return
-    entry.history = privacy.compact([*entry.history, *history])
-    entry.delta, entry.accountant = plan.delta, plan.accountant
-    entry.epsilon = privacy.epsilon(entry.history, plan.delta, plan.accountant)
-    entry.rounds.append({"run": f"audit-{seed}", "family": cfg.task.family, "round": 0,
-                         "steps": sum(s for _, _, s in history), "noise": plan.noise_multiplier,
-                         "sample_rate": plan.sample_rate, "audit": True})
-    ledger.save(entry)
 
 
 def run_sample_audit(
@@ -269,21 +234,24 @@ def run_sample_audit(
                         generator=torch.Generator().manual_seed(train_seed))
     steps = audit_steps(cfg, n, epochs)
     p = cfg.privacy
-    delta = p.delta or privacy.auto_delta(len(data))  # the site's own delta, as its ledger has it
     if p.enabled:
-        privacy.check_delta(delta, n)
-        q = 1.0 / math.ceil(n / cfg.train.batch_size)  # Opacus' Poisson rate for this loader
-        noise = p.noise_multiplier or _calibrated_noise(p.target_epsilon, delta, q, steps, p.accountant)
-        plan = privacy.DPPlan(noise, q, steps, delta, p.accountant, p.max_grad_norm)
-        ledger, entry = _price_on_ledger(cfg, site, plan, steps)  # refuses before touching data
+        # The site's own plan for n records, calibrated for the audit's steps, at the site's own delta.
+        plan = make_plan(cfg, n, total_steps=steps, delta_records=len(data))
+        delta, noise = plan.delta, plan.noise_multiplier
+        sp = SitePrivacy(cfg, site, dataset_key(cfg, data), legacy_keys=(legacy_dataset_key(cfg, site),))
+        try:  # priced and charged ahead on the site's ledger, before the audit touches data
+            reservation = sp.reserve(plan, steps, {"run": f"audit-{seed}", "family": cfg.task.family, "round": 0,
+                                                   "audit": True}, what="the audit")
+        except BudgetExceeded as err:
+            raise AuditRefused(str(err)) from None
         dp = make_private(task, optimizers, loader, plan, [], p.grad_sample_mode)
         loader = dp.loader
     else:
-        noise = 0.0
+        delta, noise = p.delta or privacy.auto_delta(len(data)), 0.0
     train_local(task, loader, optimizers, steps)
-    claimed = privacy.epsilon(privacy.compact(dp.history), delta, p.accountant) if p.enabled else math.inf
+    claimed = privacy.epsilon(dp.charged, delta, p.accountant) if p.enabled else math.inf
     if p.enabled:
-        _charge_ledger(ledger, entry, dp.history, plan, cfg, seed)
+        sp.confirm(reservation, dp.charged)
 
     after = canary_losses(task, canaries, seed=train_seed)
     scores = before - after  # how much training lowered each canary's loss: higher = more likely in

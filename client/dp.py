@@ -1,37 +1,28 @@
-"""Opacus at a site: wrap the task's private module, restore and persist the accountant.
+"""Opacus at a site: wrap the task's private module, its optimizer and loader for one DP-SGD run.
 
-Privacy state is checkpointed state. A site's spend on a dataset is the accountant
-history, kept in one of two places: when the node config (or ``privacy.ledger-dir``)
-names one, a ledger file on the site's own disk, written atomically after every round,
-which survives restarts and later runs; otherwise ``Context.state`` (lives as long as the
-SuperNode process, and in a simulation in the memory of the simulation process). The
-ledger is the authority when present; a ledger that cannot be read or fails its
-checksum stops the site (fail closed) rather than restarting the count at zero.
+The accountant is restored from the site's recorded history with Opacus'
+``load_state_dict`` (so it reports the composition over every release so far) and every
+step's charge is also kept apart (:attr:`PrivateTraining.charged`): what this run adds,
+which ``client/privacy_state.py`` confirms on the site's ledger.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample, convolution2d_backward_as_a_convolution
 
-from common.atomic import write_bytes
+from common import privacy
 from common.privacy import DPPlan, HistoryEntry
 from common.bookkeeping import Bookkeeper
 from common.tasks import GenerativeTask, is_ghost
 
 log = logging.getLogger(__name__)
-
-LEDGER_VERSION = 1
 
 # Opacus warnings that say nothing actionable per round; each is documented in the README.
 # - secure RNG: noise comes from PyTorch's PRNG (torchcsprng is not installed) - the DP
@@ -63,64 +54,6 @@ def conv2d_grad_sample(layer: torch.nn.Conv2d, activations: list[torch.Tensor],
     return compute_conv_grad_sample(layer, activations, backprops)
 
 
-class LedgerError(RuntimeError):
-    """The ledger cannot be trusted; the site refuses to train until an operator looks."""
-
-
-@dataclass
-class LedgerEntry:
-    history: list[HistoryEntry] = field(default_factory=list)
-    delta: float = 0.0
-    epsilon: float = 0.0
-    budget: float = 0.0
-    accountant: str = "rdp"
-    rounds: list[dict] = field(default_factory=list)  # one line per round: run, family, round, steps
-
-
-def _checksum(entries: dict) -> str:
-    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
-
-
-class Ledger:
-    """A JSON file of ledger entries keyed by dataset identity, with a checksum."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def _read(self) -> dict:
-        if not self.path.exists():
-            return {}
-        try:
-            doc = json.loads(self.path.read_text())
-            entries = doc["entries"]
-            ok = doc.get("version") == LEDGER_VERSION and doc.get("checksum") == _checksum(entries)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise LedgerError(
-                f"privacy ledger {self.path} is unreadable ({err}); the site will not train until it is "
-                "restored from a backup or an operator decides what was spent"
-            ) from None
-        if not ok:
-            raise LedgerError(
-                f"privacy ledger {self.path} fails its checksum or version check (edited or corrupt); "
-                "the site will not train until it is restored from a backup"
-            )
-        return entries
-
-    def load(self, key: str) -> LedgerEntry:
-        raw = self._read().get(key)
-        if raw is None:
-            return LedgerEntry()
-        raw["history"] = [tuple(h) for h in raw["history"]]
-        return LedgerEntry(**raw)
-
-    def save(self, key: str, entry: LedgerEntry) -> None:
-        entries = self._read()
-        entries[key] = {**entry.__dict__, "history": [list(h) for h in entry.history]}
-        doc = {"version": LEDGER_VERSION, "updated_at": time.time(), "entries": entries,
-               "checksum": _checksum(entries)}
-        write_bytes(self.path, json.dumps(doc, indent=1).encode())
-
-
 @dataclass
 class PrivateTraining:
     """Handles to what Opacus made private for one round."""
@@ -131,10 +64,12 @@ class PrivateTraining:
     clipped: int = 0
     seen: int = 0
     last_norms: torch.Tensor | None = None  # the last step's per-example gradient norms, before clipping
+    charged: list[HistoryEntry] = field(default_factory=list)  # this run's own steps, as the accountant charged them
 
     @property
     def history(self) -> list[HistoryEntry]:
-        return [(float(n), float(q), int(s)) for n, q, s in self.engine.accountant.history]
+        """The accountant's whole history: the restored one and this run's steps."""
+        return [(float(n), float(q), int(s)) for n, q, s in self.engine.accountant.state_dict()["history"]]
 
     @property
     def clip_fraction(self) -> float:
@@ -159,18 +94,19 @@ def make_private(
     history: list[HistoryEntry],
     grad_sample_mode: str,
 ) -> PrivateTraining:
-    """Wrap the task's private module, its optimizer and the loader; restore the history.
+    """Wrap the task's private module, its optimizer and the loader; restore the accountant.
 
-    A fresh wrapper every round (Opacus hooks cannot be added twice), but the
-    accountant continues from ``history``, so the epsilon it reports is the
-    composition over every round so far.
+    A fresh wrapper every round (Opacus hooks cannot be added twice), but the accountant
+    is restored from ``history`` (``load_state_dict``), so the epsilon it reports is the
+    composition over every release so far.
     """
     grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, task)
     if len(task.private_modules) != 1:
         raise ValueError(f"{task.family}: exactly one private module is supported, got {task.private_modules}")
     name = task.private_modules[0]
     engine = PrivacyEngine(accountant=plan.accountant)
-    engine.accountant.history = list(history)
+    if history:
+        engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})
     # bk (book-keeping, common/bookkeeping.py) uses Opacus' ghost-clipping wrapper and optimizer
     # (the optimizer only adds noise), with the wrapper's hooks replaced by one-pass clipping.
     opacus_mode = "ghost" if grad_sample_mode == "bk" else grad_sample_mode
@@ -210,8 +146,9 @@ def make_private(
         # 1 / len(loader), and its loader's len() is int(1 / sample_rate): for 141 of the batch
         # counts below 2,000 (93, 99, 105, 117, 123, ...) float rounding makes that one short, so a
         # site sampling at 1/123 was charged 1/122 and ran out of budget a round early.
-        engine.accountant.step(noise_multiplier=opt.noise_multiplier,
-                               sample_rate=plan.sample_rate * opt.accumulated_iterations)
+        rate = plan.sample_rate * opt.accumulated_iterations
+        engine.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=rate)
+        handles.charged = privacy.compact([*handles.charged, (float(opt.noise_multiplier), float(rate), 1)])
 
     optimizer.attach_step_hook(step_hook)
     return handles

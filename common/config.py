@@ -304,7 +304,13 @@ class SiteConfig(_Section):
     partition_id: int = Field(0, ge=0)
     num_partitions: int = Field(1, ge=1)
     data_path: str = Field("", description="the site's own data folder; empty = the run's dataset")
-    ledger_path: str = Field("", description="privacy ledger file; empty = in-process state only")
+    ledger_path: str = Field("", description="privacy ledger file; empty = privacy.ledger-dir's, if the run sets one")
+    unsafe_memory_ledger: bool = Field(
+        False, description="allow DP training with no ledger file: the spend lives in this process only and "
+        "restarts at zero with it (throwaway tests only)")
+    public_num_examples: int = Field(
+        0, ge=0, description="a record count the site declares public: its weight in the merge under DP "
+        "(0 = uniform weights; the exact count is never sent under DP)")
     privacy_budget: float = Field(0.0, ge=0, description="0 = the run's privacy.budget")
 
     @model_validator(mode="after")

@@ -100,7 +100,7 @@ def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -
     from opacus.accountants import create_accountant
 
     acc = create_accountant(accountant)
-    acc.history = list(history)
+    acc.load_state_dict({"history": list(history), "mechanism": acc.mechanism()})
     eps = acc.get_epsilon(delta=delta)
     return float(eps) if math.isfinite(eps) else math.inf
 

@@ -16,8 +16,9 @@ from torch import nn
 
 from common.tasks import unwrap
 
-# Keys of the MetricRecord a site sends back after training.
-NUM_EXAMPLES = "num-examples"
+# Keys of the MetricRecord a site sends back after training (README, "What a site sends").
+WEIGHT = "weight"  # the reply's weight in the merge: the record count without DP; under DP a declared public size, or 1
+NUM_EXAMPLES = "num-examples"  # without DP only: the exact record count
 TRAIN_LOSS = "train-loss"
 EPSILON = "epsilon"
 DELTA = "delta"

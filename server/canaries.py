@@ -72,11 +72,18 @@ class UserAuditResult:
     seconds: float
 
     @property
+    def estimate(self) -> float:
+        """The larger of the two theoretical-null estimates (equal and unequal variances)."""
+        return max(self.empirical_epsilon, self.epsilon_unequal_variances)
+
+    @property
     def violation(self) -> bool:
-        return self.empirical_epsilon > self.claimed_epsilon
+        """Either estimate above the claim: the mechanism leaks more than the accountant says."""
+        return self.estimate > self.claimed_epsilon
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "violation": self.violation, "level": "user", "confidence": None}
+        return {**asdict(self), "estimate": self.estimate, "violation": self.violation, "level": "user",
+                "confidence": None}
 
 
 class CanaryClients:
@@ -120,14 +127,14 @@ class CanaryClients:
     def replies(self, global_arrays: ArrayRecord, sample_rate: float, like: list[Message]) -> list[Message]:
         """This round's canary updates: each inserted canary takes part with ``sample_rate``.
 
-        ``like`` are the round's valid real replies. A canary weighs like a typical site
-        (``num-examples`` = their mean) and carries a copy of the first one's metric keys,
-        since Flower's strategies require every reply's MetricRecord to have the same keys;
-        the round's train metrics are computed from the real replies alone.
+        ``like`` are the round's valid real replies (possibly none). A canary weighs like a
+        typical site (``weight`` = their mean) and carries a copy of the first one's metric
+        keys, since Flower's strategies require every reply's MetricRecord to have the same
+        keys; the round's train metrics are computed from the real replies alone.
         """
         metrics = [next(iter(m.content.metric_records.values())) for m in like]
-        template = dict(metrics[0])
-        template[R.NUM_EXAMPLES] = sum(float(m[R.NUM_EXAMPLES]) for m in metrics) / len(metrics)
+        template = dict(metrics[0]) if metrics else {}
+        template[R.WEIGHT] = sum(float(m[R.WEIGHT]) for m in metrics) / len(metrics) if metrics else 1.0
         if KEY_NORM_BIT in template:
             template[KEY_NORM_BIT] = 0  # a canary's update is made at its norm: it never clipped it
         t0 = time.perf_counter()
@@ -172,10 +179,10 @@ class CanaryClients:
             seconds=self.seconds + time.perf_counter() - t0,
         )
         log.info("user-level audit: %d canaries (%d inserted, %d updates), mean cos %.4g vs %.4g (null sd %.4g): "
-                 "estimated epsilon %.3f vs claimed %.3f", self.m, result.inserted, self.participations,
-                 result.mean_cos_inserted, result.mean_cos_not_inserted, 1 / math.sqrt(self.dim),
-                 result.empirical_epsilon, result.claimed_epsilon)
+                 "estimated epsilon %.3f (equal variances) and %.3f (unequal) vs claimed %.3f", self.m, result.inserted,
+                 self.participations, result.mean_cos_inserted, result.mean_cos_not_inserted, 1 / math.sqrt(self.dim),
+                 result.empirical_epsilon, result.epsilon_unequal_variances, result.claimed_epsilon)
         if result.violation:
             log.error("privacy audit VIOLATION: estimated user-level epsilon %.3f exceeds the claimed %.3f",
-                      result.empirical_epsilon, result.claimed_epsilon)
+                      result.estimate, result.claimed_epsilon)
         return result

@@ -1,40 +1,59 @@
-"""User-level (central) DP at the server, around any Flower strategy, tolerant of dropouts.
+"""User-level (central) DP at the server, around any Flower strategy.
 
-Each site's model update (its reply minus the global model) is clipped to L2 norm C,
-the clipped updates are averaged *uniformly* over the k sites that actually replied,
-and Gaussian noise of standard deviation ``sigma * C / k`` is added to that mean.
+The mechanism, each aggregated round (DP-FedAvg, McMahan et al. 2018, "Learning
+Differentially Private Recurrent Language Models", with a fixed denominator):
 
-Why this is right when sites drop out: one site changes the uniform mean of k clipped
-updates by at most C / k, so noise ``sigma * C / k`` is the Gaussian mechanism with
-noise multiplier ``sigma`` *for the k sites that took part*, whatever k turned out to
-be. A site that was sampled but failed contributed nothing, so for it the round is as
-if it had not been sampled. Flower's wrappers instead divide by the planned number of
-sites and abandon the whole round when any site fails.
+    release = global + ( sum over valid replies of clip(delta_i, C) + N(0, (z_u C)^2 I) ) / m
 
-Accounting: the user-level accountant composes, every aggregated round, a subsampled
-Gaussian mechanism with noise multiplier ``sigma`` and sampling rate ``q = sampled /
+``delta_i`` is a site's model update (its reply minus the global model), ``clip`` scales
+the whole update to L2 norm at most ``C``, and ``m`` is the number of sites the round was
+sent to, fixed by the sampling *before any reply arrives*.
+
+Guarantee. Adjacency: add or remove one site (all of its data, hence its whole update).
+The sum of clipped updates has L2 sensitivity ``C`` under that adjacency; the noise has
+std ``z_u C``, so the sum is the Gaussian mechanism with noise multiplier ``z_u``, and
+dividing by the data-independent ``m`` is post-processing. A site that was sampled but
+dropped, failed, or whose update was rejected contributes zero, which is exactly the
+"removed" neighbour: no special case, and the noise never depends on who replied (an
+earlier version divided by the realised number of replies ``k``, so both the mean and the
+noise's spread changed with one site's participation). Every round that ran is released
+and charged, whatever the number of valid replies: skipping a round when too few sites
+replied would itself reveal the count.
+
+Estimator. ``sum / m`` is an unbiased estimate of the mean update of the ``m`` sampled
+sites when they all reply; a site that does not reply counts as a zero update, so with
+dropouts the step is shrunk by ``k / m`` (biased towards zero, never noisier).
+
+Accounting: the user-level accountant composes, every released round, a subsampled
+Gaussian mechanism with noise multiplier ``z`` and sampling rate ``q = sampled /
 population``. Flower samples a fixed number of sites without replacement, and the
-Poisson-sampling RDP analysis used here is the standard approximation for that
-(as in DP-FedAvg, McMahan et al. 2018); with ``fraction-train = 1`` there is no
-amplification (q = 1) and the figure is exact.
-
-The noised mean is handed to the wrapped strategy as a single uniform-weight reply, so
-its server optimiser (FedAdam, FedYogi, FedAvgM momentum) only post-processes the
-private release and keeps its own state.
+Poisson-sampling RDP analysis used here is the standard approximation for that (as in
+DP-FedAvg); with ``fraction-train = 1`` there is no amplification (q = 1) and the figure
+is exact. The noised release is handed to the wrapped strategy as a single
+uniform-weight reply, so its server optimiser (FedAdam, FedYogi, FedAvgM momentum) only
+post-processes it and keeps its own state.
 
 Adaptive clipping (``central-dp.clipping = "adaptive"``; Andrew et al., "Differentially
-Private Learning with Adaptive Clipping", 2021): the server sends the current bound C
-with every train message; each site clips its own update with Flower's
-``adaptiveclipping_mod`` and reports one bit, whether its update had to be clipped. The server re-clips every reply to C (a no-op for honest sites, and the
-guarantee for any other), adds Gaussian noise of std ``sigma_b`` to the count of bits and
-moves C geometrically towards the ``target-quantile`` of update norms:
-``C <- C * exp(-lr * (noisy_count / k - target))``. Releasing the noisy count costs
-privacy too. The paper's accounting: noising the update sum at multiplier ``z_u`` and the
-(centred, sensitivity 1/2) bit count at std ``sigma_b`` is the Gaussian mechanism with
-multiplier ``z`` where ``z**-2 = z_u**-2 + (2 sigma_b)**-2``. So the accountant keeps
-charging the configured ``z`` every round, and the updates are noised at the larger
-``z_u = (z**-2 - (2 sigma_b)**-2) ** -0.5`` (which needs ``2 sigma_b > z``). With dropped
-sites the count and the mean are over the k sites that replied, as above.
+Private Learning with Adaptive Clipping", 2021). The server sends the current bound C with
+every train message; each site clips its own update with Flower's ``adaptiveclipping_mod``.
+The server re-clips every reply to C (a no-op for honest sites, the guarantee for any
+other), and releases one more value, the *centred* count of updates that fit under C:
+
+    noisy = sum over counted replies of (b_i - 1/2) + N(0, sigma_b^2),   b_i = 1 if ||delta_i|| <= C
+
+Adding or removing one site moves that sum by at most 1/2 (a missing site contributes 0,
+not -1/2), so the count is the Gaussian mechanism with multiplier ``2 sigma_b``. The
+fraction that fit is estimated over the same fixed ``m``, ``noisy / m + 1/2``, and C moves
+geometrically towards the ``target-quantile``: ``C <- C exp(-lr (fraction - target))``.
+The update sum (multiplier ``z_u``) and the count (multiplier ``2 sigma_b``) together are
+the Gaussian mechanism with ``z^-2 = z_u^-2 + (2 sigma_b)^-2`` (two Gaussian mechanisms
+on one site's contribution compose as one with the summed squared sensitivity-to-noise
+ratios). So the accountant charges the configured ``z`` every round and the updates are
+noised at ``z_u = (z^-2 - (2 sigma_b)^-2)^-1/2`` (which needs ``2 sigma_b > z``).
+
+What the round record publishes (``last_round``) is data-independent (``m``, C, the noise
+scales) or the released noisy fraction; not the number of valid replies, nor how many
+updates were clipped.
 """
 
 from __future__ import annotations
@@ -83,7 +102,7 @@ def auto_count_stddev(noise_multiplier: float, expected_sites: int) -> float:
 
 
 class UserLevelDP(Strategy):
-    """Wrap ``strategy``: clip, average, noise; account user-level epsilon per round."""
+    """Wrap ``strategy``: clip, sum, noise, divide by the planned count; account user-level epsilon."""
 
     def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float, delta: float,
                  accountant: str = "rdp", seed: int = 0, *, adaptive: bool = False,
@@ -105,19 +124,34 @@ class UserLevelDP(Strategy):
         self.history: list[privacy.HistoryEntry] = []
         self._global: dict[str, np.ndarray] = {}
         self._sample_rate = 1.0
-        self.last_clip_fraction: float | None = None
+        self._denominator = 1  # m: the sites this round was sent to, fixed before any reply
         self.last_round: dict[str, float] = {}
         # Replies left out of the adaptive count (an audit's canary clients, server/canaries.py):
         # the bound follows the real sites' norms, not the canaries' fixed one.
         self.uncounted: set[int] = set()
 
-    # --- accounting -------------------------------------------------------------------
+    # --- accounting and checkpointed state ----------------------------------------------
     def epsilon(self) -> float:
         return privacy.epsilon(self.history, self.delta, self.accountant)
 
     def epsilon_after_next(self, sample_rate: float) -> float:
         return privacy.epsilon(privacy.compact([*self.history, (self.noise_multiplier, sample_rate, 1)]),
                                self.delta, self.accountant)
+
+    def charge(self, sample_rate: float) -> None:
+        """Compose one more released round into the user-level history."""
+        self.history = privacy.compact([*self.history, (self.noise_multiplier, float(sample_rate), 1)])
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs: the accountant history, the noise RNG, the adaptive bound."""
+        return {"history": [list(h) for h in self.history], "rng": self.rng.bit_generator.state,
+                "clipping_norm": float(self.clipping_norm), "count_stddev": float(self.count_stddev)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [(float(n), float(q), int(s)) for n, q, s in state["history"]]
+        self.rng.bit_generator.state = state["rng"]
+        self.clipping_norm = float(state.get("clipping_norm", self.clipping_norm))
+        self.count_stddev = float(state.get("count_stddev", self.count_stddev))
 
     # --- Strategy ---------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -128,25 +162,25 @@ class UserLevelDP(Strategy):
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         population = max(1, len(list(grid.get_node_ids())))
         self._sample_rate = min(1.0, len(messages) / population)
+        self._denominator = max(1, len(messages))
         if self.adaptive and self.count_stddev <= 0:
             self.count_stddev = auto_count_stddev(self.noise_multiplier, len(messages))
         return messages
 
     def update_noise_multiplier(self) -> float:
-        """Multiplier of the noise on the update mean (larger than the accounted one when adaptive)."""
+        """Multiplier of the noise on the update sum (larger than the accounted one when adaptive)."""
         if not self.adaptive:
             return self.noise_multiplier
         return adaptive_noise_multiplier(self.noise_multiplier, self.count_stddev)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Release the noised model of this round (always, whatever the number of valid replies)."""
         replies = [m for m in replies if not m.has_error()]
-        if not replies:
-            return None, None
-        k = len(replies)
+        m = self._denominator
         total = {key: np.zeros_like(v, dtype=np.float64) for key, v in self._global.items()
                  if np.issubdtype(v.dtype, np.floating)}
-        fitted = counted = 0  # updates that fit under C (the sites' norm bits), of those counted
+        centred = 0.0  # sum of (b_i - 1/2) over the counted replies
         clip = self.clipping_norm
         for msg in replies:
             arrays = next(iter(msg.content.array_records.values()))
@@ -155,44 +189,39 @@ class UserLevelDP(Strategy):
             # guarantee rests on, whatever a site sent.
             update, norm = clip_update(update, clip)
             if id(msg) not in self.uncounted:
-                fitted += self._norm_bit(msg, norm, clip)
-                counted += 1
+                centred += self._norm_bit(msg, norm, clip) - 0.5
             for key in total:
                 total[key] += update[key]
         z_update = self.update_noise_multiplier()
-        std = z_update * clip / k
         noised: dict[str, Array] = {}
         for key, ref in self._global.items():
             if key in total:
-                mean = total[key] / k + self.rng.normal(0.0, std, size=ref.shape)
-                noised[key] = Array(np.asarray(ref + mean, dtype=ref.dtype))
+                step = (total[key] + self.rng.normal(0.0, z_update * clip, size=ref.shape)) / m
+                noised[key] = Array(np.asarray(ref + step, dtype=ref.dtype))
             else:  # integer buffers (e.g. counters) are not trained: keep the global value
                 noised[key] = Array(np.asarray(ref))
-        self.history = privacy.compact([*self.history, (self.noise_multiplier, self._sample_rate, 1)])
-        counted = max(counted, 1)
-        clipped = counted - fitted
-        self.last_clip_fraction = clipped / counted
-        self.last_round = {"sites": float(k), "clipping-norm": float(clip), "clip-fraction": clipped / counted,
-                           "noise-std": float(std), "noise-multiplier": float(self.noise_multiplier),
+        self.charge(self._sample_rate)
+        self.last_round = {"denominator": float(m), "clipping-norm": float(clip),
+                           "noise-std": float(z_update * clip / m), "noise-multiplier": float(self.noise_multiplier),
                            "update-noise-multiplier": float(z_update), "sample-rate": float(self._sample_rate),
                            "delta": float(self.delta)}
         if self.adaptive:
-            # Andrew et al.: C moves towards the target quantile of the norms, from a noisy count.
-            noisy = (fitted + self.rng.normal(0.0, self.count_stddev)) / counted
-            self.clipping_norm = clip * float(np.exp(-self.clip_norm_lr * (noisy - self.target_quantile)))
-            self.last_round["next-clipping-norm"] = float(self.clipping_norm)
+            noisy_fit = (centred + self.rng.normal(0.0, self.count_stddev)) / m + 0.5
+            self.clipping_norm = clip * float(np.exp(-self.clip_norm_lr * (noisy_fit - self.target_quantile)))
+            self.last_round.update({"count-stddev": float(self.count_stddev), "noisy-fit-fraction": float(noisy_fit),
+                                    "next-clipping-norm": float(self.clipping_norm)})
         self.uncounted = set()
-        log.info("round %d: user-level DP over %d site(s), clip %.4g, noise std %.4g, %d/%d updates clipped, "
-                 "user-level epsilon %.3f", server_round, k, clip, std, clipped, counted, self.epsilon())
+        log.info("round %d: user-level DP release over m = %d planned site(s), clip %.4g, noise std %.4g, "
+                 "user-level epsilon %.3f", server_round, m, clip, z_update * clip / m, self.epsilon())
 
-        # Site metrics are aggregated as usual; the weights go to a single uniform release.
-        metric_msgs = [m.content for m in replies]
-        metrics = getattr(self.strategy, "train_metrics_aggr_fn")(metric_msgs, R.NUM_EXAMPLES)
-        release = replies[0]
-        release.content = RecordDict({"arrays": ArrayRecord(noised), "metrics": MetricRecord({R.NUM_EXAMPLES: 1.0})})
+        # Site metrics (DP outputs of each site) are aggregated as usual; the weights go to a
+        # single uniform release.
+        metrics = (getattr(self.strategy, "train_metrics_aggr_fn")([r.content for r in replies], R.WEIGHT)
+                   if replies else None)
+        release = Message(content=RecordDict({"arrays": ArrayRecord(noised), "metrics": MetricRecord({R.WEIGHT: 1.0})}),
+                          dst_node_id=0, message_type="train")
         new_arrays, _ = self.strategy.aggregate_train(server_round, [release])
         return new_arrays, metrics
-
     def _norm_bit(self, msg: Message, norm: float, clip: float) -> int:
         """1 if the update fit under C, from the norm received wherever that decides it.
 

@@ -67,10 +67,7 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
     """Server-side optimiser state of a Flower strategy (and of our DP wrapper)."""
     state: dict[str, Any] = {}
     if isinstance(strategy, UserLevelDP):
-        state["user_dp"] = {"history": [list(h) for h in strategy.history],
-                            "rng": strategy.rng.bit_generator.state,
-                            "clipping_norm": float(strategy.clipping_norm),
-                            "count_stddev": float(strategy.count_stddev)}
+        state["user_dp"] = strategy.state_dict()
         strategy = strategy.strategy
     for attr in _STRATEGY_ATTRS:
         value = getattr(strategy, attr, None)
@@ -84,11 +81,7 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
         dp = state.get("user_dp")
         if dp is None:
             raise CheckpointError("the checkpoint has no user-level DP state but central-dp is enabled")
-        strategy.history = [(float(n), float(q), int(s)) for n, q, s in dp["history"]]
-        strategy.rng.bit_generator.state = dp["rng"]
-        # The adaptive bound moved every round; a resumed run continues from where it was.
-        strategy.clipping_norm = float(dp.get("clipping_norm", strategy.clipping_norm))
-        strategy.count_stddev = float(dp.get("count_stddev", strategy.count_stddev))
+        strategy.load_state_dict(dp)  # history, noise RNG, and the adaptive bound where it was
         strategy = strategy.strategy
     for attr in _STRATEGY_ATTRS:
         if attr in state:

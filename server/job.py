@@ -18,7 +18,7 @@ from server.canaries import CanaryClients
 from server.central_dp import UserLevelDP
 from server.checkpoints import Checkpointer, config_differences, restore_strategy_state
 from server.evaluation import Evaluator
-from server.rounds import Outcome, RoundRecorder, run_rounds
+from server.rounds import Outcome, RoundRecorder, known_epsilons, run_rounds
 from server.store import RunStore, StoreError, resolve_run
 from server.strategy import build_strategy
 
@@ -57,7 +57,7 @@ def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
     torch.manual_seed(cfg.run.seed)
     runs_dir = Path(cfg.run.runs_dir).resolve()
     strategy = build_strategy(cfg)
-    start_round, arrays = 1, None
+    start_round, arrays, known_epsilon = 1, None, None
     if cfg.run.resume:
         run_dir = _resume_target(runs_dir, cfg.run.resume)
         checkpointer = Checkpointer(run_dir, cfg.run.keep_checkpoints)
@@ -71,6 +71,16 @@ def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
         restore_strategy_state(strategy, ckpt.strategy)
         start_round, arrays = ckpt.round + 1, ckpt.arrays
         store = RunStore.open(run_dir, readonly=False)
+        recorded = store.rounds()
+        known_epsilon = known_epsilons(recorded)
+        if isinstance(strategy, UserLevelDP):
+            # Rounds released after the checkpoint (recorded, their model evaluated) were spent
+            # even though the resumed run trains them again: they stay in the user-level history.
+            for rec in recorded:
+                if rec["round"] > ckpt.round and rec.get("user_dp"):
+                    strategy.charge(rec["user_dp"]["sample-rate"])
+                    log.info("round %d was released after the checkpoint: its user-level charge is kept",
+                             rec["round"])
         store.set_status("running", f"resumed from round {ckpt.round} by flwr run {flwr_run_id}")
         log.info("resuming run %s from %s (round %d done)%s", run_dir.name, ckpt.path.name, ckpt.round,
                  f"; config differs (forced): {diffs}" if diffs else "")
@@ -93,7 +103,7 @@ def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
         outcome = run_rounds(grid, cfg, strategy, evaluator, RoundRecorder(run_dir, store, cfg.run.num_rounds),
                              run_dir, arrays=arrays, start_round=start_round,
                              on_round_end=None if canaries else lambda rnd, arrs: checkpointer.save(rnd, arrs, strategy, cfg),
-                             canaries=canaries)
+                             canaries=canaries, known_epsilon=known_epsilon)
         if canaries is None:
             save_model(run_dir / "final_model.pt", outcome.arrays.to_torch_state_dict(), cfg)
         elif outcome.rounds_done:

@@ -154,6 +154,22 @@ def _site_row(msg: Message, status: str, reason: str | None) -> dict:
     return row
 
 
+def site_tag(row: dict) -> str:
+    """A site's name across rounds and restarts: its partition when it reported one, else its node id."""
+    part = row.get("partition_id")
+    return f"partition-{part}" if part is not None else f"node-{row['node_id']}"
+
+
+def known_epsilons(records: list[dict]) -> dict[str, float]:
+    """Every site's last reported epsilon in recorded rounds (the federation's epsilon is their maximum)."""
+    known: dict[str, float] = {}
+    for rec in records:
+        for row in rec.get("sites") or []:
+            if row.get("epsilon") is not None:
+                known[site_tag(row)] = float(row["epsilon"])
+    return known
+
+
 def _reply_status(msg: Message) -> tuple[str, str]:
     if msg.has_error():
         return "failed", msg.error.reason
@@ -174,15 +190,19 @@ def run_rounds(
     start_round: int = 1,
     on_round_end: Callable[[int, ArrayRecord], None] | None = None,
     canaries: CanaryClients | None = None,
+    known_epsilon: dict[str, float] | None = None,
 ) -> Outcome:
     """Run rounds ``start_round..num_rounds``; ``on_round_end(r, arrays)`` after each recorded round.
 
     ``canaries`` (an audit run): their updates join the valid replies of every aggregated
-    round, each inserted canary with the real sites' sampling rate.
+    round, each inserted canary with the real sites' sampling rate. ``known_epsilon``: the
+    last epsilon each site reported before this process (a resumed run), by :func:`site_tag`.
     """
     num_rounds = cfg.run.num_rounds
     arrays = arrays if arrays is not None else evaluator.initial_arrays()
     exhausted: set[int] = set()
+    known = dict(known_epsilon or {})  # every site's last reported spend, sampled this round or not
+    user_level = isinstance(strategy, UserLevelDP)
     active = _ActiveGrid(grid, exhausted)
     records: list[dict] = []
 
@@ -211,7 +231,7 @@ def run_rounds(
                       f"strategy.min-train-nodes = {cfg.strategy.min_train_nodes}; stopping before round {rnd}")
             log.warning("%s", reason)
             return Outcome("stopped", reason, arrays, rnd - 1, records)
-        if isinstance(strategy, UserLevelDP) and cfg.central_dp.max_epsilon > 0:
+        if user_level and cfg.central_dp.max_epsilon > 0:
             n = len(remaining)
             q = min(1.0, max(int(n * cfg.strategy.fraction_train), cfg.strategy.min_train_nodes) / max(n, 1))
             if strategy.epsilon_after_next(q) > cfg.central_dp.max_epsilon:
@@ -259,7 +279,9 @@ def run_rounds(
         train_metrics: dict[str, float] = {}
         user_dp = None
         canary_updates = 0
-        if len(good) >= cfg.strategy.min_train_nodes:
+        # Under user-level DP every round that ran is released (and charged), whatever the number
+        # of valid replies: skipping it would reveal that count (server/central_dp.py).
+        if len(good) >= cfg.strategy.min_train_nodes or user_level:
             merged = good
             if canaries is not None:
                 extra = canaries.replies(arrays, len(sampled) / max(len(remaining), 1), good)
@@ -269,8 +291,8 @@ def run_rounds(
                     strategy.uncounted = {id(m) for m in extra}  # canaries do not steer the clipping bound
             new_arrays, agg = strategy.aggregate_train(rnd, merged)
             if canaries is not None:  # the figures operators read are the real sites' own
-                agg = aggregate_train_metrics([m.content for m in good], R.NUM_EXAMPLES)
-            if isinstance(strategy, UserLevelDP):
+                agg = aggregate_train_metrics([m.content for m in good], R.WEIGHT) if good else None
+            if user_level:
                 user_dp = dict(strategy.last_round)  # clip bound, fraction clipped, noise of this round
             if new_arrays is not None:
                 arrays = new_arrays
@@ -279,19 +301,22 @@ def run_rounds(
             log.warning("round %d: only %d valid update(s), fewer than strategy.min-train-nodes = %d; "
                         "the global model is unchanged", rnd, len(good), cfg.strategy.min_train_nodes)
 
-        ev, art = evaluate(rnd, arrays) if good else ({}, {})
-        eps = [r["epsilon"] for r in rows if r.get("epsilon") is not None and r["status"] == "ok"]
+        released = bool(good) or user_dp is not None
+        ev, art = evaluate(rnd, arrays) if released else ({}, {})
+        for row in rows:  # a refused site reports what it has spent too
+            if row.get("epsilon") is not None:
+                known[site_tag(row)] = float(row["epsilon"])
         rec = {"round": rnd, "num_rounds": num_rounds, "started_at": started, "ended_at": time.time(),
                "sampled": sampled, "sites": rows, "train": train_metrics, "eval": ev,
-               "epsilon_max": max(eps) if eps else None,
-               "user_epsilon": strategy.epsilon() if isinstance(strategy, UserLevelDP) else None,
+               "epsilon_max": max(known.values()) if known else None,
+               "user_epsilon": strategy.epsilon() if user_level else None,
                "user_dp": user_dp,
                "bytes_sent": bytes_sent, "bytes_received": bytes_received, "artifacts": art}
         if canaries is not None:
             rec["canary_updates"] = canary_updates
         record(rec)
         records.append(rec)
-        if on_round_end is not None and good:
+        if on_round_end is not None and released:
             on_round_end(rnd, arrays)
 
         if not good:

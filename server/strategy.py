@@ -28,7 +28,7 @@ from server.central_dp import UserLevelDP
 
 _MAX_KEYS = {R.EPSILON, R.NOISE, R.DELTA}
 _MIN_KEYS = {R.BUDGET}
-_SKIP_KEYS = {R.PARTITION, R.NUM_EXAMPLES, R.BUDGET_EXHAUSTED}
+_SKIP_KEYS = {R.PARTITION, R.WEIGHT, R.NUM_EXAMPLES, R.BUDGET_EXHAUSTED}
 
 
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -69,7 +69,7 @@ def _base_strategy(cfg: AppConfig) -> Strategy:
         min_train_nodes=s.min_train_nodes,
         min_evaluate_nodes=0,
         min_available_nodes=s.min_available_nodes,
-        weighted_by_key=R.NUM_EXAMPLES,
+        weighted_by_key=R.WEIGHT,
         train_metrics_aggr_fn=aggregate_train_metrics,
     )
     if s.name == "fedavg":

@@ -50,10 +50,10 @@ def check_train_reply(msg: Message, global_arrays: ArrayRecord, max_update_norm:
     if max_update_norm > 0 and math.sqrt(sq) > max_update_norm:
         raise InvalidUpdate(f"update norm {math.sqrt(sq):.3g} exceeds the bound {max_update_norm:g}")
     m = metrics[0]
-    if R.NUM_EXAMPLES not in m:
-        raise InvalidUpdate(f"metrics lack {R.NUM_EXAMPLES!r}")
+    if R.WEIGHT not in m:
+        raise InvalidUpdate(f"metrics lack {R.WEIGHT!r}")
     for key, value in m.items():
         if isinstance(value, list) or not math.isfinite(float(value)):
             raise InvalidUpdate(f"metric {key!r} = {value!r} is not a finite number")
-    if float(m[R.NUM_EXAMPLES]) <= 0:
-        raise InvalidUpdate(f"{R.NUM_EXAMPLES} must be positive, got {m[R.NUM_EXAMPLES]}")
+    if float(m[R.WEIGHT]) <= 0:
+        raise InvalidUpdate(f"{R.WEIGHT} must be positive, got {m[R.WEIGHT]}")

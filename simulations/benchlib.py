@@ -327,10 +327,12 @@ def run_local(run_config: dict, num_nodes: int, run_dir: Path) -> list[dict]:
     from server.rounds import RoundRecorder, run_rounds
     from server.strategy import build_strategy
 
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not run_config.get("privacy.ledger-dir"):  # as the launcher gives a simulation: a ledger folder per run
+        run_config = {**run_config, "privacy.ledger-dir": str(run_dir / ".site-ledgers")}
     cfg = parse_run_config(run_config)
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
     outcome = run_rounds(LocalGrid(run_config, num_nodes), cfg, build_strategy(cfg), Evaluator(cfg),
                          RoundRecorder(run_dir, None, cfg.run.num_rounds), run_dir)
     if outcome.status != "completed":

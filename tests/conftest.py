@@ -58,3 +58,12 @@ class FakeGrid:
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
+
+
+def site_entry(cfg, site, state=None):
+    """The site's ledger entry for its records (the key is their digest), as ``client/privacy_state.py`` keeps it."""
+    from client.privacy_state import SitePrivacy, dataset_key
+    from common.data.site import site_dataset
+
+    data, _ = site_dataset(cfg, site)
+    return SitePrivacy(cfg, site, dataset_key(cfg, data), state).load()

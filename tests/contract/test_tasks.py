@@ -16,6 +16,7 @@ from flwr.app import RecordDict
 
 from client.dp import make_private, resolve_grad_sample_mode
 from client.site import train_round
+from tests.conftest import site_entry
 from common import privacy
 from common import records as R
 from common.config import AppConfig, parse_node_config
@@ -38,7 +39,8 @@ def family_config(family: str, **overrides) -> AppConfig:
 
 
 def site(pid: int = 0, n: int = 3, **extra):
-    return parse_node_config({"partition-id": pid, "num-partitions": n, **extra})
+    # An in-memory ledger (Context.state): these tests need no file on disk.
+    return parse_node_config({"partition-id": pid, "num-partitions": n, "unsafe-memory-ledger": True, **extra})
 
 
 def built(family: str, **overrides) -> tuple[AppConfig, GenerativeTask, torch.utils.data.Dataset]:
@@ -209,8 +211,7 @@ def test_dp_round_charges_accountant_once_per_private_step(family, mode):
         res = train_round(cfg, site(), arrays, rnd, state)
         assert res.status == "ok"
         assert res.metrics[R.STEPS] == 4
-    from client.site import PrivacyState, dataset_key
-    entry = PrivacyState(state, site(), dataset_key(cfg, site())).load()
+    entry = site_entry(cfg, site(), state)
     assert sum(s for _, _, s in entry.history) == 8  # 2 rounds x 4 private steps, nothing else
     assert res.metrics[R.EPSILON] == pytest.approx(privacy.epsilon(entry.history, res.metrics[R.DELTA]))
 

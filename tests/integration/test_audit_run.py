@@ -27,8 +27,9 @@ def audit(tmp_path_factory):
 def test_the_audit_run_completes_with_both_audits_within_their_claims(audit):
     assert audit["status"] == "completed", audit
     user, sample = (next(a for a in audit["audits"] if a["level"] == lv) for lv in ("user", "sample"))
-    assert user["canaries"] == 40 and user["details"]["participations"] > 0
+    assert user["canaries"] == 1000 and user["details"]["participations"] > 0
     assert math.isfinite(user["claimed_epsilon"]) and 0 < user["empirical_epsilon"] <= user["claimed_epsilon"]
+    assert user["details"]["epsilon_unequal_variances"] <= user["claimed_epsilon"] and not user["violation"]
     assert sample["canaries"] == 64 and sample["confidence"] == 0.95
     assert sample["claimed_epsilon"] == pytest.approx(8.0, rel=0.01)
     assert 0 <= sample["empirical_epsilon"] <= sample["claimed_epsilon"]
@@ -45,11 +46,12 @@ def test_user_level_dp_adapts_the_bound_and_survives_a_crashed_site(audit):
     bounds = [r["user_dp"]["clipping-norm"] for r in rounds]
     assert bounds[0] == 0.5 and len(set(bounds)) == 3  # the adaptive bound moved every round
     assert all(r["user_dp"]["next-clipping-norm"] > 0 for r in rounds)
-    # Round 2 aggregated the 2 sites that replied (plus the canaries) with noise for who took part.
-    k2 = rounds[1]["user_dp"]["sites"]
-    assert k2 == 2 + rounds[1]["canary_updates"]
-    assert rounds[1]["user_dp"]["noise-std"] == pytest.approx(
-        rounds[1]["user_dp"]["update-noise-multiplier"] * bounds[1] / k2)
+    # Round 2 released the 2 sites that replied (plus the canaries) over the fixed denominator
+    # m = 3 sites sampled, with the same noise as if the crashed site had replied.
+    for r in rounds:
+        assert r["user_dp"]["denominator"] == 3 and "sites" not in r["user_dp"]
+        assert r["user_dp"]["noise-std"] == pytest.approx(r["user_dp"]["update-noise-multiplier"]
+                                                          * r["user_dp"]["clipping-norm"] / 3)
     assert rounds[-1]["user_epsilon"] == pytest.approx(user["claimed_epsilon"])
     eps = [r["user_epsilon"] for r in rounds]
     assert eps[0] < eps[1] < eps[2]

@@ -60,7 +60,7 @@ def test_every_site_failing_stops_the_run_with_the_reason(tmp_path):
 
 
 def test_killed_server_resumes_from_its_last_checkpoint(tmp_path):
-    from client.dp import Ledger
+    from client.privacy_state import Ledger
     from common import privacy
 
     runs = tmp_path / "runs"

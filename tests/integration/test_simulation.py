@@ -28,9 +28,8 @@ def finished_run(tmp_path_factory):
 def test_every_round_is_recorded_with_decreasing_loss(finished_run):
     recs = [json.loads(line) for line in (finished_run / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in recs] == [0, 1, 2, 3]
-    losses = [r["train"]["train-loss"] for r in recs[1:]]
-    assert all(math.isfinite(x) for x in losses)
-    assert losses[-1] < losses[0]
+    # Under DP the sites send no training loss (not a DP output); the server's held-out loss falls.
+    assert all("train-loss" not in r["train"] for r in recs[1:])
     elbo = [r["eval"]["neg-elbo"] for r in recs]
     assert elbo[-1] < elbo[1] < elbo[0]
     for r in recs[1:]:

@@ -219,7 +219,8 @@ def test_theoretical_null_in_d_dimensions():
 # One torch thread per test: the session fixture in tests/conftest.py.
 
 
-SITE = parse_node_config({"partition-id": 0, "num-partitions": 10})  # ~144 records: short epochs
+SITE = parse_node_config({"partition-id": 0, "num-partitions": 10, "unsafe-memory-ledger": True,
+                         "privacy-budget": 1e6})  # in memory; the audit alone is priced here  # ~144 records: short epochs
 
 
 def audit_cfg(**o):
@@ -285,7 +286,8 @@ def gan_cfg(**o):
     return quick_config(**{"task.family": "gan", "gan.width": 16, "gan.latent-dim": 16, **o})
 
 
-LM_SITE = parse_node_config({"partition-id": 0, "num-partitions": 100})  # ~1,000 windows of 32 characters
+LM_SITE = parse_node_config({"partition-id": 0, "num-partitions": 100, "unsafe-memory-ledger": True,
+                            "privacy-budget": 1e6})  # ~1,000 windows of 32 characters
 
 
 def test_text_canaries_are_random_token_windows_joined_as_records():
@@ -319,15 +321,15 @@ def test_with_dp_the_gan_and_lm_bounds_stay_below_the_claim(make, site, epochs):
 
 def test_an_audit_is_priced_on_the_sites_ledger_charged_there_and_refused_past_the_budget(tmp_path):
     from client.audit import AuditRefused
-    from client.dp import Ledger
-    from client.site import dataset_key
+    from tests.conftest import site_entry
 
     cfg = audit_cfg(**{"privacy.noise-multiplier": 1.0})
     site = parse_node_config({"partition-id": 0, "num-partitions": 10, "ledger-path": str(tmp_path / "l.json"),
                               "privacy-budget": 100.0})
     r = run_sample_audit(cfg, site, num_canaries=16, epochs=2, seed=0)
-    entry = Ledger(tmp_path / "l.json").load(dataset_key(cfg, site))
+    entry = site_entry(cfg, site)
     assert entry.epsilon == pytest.approx(r.claimed_epsilon) and entry.rounds[-1]["audit"] is True
+    assert entry.rounds[-1]["state"] == "confirmed"
     assert sum(s for _, _, s in entry.history) == r.steps
     before = (tmp_path / "l.json").read_bytes()
     tight = site.model_copy(update={"privacy_budget": entry.epsilon * 1.01})

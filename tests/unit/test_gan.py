@@ -10,7 +10,8 @@ from flwr.app import RecordDict
 from torch import nn
 
 from client.dp import make_private
-from client.site import PrivacyState, dataset_key, train_round
+from client.site import train_round
+from tests.conftest import site_entry
 from common import privacy
 from common import records as R
 from common.config import AppConfig, ConfigError, parse_node_config
@@ -29,7 +30,7 @@ def gan_config(**overrides) -> AppConfig:
 
 
 def site(pid: int = 0, n: int = 3):
-    return parse_node_config({"partition-id": pid, "num-partitions": n})
+    return parse_node_config({"partition-id": pid, "num-partitions": n, "unsafe-memory-ledger": True})
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ def test_dp_site_round_ledger_counts_real_discriminator_steps():
         res = train_round(cfg, site(), arrays, rnd, state)
         assert res.status == "ok" and res.metrics[R.STEPS] == 4
         arrays = res.arrays
-    entry = PrivacyState(state, site(), dataset_key(cfg, site())).load()
+    entry = site_entry(cfg, site(), state)
     assert sum(s for _, _, s in entry.history) == 8
     assert 0 < res.metrics[R.EPSILON] <= cfg.privacy.target_epsilon
     assert {k.split(".")[0] for k in arrays.keys()} == {"generator", "discriminator"}

@@ -10,7 +10,8 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from client.site import PrivacyState, dataset_key, train_round
+from client.site import train_round
+from tests.conftest import site_entry
 from common import privacy
 from common import records as R
 from common.config import AppConfig, ConfigError, parse_node_config, parse_run_config
@@ -33,7 +34,7 @@ def lm_config(**overrides) -> AppConfig:
 
 
 def site(pid: int = 0, n: int = 3, **extra):
-    return parse_node_config({"partition-id": pid, "num-partitions": n, **extra})
+    return parse_node_config({"partition-id": pid, "num-partitions": n, "unsafe-memory-ledger": True, **extra})
 
 
 def loader(data, batch_size: int = 64, **kw) -> torch.utils.data.DataLoader:
@@ -139,8 +140,8 @@ def test_dp_applies_and_epsilon_composes_over_rounds():
         assert res.status == "ok" and res.metrics[R.STEPS] == cfg.train.max_steps
         eps.append(res.metrics[R.EPSILON])
     assert 0 < eps[0] < eps[1] < cfg.privacy.target_epsilon
-    assert res.metrics[R.NOISE] > 0 and 0 <= res.metrics[R.CLIP_FRACTION] <= 1
-    entry = PrivacyState(state, s, dataset_key(cfg, s)).load()
+    assert res.metrics[R.NOISE] > 0 and R.CLIP_FRACTION not in res.metrics  # not a DP output: not sent
+    entry = site_entry(cfg, s, state)
     assert entry.history == [(res.metrics[R.NOISE], res.metrics[R.SAMPLE_RATE], 2 * cfg.train.max_steps)]
     assert eps[1] == pytest.approx(privacy.epsilon(entry.history, res.metrics[R.DELTA]), rel=1e-12)
     new, old = res.arrays.to_torch_state_dict(), arrays.to_torch_state_dict()

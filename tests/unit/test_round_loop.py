@@ -38,13 +38,13 @@ class ScriptedGrid(FakeGrid):
             msg = self.pending.pop(mid)
             rnd = int(msg.content["config"]["server-round"])
             if self.answer(int(msg.metadata.dst_node_id), rnd) == "refused":
-                content = RecordDict({"metrics": MetricRecord({"num-examples": 0.0, "epsilon": 8.0}),
+                content = RecordDict({"metrics": MetricRecord({"weight": 0.0, "epsilon": 8.0}),
                                       "status": ConfigRecord({"status": "budget-exhausted",
                                                               "reason": "budget-exhausted: spent"})})
             else:
                 arrays = ArrayRecord({"w": Array(np.full(3, float(rnd), dtype=np.float32))})
                 content = RecordDict({"arrays": arrays, "metrics": MetricRecord(
-                    {"num-examples": 10.0, "train-loss": 1.0, "epsilon": float(rnd)})})
+                    {"weight": 10.0, "train-loss": 1.0, "epsilon": float(rnd)})})
             out.append(Message(content=content, reply_to=msg))
         return out
 
@@ -63,7 +63,7 @@ class NoEval:
 
 def run(tmp_path, num_rounds: int, answer):
     cfg = quick_config(**{"run.num-rounds": num_rounds, "strategy.min-train-nodes": 1})
-    strategy = FedAvg(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0,
+    strategy = FedAvg(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0, weighted_by_key="weight",
                       train_metrics_aggr_fn=aggregate_train_metrics)
     recorded: list[dict] = []
     outcome = run_rounds(ScriptedGrid(2, answer), cfg, strategy, NoEval(), recorded.append, tmp_path)
@@ -74,7 +74,8 @@ def test_every_site_refusing_the_last_round_stops_the_run_it_does_not_complete(t
     outcome, recorded = run(tmp_path, 3, lambda node, rnd: "refused" if rnd == 3 else "ok")
     assert outcome.status == "stopped" and "privacy budget" in outcome.reason and "round 3" in outcome.reason
     assert [r["round"] for r in recorded] == [0, 1, 2, 3]
-    assert recorded[3]["epsilon_max"] is None and {s["status"] for s in recorded[3]["sites"]} == {"refused"}
+    # The refused sites' spend (8.0, what they report) is still the federation's epsilon.
+    assert recorded[3]["epsilon_max"] == 8.0 and {s["status"] for s in recorded[3]["sites"]} == {"refused"}
     assert np.allclose(outcome.arrays["w"].numpy(), 2.0)  # the model of round 2 stands
 
 
@@ -88,7 +89,7 @@ def test_refusals_before_the_last_round_stop_at_the_next_round(tmp_path):
 def test_one_site_refusing_the_last_round_still_completes_with_the_other(tmp_path):
     outcome, recorded = run(tmp_path, 2, lambda node, rnd: "refused" if (rnd == 2 and node == 100) else "ok")
     assert outcome.status == "completed" and outcome.rounds_done == 2
-    assert recorded[2]["epsilon_max"] == 2.0
+    assert recorded[2]["epsilon_max"] == 8.0  # the refusing site has spent 8: the maximum is over every site
     assert np.allclose(outcome.arrays["w"].numpy(), 2.0)
 
 

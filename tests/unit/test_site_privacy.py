@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from flwr.app import RecordDict
 
-from client.dp import Ledger, LedgerError
-from client.site import dataset_key, make_plan, train_round
+from client.privacy_state import Ledger, LedgerError, make_plan
+from client.site import train_round
 from common import privacy
 from common import records as R
 from common.config import parse_node_config
 from common.data.site import site_dataset
 from common.tasks import build_task
-from tests.conftest import quick_config
+from tests.conftest import quick_config, site_entry
 
 STEPS = 3
 
@@ -27,6 +28,8 @@ def site_(tmp_path=None, **extra):
     cfg = {"partition-id": 1, "num-partitions": 3, **extra}
     if tmp_path is not None:
         cfg["ledger-path"] = str(tmp_path / "ledger.json")
+    elif "ledger-path" not in cfg:
+        cfg["unsafe-memory-ledger"] = True  # Context.state only: these tests need no file
     return parse_node_config(cfg)
 
 
@@ -43,7 +46,7 @@ def test_epsilon_composes_over_rounds_and_matches_a_fresh_accountant(tmp_path):
         res = train_round(cfg, s, arrays, rnd, state)
         eps.append(res.metrics[R.EPSILON])
     assert eps[0] < eps[1] < eps[2]
-    entry = Ledger(s.ledger_path).load(dataset_key(cfg, s))
+    entry = site_entry(cfg, s)
     assert entry.history == [(res.metrics[R.NOISE], res.metrics[R.SAMPLE_RATE], 3 * STEPS)]
     assert entry.epsilon == pytest.approx(eps[-1])
     assert privacy.epsilon(entry.history, res.metrics[R.DELTA]) == pytest.approx(eps[-1], rel=1e-12)
@@ -131,7 +134,7 @@ def test_a_site_folder_cannot_stand_in_for_the_bundled_digits(tmp_path):
 
 
 def _rounds_in_ledger(cfg, s) -> list[int]:
-    return [r["round"] for r in Ledger(s.ledger_path).load(dataset_key(cfg, s)).rounds]
+    return [r["round"] for r in site_entry(cfg, s).rounds]
 
 
 def _same(a, b) -> bool:
@@ -152,7 +155,7 @@ def test_a_round_asked_again_is_answered_with_the_paid_update_and_costs_nothing(
     assert set(again.metrics) == set(first.metrics)  # Flower aggregates replies only when their keys agree
     assert _same(again.arrays, first.arrays)
     assert again.metrics[R.EPSILON] == first.metrics[R.EPSILON]
-    assert again.metrics[R.TRAIN_LOSS] == first.metrics[R.TRAIN_LOSS]
+    assert R.TRAIN_LOSS not in again.metrics  # not a DP output: never sent under DP
     assert (tmp_path / "ledger.json").read_bytes() == ledger  # nothing charged
     assert _rounds_in_ledger(cfg, s) == [1, 2]
     # Its time is its own: no training, only the lookup.
@@ -210,20 +213,186 @@ def test_a_damaged_saved_update_is_ignored_and_the_round_trained(tmp_path):
     assert res.metrics[R.REPLAYED] == 0.0 and _rounds_in_ledger(cfg, s) == [1, 1]
 
 
-def test_an_update_whose_charge_was_not_recorded_is_never_sent_again(tmp_path, monkeypatch):
+def _failing_write(monkeypatch, fail_on: int):
+    """Make the ledger's ``fail_on``-th write (1-based) from now raise, as a full disk would."""
+    real, calls = Ledger.write, {"n": 0}
+
+    def write(self, entries):
+        calls["n"] += 1
+        if calls["n"] == fail_on:
+            raise OSError("disk full")
+        return real(self, entries)
+
+    monkeypatch.setattr(Ledger, "write", write)
+    return lambda: monkeypatch.setattr(Ledger, "write", real)
+
+
+def test_a_charge_that_cannot_be_recorded_stops_the_round_before_training(tmp_path, monkeypatch):
     cfg, s, arrays = cfg_(), site_(tmp_path), global_arrays(cfg_())
-    real_save = Ledger.save
-
-    def ledger_write_fails(self, key, entry):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(Ledger, "save", ledger_write_fails)
+    restore = _failing_write(monkeypatch, fail_on=1)  # the charge ahead of training
     with pytest.raises(OSError, match="disk full"):
         train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
-    assert len(list(tmp_path.glob("*.last-reply.pt"))) == 1  # written, but the ledger never said it was paid
-    monkeypatch.setattr(Ledger, "save", real_save)
+    assert not list(tmp_path.glob("*.last-reply.pt"))  # nothing trained, nothing to send
+    restore()
     res = train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
     assert res.metrics[R.REPLAYED] == 0.0 and _rounds_in_ledger(cfg, s) == [1]
+
+
+def test_a_crash_after_training_leaves_the_charge_on_record_and_the_update_is_sent_again(tmp_path, monkeypatch):
+    cfg, s, arrays = cfg_(), site_(tmp_path), global_arrays(cfg_())
+    restore = _failing_write(monkeypatch, fail_on=2)  # the confirmation after training
+    with pytest.raises(OSError, match="disk full"):
+        train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    restore()
+    entry = site_entry(cfg, s)
+    assert [r["state"] for r in entry.rounds] == ["pending"] and sum(x for _, _, x in entry.history) == STEPS
+    res = train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")  # paid (pending): sent, not charged again
+    assert res.metrics[R.REPLAYED] == 1.0 and sum(x for _, _, x in site_entry(cfg, s).history) == STEPS
+
+
+def test_a_round_whose_process_died_mid_training_is_trained_again_under_its_charge(tmp_path):
+    cfg, s, arrays = cfg_(), site_(tmp_path), global_arrays(cfg_())
+    train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    # Round 2's process charged ahead, then died before training ended: no saved update.
+    from client.privacy_state import SitePrivacy, dataset_key
+    from client.site import request_digest
+
+    data, _ = site_dataset(cfg, s)
+    plan, key = make_plan(cfg, len(data)), dataset_key(cfg, data)
+    sp = SitePrivacy(cfg, s, key)
+    sp.reserve(plan, plan.steps_per_round, {"run": "0", "family": "vae", "round": 2,
+                                            "request": request_digest(cfg, s, key, "run-a", 2, 0.0, arrays)})
+    charged = sum(x for _, _, x in site_entry(cfg, s).history)
+    res = train_round(cfg, s, arrays, 2, RecordDict(), run_name="run-a")
+    entry = site_entry(cfg, s)
+    assert res.metrics[R.REPLAYED] == 0.0 and sum(x for _, _, x in entry.history) == charged == 2 * STEPS
+    assert [(r["round"], r["state"]) for r in entry.rounds] == [(1, "confirmed"), (2, "confirmed")]
+
+
+def test_two_trainings_priced_before_either_saves_record_the_sum(tmp_path):
+    # Two runs on one ledger interleave: both price, both train, both save. Charged ahead,
+    # each sees the other's pending charge, and the ledger ends with the sum of their steps.
+    cfg, s = cfg_(), site_(tmp_path)
+    from client.privacy_state import SitePrivacy, dataset_key
+
+    data, _ = site_dataset(cfg, s)
+    plan = make_plan(cfg, len(data))
+    a, b = (SitePrivacy(cfg, s, dataset_key(cfg, data)) for _ in range(2))
+    ra = a.reserve(plan, 3, {"run": "a", "family": "vae", "round": 1})
+    rb = b.reserve(plan, 3, {"run": "b", "family": "vae", "round": 1})
+    assert rb.spent == pytest.approx(privacy.epsilon([(plan.noise_multiplier, plan.sample_rate, 3)], plan.delta))
+    step = [(plan.noise_multiplier, plan.sample_rate, 1)]
+    a.confirm(ra, step * 3)
+    b.confirm(rb, step * 3)
+    entry = site_entry(cfg, s)
+    assert entry.history == [(plan.noise_multiplier, plan.sample_rate, 6)]
+    assert [r["state"] for r in entry.rounds] == ["confirmed", "confirmed"]
+    assert entry.epsilon == pytest.approx(privacy.epsilon(entry.history, plan.delta))
+
+
+def test_concurrent_training_processes_on_one_ledger_record_the_sum_of_their_steps(tmp_path):
+    import multiprocessing as mp
+
+    cfg, s = cfg_(), site_(tmp_path)
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_train_in_process, args=(str(tmp_path), run)) for run in ("run-a", "run-b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    entry = site_entry(cfg, s)
+    assert sum(x for _, _, x in entry.history) == 2 * STEPS
+    assert sorted(r["run"] for r in entry.rounds) == ["run-a", "run-b"]
+
+
+def _train_in_process(folder: str, run: str) -> None:
+    from pathlib import Path
+
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = cfg_()
+    train_round(cfg, site_(Path(folder)), global_arrays(cfg), 1, RecordDict(), run_id=run, run_name=run)
+
+
+def test_a_moved_data_folder_keeps_its_spend(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    cfg = cfg_(**{"data.dataset": "image-folder"})
+    first, moved = tmp_path / "data", tmp_path / "elsewhere" / "data"
+    first.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(first / f"{i:02d}.png")
+    ledger = tmp_path / "ledger.json"
+    s = parse_node_config({"data-path": str(first), "ledger-path": str(ledger)})
+    arrays = global_arrays_for(cfg, s)
+    one = train_round(cfg, s, arrays, 1, RecordDict())
+    first.rename(moved.parent.mkdir(parents=True) or moved)
+    s2 = parse_node_config({"data-path": str(moved), "ledger-path": str(ledger)})
+    two = train_round(cfg, s2, arrays, 2, RecordDict())
+    assert two.metrics[R.EPSILON] > one.metrics[R.EPSILON]  # composed on the same records
+    assert [r["round"] for r in site_entry(cfg, s2).rounds] == [1, 2]
+
+
+def global_arrays_for(cfg, s):
+    data, spec = site_dataset(cfg, s)
+    return R.to_arrayrecord(build_task(cfg, spec).modules)
+
+
+def test_a_site_without_a_ledger_file_refuses_dp_training_unless_told_otherwise():
+    cfg = cfg_()
+    s = parse_node_config({"partition-id": 1, "num-partitions": 3})
+    with pytest.raises(LedgerError, match="no privacy ledger file.*ledger-path.*unsafe-memory-ledger"):
+        train_round(cfg, s, global_arrays(cfg), 1, RecordDict())
+    ok = parse_node_config({"partition-id": 1, "num-partitions": 3, "unsafe-memory-ledger": True})
+    assert train_round(cfg, ok, global_arrays(cfg), 1, RecordDict()).status == "ok"
+    # Without DP there is nothing to account: no ledger needed.
+    off = cfg_(**{"privacy.enabled": False})
+    assert train_round(off, s, global_arrays(off), 1, RecordDict()).status == "ok"
+
+
+def test_a_version_1_ledger_keyed_by_folder_carries_its_spend_over(tmp_path):
+    from client.privacy_state import legacy_dataset_key
+
+    cfg, s, arrays = cfg_(), site_(tmp_path), global_arrays(cfg_())
+    res = train_round(cfg, s, arrays, 1, RecordDict())
+    path = tmp_path / "ledger.json"
+    doc = json.loads(path.read_text())
+    (entry,) = doc["entries"].values()
+    old = {legacy_dataset_key(cfg, s): entry}  # what fedgen wrote before the digest key
+    Ledger(path).write(old)
+    again = train_round(cfg, s, arrays, 2, RecordDict())
+    assert again.metrics[R.EPSILON] > res.metrics[R.EPSILON]
+    assert [r["round"] for r in site_entry(cfg, s).rounds] == [1, 2]
+
+
+def test_a_dp_reply_carries_only_accounted_or_declared_values():
+    # Every key of a real DP reply is in the README's table of what a site sends, as a DP
+    # output, a value independent of the records, or a declared public one.
+    cfg = cfg_()
+    res = train_round(cfg, site_(), global_arrays(cfg), 1, RecordDict())
+    allowed = {R.PARTITION, R.EPSILON, R.BUDGET, R.DELTA, R.NOISE, R.SAMPLE_RATE, R.WEIGHT, R.STEPS, R.REPLAYED,
+               R.SITE_SECONDS, R.TRAIN_SECONDS, R.TRAIN_CPU_SECONDS}
+    assert set(res.metrics) <= allowed, set(res.metrics) - allowed
+    for private in (R.NUM_EXAMPLES, R.TRAIN_LOSS, R.CLIP_FRACTION):
+        assert private not in res.metrics
+    assert res.metrics[R.WEIGHT] == 1.0  # uniform unless the site declares a public size
+    declared = site_(**{"public-num-examples": 500})
+    assert train_round(cfg, declared, global_arrays(cfg), 1, RecordDict()).metrics[R.WEIGHT] == 500.0
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for key in res.metrics:
+        assert f"`{key}`" in readme, f"README's table of what a site sends does not list {key!r}"
+
+
+def test_a_dp_site_does_not_answer_an_evaluation_on_its_records():
+    from client.site import evaluate_round
+
+    cfg = cfg_()
+    with pytest.raises(PermissionError, match="exact evaluation metrics"):
+        evaluate_round(cfg, site_(), global_arrays(cfg))
 
 
 def test_the_first_round_of_a_site_whose_ledger_folder_does_not_exist_yet(tmp_path):
@@ -248,10 +417,10 @@ def test_a_round_mixing_a_sent_again_and_a_trained_update_aggregates(tmp_path):
     results = [train_round(cfg, a, arrays, 1, RecordDict(), run_name="run-a"),  # sent again
                train_round(cfg, b, arrays, 1, RecordDict(), run_name="run-a")]  # trained
     assert [r.metrics[R.REPLAYED] for r in results] == [1.0, 0.0]
-    strategy = FedAvg(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0,
+    strategy = FedAvg(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0, weighted_by_key=R.WEIGHT,
                       train_metrics_aggr_fn=aggregate_train_metrics)
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(2)))
     replies = [Message(content=RecordDict({"arrays": r.arrays, "metrics": MetricRecord(r.metrics)}), reply_to=m)
                for r, m in zip(results, msgs)]
     merged, metrics = strategy.aggregate_train(1, replies)
-    assert merged is not None and metrics["replayed"] == pytest.approx(0.5, abs=0.01)  # weighted by examples
+    assert merged is not None and metrics["replayed"] == pytest.approx(0.5)  # uniform weights under DP

@@ -28,7 +28,7 @@ def reply(arrays: dict[str, np.ndarray] | None = None, metrics=None, n_arrays=1)
     content = RecordDict()
     for i in range(n_arrays):
         content[f"arrays{i}"] = ArrayRecord({k: Array(v) for k, v in (arrays or {}).items()})
-    content["metrics"] = MetricRecord(metrics if metrics is not None else {"num-examples": 10.0})
+    content["metrics"] = MetricRecord(metrics if metrics is not None else {"weight": 10.0})
     return Message(content=content, reply_to=req)
 
 
@@ -63,9 +63,9 @@ def test_update_norm_bound():
 
 
 @pytest.mark.parametrize("metrics, reason", [
-    ({}, "num-examples"),
-    ({"num-examples": 0.0}, "must be positive"),
-    ({"num-examples": 5.0, "train-loss": float("nan")}, "not a finite number"),
+    ({}, "weight"),
+    ({"weight": 0.0}, "must be positive"),
+    ({"weight": 5.0, "train-loss": float("nan")}, "not a finite number"),
 ])
 def test_bad_metrics_are_rejected(metrics, reason):
     with pytest.raises(InvalidUpdate, match=reason):

@@ -1,0 +1,393 @@
+"""A site's privacy state, in one place: the plan, the price, the charge and the ledger.
+
+Everything a site spends privacy on goes through :class:`SitePrivacy`: a training round
+(``client/site.py``) and a sample-level audit (``client/audit.py``) alike.
+
+1. **Plan** (:func:`make_plan`): noise multiplier, Poisson sample rate, steps and delta of
+   one DP-SGD run, from the site's record count and the config. One sample-rate formula
+   (``common.privacy.steps_per_round``: ``q = 1 / ceil(N / B)``, what Opacus' Poisson loader uses).
+2. **Price** (:meth:`SitePrivacy.reserve`): the epsilon the site has spent on these records
+   and the epsilon it would reach after this release, both composed by Opacus' accountant
+   over the whole recorded history. Past the site's budget the release is refused
+   (:class:`BudgetExceeded`) before any private data is touched.
+3. **Charge ahead** (write-ahead): the planned steps are recorded as a *pending* line, and
+   in the history, before training starts. A crash mid-round leaves the charge on record:
+   the ledger over-counts, never under-counts.
+4. **Confirm** (:meth:`SitePrivacy.confirm`): after training the pending charge is replaced
+   by what the accountant really charged (the same steps unless training stopped early).
+
+The ledger file is read, priced and written under an exclusive ``fcntl.flock`` on a lock
+file beside it, so two trainings on one ledger (two runs on one SuperNode, or ``fedgen
+audit sample`` during a run) each see the other's charge: the ledger records the sum.
+Without a ledger file the state lives in ``Context.state`` (this process's memory, lost
+on a restart); DP training then needs the node config's loudly named override
+``unsafe-memory-ledger = true``. Simulations always have a per-run ledger folder
+(``privacy.ledger-dir``, set by ``simulations/launch.py``).
+
+The ledger key is the dataset's name and a SHA-256 digest of the records the site trains
+on (the loaded tensors), so moving a data folder keeps its spend. Ledgers written by
+fedgen before the digest key (version 1, keyed by name and folder path) are carried over
+on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from common import privacy
+from common.atomic import write_bytes
+from common.config import AppConfig, SiteConfig, site_budget
+from common.privacy import DPPlan, HistoryEntry
+
+log = logging.getLogger(__name__)
+
+LEDGER_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1: no pending lines, keys of name + folder path
+STATE_KEY = "fedgen-privacy"  # Context.state record of a site without a ledger file
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be trusted (or there is none where one is required); the site refuses to train."""
+
+
+class BudgetExceeded(RuntimeError):
+    """The release would take the site past its budget; nothing was trained or spent."""
+
+    def __init__(self, what: str, spent: float, would: float, budget: float, delta: float) -> None:
+        self.spent, self.would, self.budget = spent, would, budget
+        super().__init__(f"budget-exhausted: {what} would raise epsilon from {spent:.4f} to {would:.4f}, "
+                         f"above the site's budget {budget:g} (delta {delta:g}); nothing was trained or spent")
+
+
+@dataclass
+class LedgerEntry:
+    """What a site has spent on one set of records: the accountant history and one line per release."""
+
+    history: list[HistoryEntry] = field(default_factory=list)
+    delta: float = 0.0
+    epsilon: float = 0.0
+    budget: float = 0.0
+    accountant: str = "rdp"
+    rounds: list[dict] = field(default_factory=list)  # run, family, round, steps, noise, sample_rate, state...
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "history": [list(h) for h in self.history]}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> LedgerEntry:
+        return cls(**{**raw, "history": [(float(n), float(q), int(s)) for n, q, s in raw["history"]]})
+
+    def accountant_state(self) -> dict:
+        """Opacus' accountant ``state_dict`` of this history (``load_state_dict`` restores it)."""
+        return {"history": list(self.history), "mechanism": self.accountant}
+
+
+# --- the plan -----------------------------------------------------------------------------
+
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrated_noise(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    return privacy.calibrate_noise(target, delta, q, steps, accountant)  # slow: many accountant calls
+
+
+def make_plan(cfg: AppConfig, num_records: int, total_steps: int | None = None,
+              delta_records: int | None = None) -> DPPlan:
+    """The DP-SGD plan of a site with ``num_records`` records.
+
+    ``total_steps``: the steps the noise is calibrated for (default: every round of the run,
+    so that the site reaches ``privacy.target-epsilon`` at the last one). ``delta_records``:
+    the record count the automatic delta is taken from (the audit keeps the site's own).
+    """
+    p = cfg.privacy
+    q, steps = privacy.steps_per_round(num_records, cfg.train.batch_size, cfg.train.local_epochs, cfg.train.max_steps)
+    delta = p.delta or privacy.auto_delta(delta_records or num_records)
+    privacy.check_delta(delta, num_records)
+    total = total_steps if total_steps is not None else steps * cfg.run.num_rounds
+    noise = p.noise_multiplier or _calibrated_noise(p.target_epsilon, delta, q, total, p.accountant)
+    return DPPlan(noise, q, steps, delta, p.accountant, p.max_grad_norm)
+
+
+# --- the key: which records the spend is on -----------------------------------------------
+
+
+def records_digest(data: torch.utils.data.Dataset) -> str:
+    """SHA-256 of the records a site trains on (the loaded tensors, in order).
+
+    TensorDataset (images and labels) and token windows (the encoded text) are hashed
+    whole, tens of milliseconds for a site's partition; any other dataset item by item.
+    """
+    h = hashlib.sha256()
+    tensors = getattr(data, "tensors", None)
+    if tensors is None and isinstance(getattr(data, "tokens", None), torch.Tensor):
+        tensors = (data.tokens, torch.tensor([data.context, data.stride]))
+    if tensors is None:
+        tensors = [t for i in range(len(data)) for t in data[i] if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def dataset_key(cfg: AppConfig, data: torch.utils.data.Dataset) -> str:
+    """Identity of the records a site spends privacy on: the dataset's name and their digest.
+
+    Independent of where the files are and of the model. The same records loaded
+    differently (another ``data.image-size``, tokenizer or context length) are other
+    tensors, hence another key: keep those settings fixed for a site's data.
+    """
+    return f"{cfg.data.dataset}|sha256:{records_digest(data)}"
+
+
+def legacy_dataset_key(cfg: AppConfig, site: SiteConfig) -> str:
+    """The key fedgen used before the digest (ledger version 1): name and folder path."""
+    d = cfg.data
+    if site.data_path:
+        return f"{d.dataset}|{site.data_path}"
+    key = (f"{d.dataset}|{d.path or 'default'}|{d.partitioner}|alpha={d.dirichlet_alpha}|seed={cfg.run.seed}"
+           f"|partition={site.partition_id}/{d.num_partitions or site.num_partitions}")
+    if d.dataset == "shakespeare":
+        key += f"|heldout={d.heldout_plays}|min-chars={d.min_chars}"
+    return key
+
+
+# --- the ledger file ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """An exclusive ``fcntl.flock`` on ``path`` (created if missing; never deleted, so every process locks one file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _checksum(entries: dict) -> str:
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+class Ledger:
+    """A JSON file of ledger entries keyed by dataset identity, with a checksum and a lock file beside it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive lock (``fcntl.flock``) for one read-price-write; other processes wait for it."""
+        with _flock(self.lock_path):
+            yield
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Held for a whole training round on this ledger: rounds on one ledger run one at a time.
+
+        A second process asked the same request waits, then replays the saved update. The
+        kernel drops the lock when its process dies, so a round whose process crashed
+        mid-training can be taken over (:meth:`SitePrivacy.adopt`)."""
+        with _flock(self.path.with_name(self.path.name + ".training.lock")):
+            yield
+
+    def read(self) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            doc = json.loads(self.path.read_text())
+            entries = doc["entries"]
+            ok = doc.get("version") in _READABLE_VERSIONS and doc.get("checksum") == _checksum(entries)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise LedgerError(
+                f"privacy ledger {self.path} is unreadable ({err}); the site will not train until it is "
+                "restored from a backup or an operator decides what was spent"
+            ) from None
+        if not ok:
+            raise LedgerError(
+                f"privacy ledger {self.path} fails its checksum or version check (edited or corrupt); "
+                "the site will not train until it is restored from a backup"
+            )
+        return entries
+
+    def load(self, key: str) -> LedgerEntry:
+        raw = self.read().get(key)
+        return LedgerEntry() if raw is None else LedgerEntry.from_json(raw)
+
+    def write(self, entries: dict) -> None:
+        doc = {"version": LEDGER_VERSION, "updated_at": time.time(), "entries": entries,
+               "checksum": _checksum(entries)}
+        write_bytes(self.path, json.dumps(doc, indent=1).encode())
+
+    def save(self, key: str, entry: LedgerEntry) -> None:
+        """Replace one entry (read-modify-write: hold :meth:`locked` around it when others may write)."""
+        entries = self.read()
+        entries[key] = entry.to_json()
+        self.write(entries)
+
+
+# --- the site's state: price, charge ahead, confirm ----------------------------------------
+
+
+@dataclass
+class Reservation:
+    """A charge recorded ahead of a release: what was priced, and the pending line naming it."""
+
+    plan: DPPlan
+    steps: int
+    spent: float  # epsilon before this release
+    would: float  # epsilon after it, as priced
+    budget: float
+    line_id: str
+
+
+def _without(history: list[HistoryEntry], removed: HistoryEntry) -> list[HistoryEntry]:
+    """``history`` minus ``removed``'s steps at its noise and rate (RDP and PRV composition commute)."""
+    n0, q0, left = removed
+    out: list[HistoryEntry] = []
+    for n, q, s in reversed(history):
+        if left and n == n0 and q == q0:
+            take = min(s, left)
+            s, left = s - take, left - take
+        if s:
+            out.append((n, q, s))
+    if left:
+        raise LedgerError(f"the ledger's history has no pending charge of {removed}; it was edited during the round")
+    return privacy.compact(list(reversed(out)))
+
+
+class SitePrivacy:
+    """One site's spend on one set of records: the ledger file when there is one, else ``Context.state``."""
+
+    def __init__(self, cfg: AppConfig, site: SiteConfig, key: str, state: RecordDict | None = None,
+                 legacy_keys: tuple[str, ...] = ()) -> None:
+        self.cfg, self.site, self.key, self.legacy_keys = cfg, site, key, legacy_keys
+        self.state = state if state is not None else RecordDict()
+        ledger_dir = cfg.privacy.ledger_dir
+        path = site.ledger_path or (
+            str(Path(ledger_dir) / f"partition-{site.partition_id}-of-{site.num_partitions}.json") if ledger_dir else ""
+        )
+        self.ledger = Ledger(path) if path else None
+        self.budget = site_budget(cfg, site)
+
+    def require_durable(self) -> None:
+        """Refuse DP without a ledger file unless the operator accepted an in-memory one."""
+        if self.ledger is None and not self.site.unsafe_memory_ledger:
+            raise LedgerError(
+                "this site has no privacy ledger file: its spend would live only in this process's memory and "
+                "restart at zero with it. Set the node config's ledger-path (e.g. --node-config "
+                "ledger-path=/var/lib/fedgen/ledger.json), or the run's privacy.ledger-dir; for a "
+                "throwaway test only, set unsafe-memory-ledger = true"
+            )
+
+    def _from_state(self) -> LedgerEntry:
+        rec = self.state.get(STATE_KEY)
+        return LedgerEntry.from_json(json.loads(rec[self.key])) if rec is not None and self.key in rec else LedgerEntry()
+
+    def _from_file(self, entries: dict) -> LedgerEntry:
+        """This key's entry, or the one recorded under a legacy key (carried over when next saved)."""
+        if self.key in entries:
+            return LedgerEntry.from_json(entries[self.key])
+        old = next((k for k in self.legacy_keys if k in entries), None)
+        if old is None:
+            return LedgerEntry()
+        log.info("privacy ledger %s: the spend recorded under %r carries over to %r", self.ledger.path, old, self.key)
+        return LedgerEntry.from_json(entries[old])
+
+    # -- reading and writing the entry (under the ledger's lock when there is a file) --
+    @contextlib.contextmanager
+    def _entry(self) -> Iterator[LedgerEntry]:
+        """The entry, loaded (and carried over from a legacy key); saved when the block ends without error."""
+        if self.ledger is None:
+            entry = self._from_state()
+            yield entry
+            rec = self.state.get(STATE_KEY) or ConfigRecord()
+            rec[self.key] = json.dumps(entry.to_json())
+            self.state[STATE_KEY] = rec
+            return
+        with self.ledger.locked():
+            entries = self.ledger.read()
+            entry = self._from_file(entries)
+            yield entry
+            entries[self.key] = entry.to_json()
+            self.ledger.write(entries)
+
+    def load(self) -> LedgerEntry:
+        """The entry as recorded now (read only, no lock)."""
+        if self.ledger is None:
+            return self._from_state()
+        return self._from_file(self.ledger.read())
+
+    def spent(self, plan: DPPlan) -> float:
+        return privacy.epsilon(self.load().history, plan.delta, plan.accountant)
+
+    # -- the charge --
+    def reserve(self, plan: DPPlan, steps: int, line: dict, what: str = "this round") -> Reservation:
+        """Price ``steps`` DP-SGD steps of ``plan``; past the budget raise :class:`BudgetExceeded`;
+        else record them as a pending charge (history and a line) before any private data is touched."""
+        self.require_durable()
+        charge = (plan.noise_multiplier, plan.sample_rate, int(steps))
+        with self._entry() as entry:
+            spent = privacy.epsilon(entry.history, plan.delta, plan.accountant)
+            would = privacy.epsilon(privacy.compact([*entry.history, charge]), plan.delta, plan.accountant)
+            if would > self.budget * (1 + 1e-9):
+                raise BudgetExceeded(what, spent, would, self.budget, plan.delta)
+            line_id = uuid.uuid4().hex
+            entry.history = privacy.compact([*entry.history, charge])
+            entry.delta, entry.accountant, entry.budget = plan.delta, plan.accountant, self.budget
+            entry.epsilon = would
+            entry.rounds.append({**line, "steps": int(steps), "noise": plan.noise_multiplier,
+                                 "sample_rate": plan.sample_rate, "state": "pending", "id": line_id})
+        return Reservation(plan, int(steps), spent, would, self.budget, line_id)
+
+    def adopt(self, plan: DPPlan, request: str) -> Reservation | None:
+        """The pending charge of a round asked again, left by a process that died before sending it.
+
+        Call it holding the ledger's training lock (:meth:`Ledger.training`): nothing else can
+        be training on this ledger, and the dead process sent nothing (a sent update is saved
+        first and replayed instead), so training again under the charge already on record
+        releases one update for one charge.
+        """
+        if self.ledger is None:
+            return None
+        with self.ledger.locked():
+            entry = self._from_file(self.ledger.read())
+        line = next((r for r in entry.rounds if r.get("request") == request and r.get("state") == "pending"), None)
+        if line is None or (line["noise"], line["sample_rate"]) != (plan.noise_multiplier, plan.sample_rate):
+            return None
+        now = privacy.epsilon(entry.history, plan.delta, plan.accountant)
+        log.info("privacy ledger %s: round %s was charged but never sent (its process stopped); training it again "
+                 "under that charge", self.ledger.path, line.get("round"))
+        return Reservation(plan, int(line["steps"]), now, now, self.budget, line["id"])
+
+    def confirm(self, res: Reservation, charged: list[HistoryEntry], **extra) -> float:
+        """Replace the pending charge by what the accountant ``charged``; return the site's epsilon now."""
+        plan = res.plan
+        with self._entry() as entry:
+            line = next((r for r in entry.rounds if r.get("id") == res.line_id), None)
+            if line is None:
+                raise LedgerError(f"the pending charge {res.line_id} is no longer in the ledger; it was edited "
+                                  "during the round")
+            history = _without(entry.history, (plan.noise_multiplier, plan.sample_rate, res.steps))
+            entry.history = privacy.compact([*history, *charged])
+            entry.epsilon = privacy.epsilon(entry.history, plan.delta, plan.accountant)
+            line.update({"steps": int(sum(s for _, _, s in charged)), "state": "confirmed", **extra})
+            eps = entry.epsilon
+        return eps
+
