@@ -25,7 +25,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from server.store import RunStore, StoreError, list_runs, resolve_run
+from server.runs_index import list_runs, resolve_run
+from server.store import RunStore, StoreError
 
 if TYPE_CHECKING:  # matplotlib is imported lazily: it is slow and only `plot` needs it
     from matplotlib.figure import Figure
