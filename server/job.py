@@ -19,7 +19,8 @@ from server.central_dp import UserLevelDP
 from server.checkpoints import Checkpointer, config_differences, restore_strategy_state
 from server.evaluation import Evaluator
 from server.rounds import Outcome, RoundRecorder, known_epsilons, run_rounds
-from server.store import RunStore, StoreError, resolve_run
+from server.runs_index import resolve_run
+from server.store import RunStore, StoreError
 from server.strategy import build_strategy
 
 log = logging.getLogger(__name__)

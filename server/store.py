@@ -20,6 +20,9 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`, ``PRAGMA application_i
   sample), method, canaries, confidence, the empirical and the claimed epsilon, cost.
   A version-1 database gains the table when opened for writing; read-only, it has none.
 
+Finding the runs of a runs directory (listing them, resolving ``latest`` or an id prefix)
+is ``server.runs_index``.
+
 Flower node ids are unsigned 64-bit integers; SQLite integers are signed, so node ids
 are stored with the same uint64 -> int64 mapping Flower's own state uses and mapped back
 when read.
@@ -36,8 +39,9 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = [
     "APPLICATION_ID",
@@ -45,11 +49,12 @@ __all__ = [
     "EVAL_BEST_KEYS",
     "RUN_STATUSES",
     "SCHEMA_VERSION",
+    "SITE_COLUMNS",
+    "SITE_KEYS",
     "SITE_STATUSES",
+    "SiteColumn",
     "RunStore",
     "StoreError",
-    "list_runs",
-    "resolve_run",
 ]
 
 SCHEMA_VERSION: int = 2
@@ -67,7 +72,7 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _U64 = 1 << 64
 _I64 = 1 << 63
 
-_SCHEMA = """
+_RUN_AND_ROUND_TABLES = """
 CREATE TABLE run (
     run_id        TEXT PRIMARY KEY,
     created_at    REAL NOT NULL,
@@ -96,27 +101,8 @@ CREATE TABLE round (
     extra_json         TEXT NOT NULL DEFAULT '{}',
     recorded_at        REAL NOT NULL
 );
-CREATE TABLE site_round (
-    round            INTEGER NOT NULL REFERENCES round(round) ON DELETE CASCADE,
-    seq              INTEGER NOT NULL,
-    node_id          INTEGER NOT NULL,
-    partition_id     INTEGER,
-    status           TEXT NOT NULL CHECK (status IN ('ok', 'failed', 'refused')),
-    reason           TEXT,
-    epsilon          REAL,
-    budget           REAL,
-    delta            REAL,
-    noise_multiplier REAL,
-    sample_rate      REAL,
-    clip_fraction    REAL,
-    num_examples     INTEGER,
-    train_loss       REAL,
-    metrics_json     TEXT NOT NULL DEFAULT '{}',
-    extra_json       TEXT NOT NULL DEFAULT '{}',
-    PRIMARY KEY (round, seq)
-);
-CREATE INDEX site_round_node ON site_round (node_id, round);
-CREATE TABLE audit (
+"""
+_AUDIT_TABLE = """CREATE TABLE audit (
     seq               INTEGER PRIMARY KEY,
     level             TEXT NOT NULL CHECK (level IN ('user', 'sample')),
     method            TEXT NOT NULL,
@@ -130,18 +116,11 @@ CREATE TABLE audit (
     recorded_at       REAL NOT NULL
 );
 """
-_AUDIT_TABLE = _SCHEMA[_SCHEMA.index("CREATE TABLE audit"):]
+# ``site_round`` is generated from SITE_COLUMNS (below); _SCHEMA is all four tables.
 
 _ROUND_KEYS = (
     "round", "num_rounds", "started_at", "ended_at", "sampled", "sites", "train", "eval",
     "epsilon_max", "user_epsilon", "bytes_sent", "bytes_received", "artifacts",
-)
-_SITE_FLOAT_KEYS = (
-    "epsilon", "budget", "delta", "noise_multiplier", "sample_rate", "clip_fraction", "train_loss",
-)
-_SITE_KEYS = (
-    "node_id", "partition_id", "status", "reason", "epsilon", "budget", "delta",
-    "noise_multiplier", "sample_rate", "clip_fraction", "num_examples", "train_loss", "metrics",
 )
 
 
@@ -233,6 +212,114 @@ def _db_path(run_dir: str | Path) -> tuple[Path, Path]:
     if path.name == DB_NAME and not path.is_dir():
         return path.parent, path
     return path, path / DB_NAME
+
+
+def _text(value: Any, what: str) -> str | None:
+    return None if value is None else str(value)
+
+
+def _json_object(value: Any, what: str) -> str:
+    return _dumps(dict(value or {}), what)
+
+
+def _json_object_from_db(text: str | None) -> dict:
+    return _loads(text, {})
+
+
+def _as_stored(value: Any) -> Any:
+    return value
+
+
+# --------------------------------------------------------------------------- site rows
+
+
+@dataclass(frozen=True)
+class SiteColumn:
+    """One key of a site entry (a dict of a round record's ``sites``) and its ``site_round`` column.
+
+    ``to_db(value, what)`` turns ``site.get(key)`` into what is stored (raising StoreError
+    naming ``what``); ``from_db`` turns the stored value back.
+    """
+
+    key: str
+    sql: str
+    to_db: Callable[[Any, str], Any]
+    from_db: Callable[[Any], Any] = _as_stored
+    column: str = ""  # the column's name when it is not the key
+
+    @property
+    def name(self) -> str:
+        return self.column or self.key
+
+
+#: The per-site columns of ``site_round``, in table order. The table's DDL, the INSERT, the
+#: SELECT and the conversions both ways are generated from this tuple; keys a site entry
+#: has beyond these are kept in ``extra_json``.
+SITE_COLUMNS: tuple[SiteColumn, ...] = (
+    SiteColumn("node_id", "INTEGER NOT NULL", _node_to_db, _node_from_db),
+    SiteColumn("partition_id", "INTEGER", _int),
+    SiteColumn("status", "TEXT NOT NULL CHECK (status IN ({}))".format(", ".join(f"'{s}'" for s in SITE_STATUSES)),
+               _text),
+    SiteColumn("reason", "TEXT", _text),
+    SiteColumn("epsilon", "REAL", _float),
+    SiteColumn("budget", "REAL", _float),
+    SiteColumn("delta", "REAL", _float),
+    SiteColumn("noise_multiplier", "REAL", _float),
+    SiteColumn("sample_rate", "REAL", _float),
+    SiteColumn("clip_fraction", "REAL", _float),
+    SiteColumn("num_examples", "INTEGER", _int),
+    SiteColumn("train_loss", "REAL", _float),
+    SiteColumn("metrics", "TEXT NOT NULL DEFAULT '{}'", _json_object, _json_object_from_db, column="metrics_json"),
+)
+SITE_KEYS: tuple[str, ...] = tuple(c.key for c in SITE_COLUMNS)
+#: Every column of ``site_round``: the row's place (round, order reported), the site's keys, the rest.
+_SITE_ROUND_COLUMNS = ("round", "seq", *(c.name for c in SITE_COLUMNS), "extra_json")
+
+
+def _site_round_table() -> str:
+    columns = [
+        ("round", "INTEGER NOT NULL REFERENCES round(round) ON DELETE CASCADE"),
+        ("seq", "INTEGER NOT NULL"),
+        *((c.name, c.sql) for c in SITE_COLUMNS),
+        ("extra_json", "TEXT NOT NULL DEFAULT '{}'"),
+    ]
+    width = max(len(name) for name, _ in columns)
+    body = "".join(f"    {name:<{width}} {sql},\n" for name, sql in columns)
+    return f"CREATE TABLE site_round (\n{body}    PRIMARY KEY (round, seq)\n);\n"
+
+
+_SCHEMA = (
+    _RUN_AND_ROUND_TABLES
+    + _site_round_table()
+    + "CREATE INDEX site_round_node ON site_round (node_id, round);\n"
+    + _AUDIT_TABLE
+)
+_INSERT_SITE = "INSERT INTO site_round ({}) VALUES ({})".format(
+    ", ".join(_SITE_ROUND_COLUMNS), ", ".join("?" * len(_SITE_ROUND_COLUMNS))
+)
+_SELECT_SITES = "SELECT round, {}, extra_json FROM site_round ORDER BY round, seq".format(
+    ", ".join(c.name for c in SITE_COLUMNS)
+)
+
+
+def _site_row(rnd: int, seq: int, site: dict) -> tuple:
+    """The ``site_round`` row (in :data:`_SITE_ROUND_COLUMNS` order) of one site entry."""
+    if not isinstance(site, dict):
+        raise StoreError(f"round {rnd}: site entry #{seq} must be a dict, got {type(site).__name__}")
+    what = f"round {rnd} site #{seq}"
+    status = site.get("status")
+    if status not in SITE_STATUSES:
+        raise StoreError(f"{what}: status must be one of {', '.join(SITE_STATUSES)}, got {status!r}")
+    values = tuple(c.to_db(site.get(c.key), f"{what} {c.key}") for c in SITE_COLUMNS)
+    extra = _dumps({k: v for k, v in site.items() if k not in SITE_KEYS}, f"{what} extra keys")
+    return (rnd, seq, *values, extra)
+
+
+def _site_from_row(values: tuple) -> dict:
+    """A site entry back from a :data:`_SELECT_SITES` row without its round: the inverse of :func:`_site_row`."""
+    site = {c.key: c.from_db(v) for c, v in zip(SITE_COLUMNS, values[:-1])}
+    site.update(_loads(values[-1], {}))
+    return site
 
 
 # --------------------------------------------------------------------------- store
@@ -459,7 +546,7 @@ class RunStore:
             _dumps(extra, "extra round keys"),
             time.time(),
         )
-        site_rows = [self._site_row(rnd, seq, site) for seq, site in enumerate(record.get("sites") or [])]
+        site_rows = [_site_row(rnd, seq, site) for seq, site in enumerate(record.get("sites") or [])]
         with self._write() as conn:
             conn.execute("DELETE FROM site_round WHERE round = ?", (rnd,))
             conn.execute("DELETE FROM round WHERE round = ?", (rnd,))
@@ -475,43 +562,8 @@ class RunStore:
                 conn.execute("UPDATE run SET num_rounds = ?", (num_rounds,))
             conn.execute("UPDATE run SET updated_at = ?", (time.time(),))
 
-    @staticmethod
-    def _site_row(rnd: int, seq: int, site: dict) -> tuple:
-        if not isinstance(site, dict):
-            raise StoreError(f"round {rnd}: site entry #{seq} must be a dict, got {type(site).__name__}")
-        what = f"round {rnd} site #{seq}"
-        status = site.get("status")
-        if status not in SITE_STATUSES:
-            raise StoreError(f"{what}: status must be one of {', '.join(SITE_STATUSES)}, got {status!r}")
-        reason = site.get("reason")
-        floats = {k: _float(site.get(k), f"{what} {k}") for k in _SITE_FLOAT_KEYS}
-        return (
-            rnd,
-            seq,
-            _node_to_db(site.get("node_id"), f"{what} node_id"),
-            _int(site.get("partition_id"), f"{what} partition_id"),
-            status,
-            None if reason is None else str(reason),
-            floats["epsilon"],
-            floats["budget"],
-            floats["delta"],
-            floats["noise_multiplier"],
-            floats["sample_rate"],
-            floats["clip_fraction"],
-            _int(site.get("num_examples"), f"{what} num_examples"),
-            floats["train_loss"],
-            _dumps(dict(site.get("metrics") or {}), f"{what} metrics"),
-            _dumps({k: v for k, v in site.items() if k not in _SITE_KEYS}, f"{what} extra keys"),
-        )
-
     def _insert_sites(self, conn: sqlite3.Connection, site_rows: list[tuple]) -> None:
-        conn.executemany(
-            "INSERT INTO site_round (round, seq, node_id, partition_id, status, reason, epsilon,"
-            " budget, delta, noise_multiplier, sample_rate, clip_fraction, num_examples,"
-            " train_loss, metrics_json, extra_json)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            site_rows,
-        )
+        conn.executemany(_INSERT_SITE, site_rows)
 
     def record_audit(self, result: dict) -> None:
         """Store one audit result (``level``, ``method``, ``m``, ``empirical_epsilon``, ``claimed_epsilon``, ...).
@@ -612,30 +664,10 @@ class RunStore:
                 " eval_metrics_json, epsilon_max, user_epsilon, bytes_sent, bytes_received,"
                 " artifacts_json, extra_json FROM round ORDER BY round"
             ).fetchall()
-            site_rows = conn.execute(
-                "SELECT round, node_id, partition_id, status, reason, epsilon, budget, delta,"
-                " noise_multiplier, sample_rate, clip_fraction, num_examples, train_loss,"
-                " metrics_json, extra_json FROM site_round ORDER BY round, seq"
-            ).fetchall()
+            site_rows = conn.execute(_SELECT_SITES).fetchall()
         sites: dict[int, list[dict]] = {}
         for s in site_rows:
-            site = {
-                "node_id": _node_from_db(s[1]),
-                "partition_id": s[2],
-                "status": s[3],
-                "reason": s[4],
-                "epsilon": s[5],
-                "budget": s[6],
-                "delta": s[7],
-                "noise_multiplier": s[8],
-                "sample_rate": s[9],
-                "clip_fraction": s[10],
-                "num_examples": s[11],
-                "train_loss": s[12],
-                "metrics": _loads(s[13], {}),
-            }
-            site.update(_loads(s[14], {}))
-            sites.setdefault(s[0], []).append(site)
+            sites.setdefault(s[0], []).append(_site_from_row(s[1:]))
         out = []
         for r in round_rows:
             rec = {
@@ -670,74 +702,3 @@ def _best_metric(evals: Any) -> dict | None:
         if best is not None:
             return {"key": key, "value": best[0], "round": best[1]}
     return None
-
-
-# --------------------------------------------------------------------------- runs dir
-
-
-def _run_dirs(runs_dir: str | Path) -> list[Path]:
-    root = Path(runs_dir)
-    if not root.exists():
-        raise StoreError(f"runs directory {root} does not exist")
-    if not root.is_dir():
-        raise StoreError(f"runs directory {root} is not a directory")
-    try:
-        return sorted(p for p in root.iterdir() if p.is_dir() and (p / DB_NAME).is_file())
-    except OSError as exc:
-        raise StoreError(f"cannot list runs directory {root}: {exc.strerror or exc}") from exc
-
-
-def _corrupt_row(run_dir: Path, error: str) -> dict:
-    try:
-        mtime = (run_dir / DB_NAME).stat().st_mtime
-    except OSError:
-        mtime = None
-    return {
-        "run_id": run_dir.name, "run_dir": str(run_dir), "created_at": mtime, "updated_at": mtime,
-        "ended_at": None, "model": None, "strategy": None, "num_rounds": None,
-        "status": "corrupt", "status_reason": error, "config": None, "schema_version": None,
-        "rounds_done": None, "last_round": None, "best_metric": None, "max_epsilon": None,
-        "max_user_epsilon": None, "error": error,
-    }
-
-
-def list_runs(runs_dir: str | Path) -> list[dict]:
-    """``run_info`` of every run folder with a ``run.db``, newest first.
-
-    Unreadable databases are listed with status ``"corrupt"`` and the error message
-    (also in ``error``); healthy rows have ``error`` = None. Raises StoreError only when
-    ``runs_dir`` itself is missing or unreadable.
-    """
-    rows = []
-    for run_dir in _run_dirs(runs_dir):
-        try:
-            with RunStore.open(run_dir) as store:
-                info = store.run_info()
-            info["error"] = None
-        except StoreError as exc:
-            info = _corrupt_row(run_dir, str(exc))
-        rows.append(info)
-    rows.sort(key=lambda r: (r["created_at"] or 0.0, r["run_id"]), reverse=True)
-    return rows
-
-
-def resolve_run(runs_dir: str | Path, ref: str) -> Path:
-    """Run folder for ``ref``: a full run id, a unique id prefix, or ``latest``."""
-    dirs = _run_dirs(runs_dir)
-    if not dirs:
-        raise StoreError(f"no runs in {Path(runs_dir)}")
-    ref = (ref or "").strip()
-    if not ref:
-        raise StoreError("empty run reference: give a run id, a unique prefix, or 'latest'")
-    by_name = {d.name: d for d in dirs}
-    if ref in by_name:
-        return by_name[ref]
-    if ref == "latest":
-        return Path(list_runs(runs_dir)[0]["run_dir"])
-    matches = [d for d in dirs if d.name.startswith(ref)]
-    if not matches:
-        raise StoreError(f"no run matching {ref!r} in {Path(runs_dir)} (see `fedgen runs`)")
-    if len(matches) > 1:
-        names = ", ".join(d.name for d in matches[:10]) + (", ..." if len(matches) > 10 else "")
-        raise StoreError(f"run prefix {ref!r} is ambiguous in {Path(runs_dir)}: matches {names}")
-    return matches[0]

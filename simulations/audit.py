@@ -19,7 +19,8 @@ from pathlib import Path
 
 from client.audit import AuditRefused, run_sample_audit
 from common.config import parse_node_config, parse_run_config
-from server.store import RunStore, StoreError, list_runs
+from server.runs_index import list_runs
+from server.store import RunStore, StoreError
 from simulations.launch import ROOT, launch
 
 def _new_run(runs_dir: Path, since: float) -> Path:

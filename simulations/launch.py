@@ -94,7 +94,8 @@ def site_ledger_dir(runs_dir: Path, resume: str) -> str:
     folder of the run it resumes, so every site continues from what it already spent.
     """
     if resume:
-        from server.store import StoreError, resolve_run
+        from server.runs_index import resolve_run
+        from server.store import StoreError
 
         try:
             saved = json.loads((resolve_run(runs_dir, resume) / "config.json").read_text())

@@ -10,7 +10,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from server.cli import app as cli_app
+from cli.app import app as cli_app
 from server.store import RunStore
 from simulations.audit import run_audit
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from server.cli import app as cli_app
+from cli.app import app as cli_app
 from server.store import RunStore
 from simulations.launch import launch
 

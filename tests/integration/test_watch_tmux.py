@@ -39,7 +39,7 @@ def test_watch_redraws_as_rounds_land_and_exits_when_the_run_ends(tmp_path):
     store = create_run(runs, n_rounds=1)
     session = f"fedgen-watch-{uuid.uuid4().hex[:8]}"
     done = tmp_path / "exit-code"
-    cmd = (f"{sys.executable} -c 'from server.cli import main; main()' watch latest --runs-dir {runs} "
+    cmd = (f"{sys.executable} -c 'from cli.app import main; main()' watch latest --runs-dir {runs} "
            f"--interval 0.3; echo $? > {done}; sleep 30")
     tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "50", cmd)
     try:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from server import cli
-from server.cli import app, build_figure
+from cli import read_commands
+from cli.app import app
+from cli.plots import build_figure
 from server.store import DB_NAME, RunStore
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -194,7 +195,7 @@ def test_watch_ctrl_c_exits_130_without_traceback(runner, runs_dir: Path, monkey
     def ctrl_c(seconds: float) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_sleep", ctrl_c)
+    monkeypatch.setattr(read_commands, "_sleep", ctrl_c)
     result = run(runner, runs_dir, "watch", "latest")
     assert result.exit_code == 130
     assert "Traceback" not in result.output and "interrupted" in result.stderr

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from server.runs_index import list_runs, resolve_run
 from server.store import (
     DB_NAME,
     SCHEMA_VERSION,
     RunStore,
     StoreError,
-    list_runs,
-    resolve_run,
 )
 
 BIG_NODE = 2**64 - 17  # Flower node ids are uint64; this one does not fit a signed SQLite integer
