@@ -14,7 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
-from common.tasks import unwrap
+from common.dp_step import unwrap
 
 # Keys of the MetricRecord a site sends back after training.
 NUM_EXAMPLES = "num-examples"

@@ -43,7 +43,8 @@ from torch import nn
 from common.config import AppConfig
 from common.data.text import TextDataError
 from common.data.tokenizers import UNK_ID, CharTokenizer, Tokenizer, make_tokenizer
-from common.tasks import DataSpec, backward_mean, empty_batch_grads, unwrap
+from common.dp_step import backward_mean, empty_batch_grads, unwrap
+from common.tasks import DataSpec
 
 log = logging.getLogger(__name__)
 
