@@ -52,7 +52,8 @@ from common import privacy
 from common.audit import default_guess_counts, one_run_audit
 from common.config import AppConfig, SiteConfig
 from common.data.site import site_dataset
-from common.tasks import DataSpec, GenerativeTask, build_task, pick_device, unwrap
+from common.dp_step import unwrap
+from common.tasks import DataSpec, GenerativeTask, build_task, pick_device
 from common.train import train_local
 
 log = logging.getLogger(__name__)

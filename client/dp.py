@@ -20,7 +20,8 @@ from opacus.grad_sample.conv import compute_conv_grad_sample, convolution2d_back
 from common import privacy
 from common.privacy import DPPlan, HistoryEntry
 from common.bookkeeping import Bookkeeper
-from common.tasks import GenerativeTask, is_ghost
+from common.dp_step import is_ghost
+from common.tasks import GenerativeTask
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
-from common.tasks import unwrap
+from common.dp_step import unwrap
 
 # Keys of the MetricRecord a site sends back after training (README, "What a site sends").
 WEIGHT = "weight"  # the reply's weight in the merge: the record count without DP; under DP a declared public size, or 1

@@ -1,9 +1,11 @@
-"""The model-family interface and its name registry.
+"""The model-family interface and how a family's name finds its code.
 
 A *task* bundles the federated modules of one model family with what the shared
 training loop, the privacy layer and the server evaluator need to know about them.
 It is deliberately small: a family is a plain class that satisfies
-:class:`GenerativeTask` and is registered under a name with :func:`register`.
+:class:`GenerativeTask`, built by ``build_task(cfg, spec, device)`` in
+``common/models/<family>.py``; its name is one of :data:`common.config.Family`.
+How a private step runs its backward pass under Opacus is in :mod:`common.dp_step`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 from torch import nn
+
+from common.config import Family
 
 if TYPE_CHECKING:
     from common.config import AppConfig
@@ -74,33 +78,28 @@ class GenerativeTask(Protocol):
 
 TaskFactory = Callable[["AppConfig", DataSpec, torch.device], GenerativeTask]
 
-# Built-in families are imported lazily so that parsing a config does not import them.
-_BUILTIN: dict[str, str] = {"vae": "common.models.vae:build_task", "lm": "common.models.lm:build_task",
-                             "gan": "common.models.gan:build_task"}
-_REGISTRY: dict[str, TaskFactory] = {}
-
-
-def register(name: str) -> Callable[[TaskFactory], TaskFactory]:
-    """Register a factory ``(cfg, spec, device) -> GenerativeTask`` under ``name``."""
-
-    def deco(factory: TaskFactory) -> TaskFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
-
 
 def registered_families() -> set[str]:
-    return set(_BUILTIN) | set(_REGISTRY)
+    """The family names a run config accepts (``task.family``, :data:`common.config.Family`)."""
+    return set(get_args(Family))
 
 
 def _factory(name: str) -> TaskFactory:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if name not in _BUILTIN:
+    # Imported only when a task is built, so that parsing a config does not import the models.
+    if name not in registered_families():
         raise KeyError(f"unknown model family {name!r}; known: {sorted(registered_families())}")
-    module_name, attr = _BUILTIN[name].split(":")
-    return getattr(importlib.import_module(module_name), attr)
+    module_name = f"common.models.{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        raise ImportError(f"model family {name!r} is declared in common.config.Family but "
+                          f"common/models/{name}.py does not exist; add it with a build_task(cfg, spec, device)") from err
+    factory = getattr(module, "build_task", None)
+    if factory is None:
+        raise TypeError(f"common/models/{name}.py has no build_task(cfg, spec, device) for family {name!r}")
+    return factory
 
 
 def build_task(cfg: AppConfig, spec: DataSpec, device: torch.device | None = None) -> GenerativeTask:
@@ -120,58 +119,3 @@ def pick_device(setting: str) -> torch.device:
             raise RuntimeError("run.device = 'cuda' but this machine has no CUDA device; use 'auto'")
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module under an Opacus ``GradSampleModule`` wrapper (or itself)."""
-    return getattr(module, "_module", module)
-
-
-def is_ghost(module: nn.Module) -> bool:
-    """True for an Opacus ghost-clipping wrapper (``privacy.grad-sample-mode`` ``ghost``, or ``bk``,
-    which reuses the wrapper and its optimizer)."""
-    return hasattr(module, "get_clipping_coef")
-
-
-def backward_mean(module: nn.Module, optimizer: torch.optim.Optimizer, per_example_loss: torch.Tensor) -> None:
-    """Backward pass of ``per_example_loss.mean()``, done the way the module's DP mode needs it.
-
-    Every private step goes through here. For the plain module and Opacus' hooks, ew and
-    functorch modes this is ``per_example_loss.mean().backward()``. Under ghost clipping
-    Opacus never materialises the per-sample gradients: a first backward gives each
-    example's gradient norm (from activations and backprops), a second backward of
-    ``sum_i c_i * loss_i`` (``c_i = min(1, C / norm_i)``) leaves the sum of clipped
-    per-example gradients in ``.grad``; the optimizer then only adds noise and divides by
-    the expected batch size. That needs one loss per example, hence this signature. Under
-    ``bk`` (common/bookkeeping.py) one backward pass gives both the norms and the clipped sum.
-    """
-    if per_example_loss.dim() != 1:
-        raise ValueError(f"one loss per example expected, got shape {tuple(per_example_loss.shape)}")
-    if not is_ghost(module):
-        per_example_loss.mean().backward()
-        return
-    bookkeeper = getattr(module, "_fedgen_bookkeeper", None)
-    if bookkeeper is not None:  # privacy.grad-sample-mode = "bk": the clipped sum in one pass
-        module.per_sample_gradient_norms = bookkeeper.backward(per_example_loss)
-        return
-    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
-
-    DPTensorFastGradientClipping(module, optimizer, per_example_loss, loss_reduction="mean").backward()
-
-
-def empty_batch_grads(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Zero gradients for an empty Poisson batch (rare), so the DP step still runs and adds noise.
-
-    Opacus' ew and functorch modes cannot run a forward pass on 0 examples, so the task skips
-    it and calls this instead: zero per-sample gradients (hooks, ew, functorch) or a zero
-    clipped sum in ``.grad`` (ghost). A non-private optimizer gets nothing (no step taken).
-    """
-    if not hasattr(optimizer, "original_optimizer"):
-        return
-    for p in optimizer.params:
-        if is_ghost(module):
-            p.grad = torch.zeros_like(p)
-        else:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-    if is_ghost(module):
-        module.per_sample_gradient_norms = torch.zeros(0)  # no examples: nothing to clip (client.dp checks)

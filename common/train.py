@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.tasks import GenerativeTask, unwrap
+from common.dp_step import unwrap
+from common.tasks import GenerativeTask
 
 log = logging.getLogger(__name__)
 

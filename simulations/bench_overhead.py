@@ -41,7 +41,6 @@ from simulations.benchlib import (
     load_run_config,
     median,
     parse_sets,
-    round_seconds,
     run_flower,
     run_local_subprocess,
     run_plain,
@@ -50,6 +49,7 @@ from simulations.benchlib import (
     thread_env,
 )
 from simulations.launch import ROOT
+from simulations.runs import round_seconds
 
 
 def flower_phases(res: dict) -> dict[str, float]:

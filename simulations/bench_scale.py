@@ -28,12 +28,12 @@ from simulations.benchlib import (
     load_note,
     median,
     parse_sets,
-    round_seconds,
     run_flower,
     save_png,
     thread_env,
 )
 from simulations.launch import ROOT
+from simulations.runs import round_seconds
 
 # Small on purpose: what is measured is the federation at scale, not the model.
 SCALE_CONFIG = {

@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from simulations.launch import ROOT
+from simulations.procs import processes_with_env, tree_pids
+from simulations.runs import read_rounds, run_records
 
 MACHINE = f"{os.cpu_count()}-core CPU"
 
@@ -67,26 +69,6 @@ def as_sets(overrides: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------- memory
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        kids.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return kids
-
-
-def tree_pids(root: int) -> list[int]:
-    kids, out, todo = _children(), [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(kids.get(pid, []))
-    return out
-
 
 def _mem_of(pid: int) -> tuple[int, int, str] | None:
     """(rss bytes, pss bytes, short name) of one process, or None if it is gone."""
@@ -176,24 +158,10 @@ class MemorySampler:
 
 def flower_pids(flwr_home: Path):
     """Every process a launch started (they all inherit its private FLWR_HOME)."""
-    from simulations.launch import processes_with_env
-
     return lambda: processes_with_env("FLWR_HOME", str(flwr_home))
 
 
 # ---------------------------------------------------------------- runs
-
-def run_records(runs_dir: Path) -> tuple[Path, list[dict]]:
-    """The single run folder under ``runs_dir`` (the one with a run.db) and its round records."""
-    (run_dir,) = [p for p in runs_dir.iterdir() if (p / "run.db").exists()]
-    recs = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
-    return run_dir, recs
-
-
-def round_seconds(recs: list[dict]) -> list[float]:
-    """Wall time of rounds 1..R (round 0 is the initial evaluation)."""
-    return [r["ended_at"] - r["started_at"] for r in recs if r["round"] >= 1]
-
 
 def site_sums(recs: list[dict], key: str) -> list[float]:
     """Per round 1..R, the sum over the sites' replies of metric ``key`` (site-seconds, ...)."""
@@ -253,7 +221,7 @@ def run_plain(num_sites: int, rounds: int, work: Path, poll_interval: float, int
     t_end = time.time()
     if code != 0 or not records.exists():
         raise RuntimeError(f"the plain Flower app failed (see {flwr_home / 'superlink.log'})")
-    recs = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+    recs = read_rounds(records)
     return {"t0": t0, "t_end": t_end, "records": recs, "phases": phases, "mem": mem, "load": os.getloadavg()[0]}
 
 
@@ -337,7 +305,7 @@ def run_local(run_config: dict, num_nodes: int, run_dir: Path) -> list[dict]:
                          RoundRecorder(run_dir, None, cfg.run.num_rounds), run_dir)
     if outcome.status != "completed":
         raise RuntimeError(f"local run {outcome.status}: {outcome.reason}")
-    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    return read_rounds(run_dir / "rounds.jsonl")
 
 
 def run_local_subprocess(preset: str | None, overrides: dict, num_nodes: int, work: Path,
@@ -359,7 +327,7 @@ def run_local_subprocess(preset: str | None, overrides: dict, num_nodes: int, wo
             proc.wait()
     if code != 0:
         raise RuntimeError(f"the in-process run failed (exit {code})")
-    recs = [json.loads(line) for line in (work / "run" / "rounds.jsonl").read_text().splitlines()]
+    recs = read_rounds(work / "run" / "rounds.jsonl")
     return {"t0": t0, "t_end": time.time(), "records": recs, "mem": mem, "load": os.getloadavg()[0]}
 
 

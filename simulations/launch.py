@@ -29,6 +29,8 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
+from simulations.procs import kill_all, processes_with_env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 FLOWER_ENV = {
@@ -135,20 +137,6 @@ def start_superlink(flwr_home: Path, env: dict[str, str]) -> tuple[subprocess.Po
         raise
 
 
-def processes_with_env(name: str, value: str) -> list[int]:
-    """PIDs whose environment has ``name=value`` (what a launch started, however detached)."""
-    needle = f"{name}={value}".encode()
-    found = []
-    for env_file in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            state = (env_file.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state != "Z" and needle in env_file.read_bytes().split(b"\0"):
-                found.append(int(env_file.parent.name))
-        except OSError:
-            continue
-    return [p for p in found if p != os.getpid()]
-
-
 def stop(proc: subprocess.Popen, flwr_home: Path | None = None) -> None:
     """Stop the SuperLink and everything it started.
 
@@ -171,11 +159,7 @@ def stop(proc: subprocess.Popen, flwr_home: Path | None = None) -> None:
         return
     deadline = time.monotonic() + 20
     while (left := processes_with_env("FLWR_HOME", str(flwr_home))) and time.monotonic() < deadline:
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(left)
         time.sleep(0.2)
 
 

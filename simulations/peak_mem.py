@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from simulations.benchlib import tree_pids
+from simulations.procs import tree_pids
 
 
 def tree_rss_bytes(root: int) -> int:

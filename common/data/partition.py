@@ -8,17 +8,32 @@ import hashlib
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol, Self, TypeVar
 
 import numpy as np
 
-if TYPE_CHECKING:  # runtime import would be circular (images.py uses holdout_split)
-    from .images import ImageDataset
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 PartitionKind = Literal["iid", "dirichlet"]
 MAX_DIRICHLET_ATTEMPTS = 100
+
+
+class Partitionable(Protocol):
+    """What :func:`partition_for_site` needs of a dataset (``common.data.images.ImageDataset`` has
+    it): a frozen dataclass with a ``name``, optional ``labels``, a length and ``subset(idx)``."""
+
+    name: str
+    labels: torch.Tensor | None
+
+    def __len__(self) -> int: ...
+
+    def subset(self, idx: np.ndarray) -> Self: ...
+
+
+DatasetT = TypeVar("DatasetT", bound=Partitionable)
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +139,7 @@ def partition_indices(
         if isinstance(n_or_labels, (int, np.integer)):
             raise ValueError("dirichlet partitioning needs the label array, not just a count")
         if alpha is None:
-            raise ValueError("dirichlet partitioning needs alpha (e.g. data.alpha: 0.5)")
+            raise ValueError("dirichlet partitioning needs alpha (e.g. data.dirichlet-alpha = 0.5)")
         return dirichlet_partition(np.asarray(n_or_labels), num_partitions, alpha, seed, min_size)
     raise ValueError(f"unknown partition kind {kind!r}; expected 'iid' or 'dirichlet'")
 
@@ -161,13 +176,13 @@ def _cached_partitions(
 
 
 def partition_for_site(
-    dataset: ImageDataset,
+    dataset: DatasetT,
     partition_id: int,
     num_partitions: int,
     kind: str,
     seed: int,
     alpha: float | None,
-) -> ImageDataset:
+) -> DatasetT:
     """The ``partition_id``-th of ``num_partitions`` partitions of ``dataset``.
 
     Index lists are cached per (kind, data, num_partitions, seed, alpha), keyed on a digest of the

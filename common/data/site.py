@@ -12,7 +12,9 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from common.config import AppConfig, SiteConfig
 from common.data.images import ImageDataset, load_image_folder, load_images
 from common.data.partition import partition_for_site
-from common.data.text import TextDataError, TokenBlocks, load_text_folder, make_tokenizer, shakespeare_split, site_text
+from common.data.shakespeare import shakespeare_split, site_text
+from common.data.text import TextDataError, TokenBlocks, load_text_folder
+from common.data.tokenizers import make_tokenizer
 from common.tasks import DataSpec
 
 IMAGE_DATASETS = ("digits", "fashion-mnist", "image-folder")

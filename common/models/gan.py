@@ -37,7 +37,8 @@ from torch import nn
 
 from common.config import AppConfig
 from common.models import norm_groups
-from common.tasks import DataSpec, backward_mean, unwrap
+from common.dp_step import backward_mean, unwrap
+from common.tasks import DataSpec
 
 log = logging.getLogger(__name__)
 

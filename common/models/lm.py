@@ -7,8 +7,9 @@ server build the same model without anyone looking at anyone's text. Any other c
 (accented letters, curly quotes...) becomes the one ``<unk>`` token; it is scored like any
 other token and never generated. ``lm.tokenizer = "byte"`` uses the 256 UTF-8 bytes instead:
 nothing is unknown, at the price of several tokens per non-ASCII character. Either way the
-tokenizer is fully determined by the run config and travels with the model as
-:meth:`LMTask.metadata`.
+tokenizer is fully determined by the run config (``lm.tokenizer``): it is not saved with the
+model's weights, and a reader of them rebuilds it from the run's ``config.json``
+(:meth:`LMTask.metadata` describes it).
 
 Architecture. Token + learned position embeddings, ``lm.layers`` pre-LayerNorm blocks of
 causal self-attention (``nn.Linear`` projections + ``F.scaled_dot_product_attention``) and a
@@ -22,7 +23,9 @@ Metrics. Losses are in nats per token. The server reports per-*character* perple
 per character (for the byte tokenizer, characters are counted as the target bytes that start a
 UTF-8 sequence), plus, once, ``unigram-perplexity``: the add-one-smoothed character-frequency
 model fitted on the evaluated tokens themselves, i.e. the best any model that ignores context
-can do on that text. A model below it has learned something from context.
+can do on that text. A model below it has learned something from context. The same add-one
+model (:func:`unigram_nll`) fitted on one text and scored on another is
+:func:`unigram_perplexity`.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import AppConfig
-from common.data.text import UNK_ID, CharTokenizer, Tokenizer, make_tokenizer
-from common.tasks import DataSpec, backward_mean, empty_batch_grads, unwrap
+from common.data.text import TextDataError
+from common.data.tokenizers import UNK_ID, CharTokenizer, Tokenizer, make_tokenizer
+from common.dp_step import backward_mean, empty_batch_grads, unwrap
+from common.tasks import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +136,34 @@ def _char_counts(targets: torch.Tensor, byte_level: bool) -> int:
     return int(((targets < 0x80) | (targets >= 0xC0)).sum())
 
 
-def unigram_nll(counts: torch.Tensor) -> float:
-    """Total NLL (nats) of tokens with these per-id counts under their own add-one unigram model."""
+def unigram_nll(counts: torch.Tensor, fitted_on: torch.Tensor | None = None) -> float:
+    """Total NLL (nats) of tokens with these per-id ``counts`` under an add-one unigram model.
+
+    The model is fitted on ``fitted_on`` (per-id counts of another text, same vocabulary) or,
+    by default, on ``counts`` themselves: ``p(t) = (fit(t) + 1) / (N_fit + V)`` over the ``V``
+    ids. The server's baseline uses the default; :func:`unigram_perplexity` the other form.
+    """
     counts = counts.to(torch.float64)
-    probs = (counts + 1) / (counts.sum() + counts.numel())
+    fit = counts if fitted_on is None else fitted_on.to(torch.float64)
+    if fit.shape != counts.shape:
+        raise ValueError(f"unigram counts over different vocabularies: {tuple(counts.shape)} vs {tuple(fit.shape)}")
+    probs = (fit + 1) / (fit.sum() + fit.numel())
     return float(-(counts * probs.log()).sum())
+
+
+def unigram_perplexity(train_text: str, eval_text: str, tokenizer: Tokenizer) -> float:
+    """Per-token perplexity on ``eval_text`` of the add-one unigram model fitted on ``train_text``.
+
+    ``p(t) = (count(t) + 1) / (N + V)`` over the tokenizer's ``V = vocab_size`` ids (see
+    :func:`unigram_nll`); the result is ``exp(mean_t -log p(t))`` over the eval tokens.
+    """
+    eval_ids = tokenizer.encode(eval_text)
+    if not eval_ids:
+        raise TextDataError("eval_text is empty; unigram perplexity needs at least one token to evaluate")
+    size = tokenizer.vocab_size
+    fit = torch.bincount(torch.tensor(tokenizer.encode(train_text), dtype=torch.long), minlength=size)
+    counts = torch.bincount(torch.tensor(eval_ids, dtype=torch.long), minlength=size)
+    return math.exp(unigram_nll(counts, fit) / len(eval_ids))
 
 
 class LMTask:

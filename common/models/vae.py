@@ -14,7 +14,8 @@ from torch import nn
 
 from common.config import AppConfig
 from common.models import norm_groups
-from common.tasks import DataSpec, backward_mean, empty_batch_grads, unwrap
+from common.dp_step import backward_mean, empty_batch_grads, unwrap
+from common.tasks import DataSpec
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from common import privacy
 from common import records as R
 from common.config import AppConfig, parse_node_config
 from common.data.site import site_dataset
-from common.tasks import GenerativeTask, build_task, registered_families, unwrap
+from common.dp_step import unwrap
+from common.tasks import GenerativeTask, build_task, registered_families
 from common.train import train_local
 from tests.conftest import ROOT, pyproject_run_config, quick_config
 

@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 
 from server.store import RunStore
-from simulations.deploy import Deployment, _pids_with_flwr_home_under
+from simulations.deployment import Deployment
+from simulations.procs import processes_with_env
 
 pytestmark = pytest.mark.slow
 
@@ -180,4 +181,4 @@ def test_every_process_is_stopped(deployed):
           f"after start; round seconds {[round(r['ended_at'] - r['started_at'], 1) for r in _records(deployed['runs'])]}")
     dep.close()
     time.sleep(0.5)
-    assert _pids_with_flwr_home_under(dep.work_dir) == []
+    assert processes_with_env("FLWR_HOME", str(dep.work_dir), below=True) == []

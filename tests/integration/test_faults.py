@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from server.store import RunStore
-from simulations.launch import ROOT, launch, processes_with_env
+from simulations.launch import ROOT, launch
+from simulations.procs import processes_with_env
 
 pytestmark = pytest.mark.slow
 

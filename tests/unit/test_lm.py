@@ -16,7 +16,9 @@ from common import privacy
 from common import records as R
 from common.config import AppConfig, ConfigError, parse_node_config, parse_run_config
 from common.data.site import eval_dataset, site_dataset
-from common.data.text import TextDataError, make_tokenizer, site_text
+from common.data.shakespeare import site_text
+from common.data.text import TextDataError
+from common.data.tokenizers import make_tokenizer
 from common.models.lm import PROMPTS, LMTask, _char_counts
 from common.tasks import DataSpec, build_task
 from common.train import train_local

