@@ -122,7 +122,7 @@ def make_private(
     )
     if opacus_mode == "ghost":
         # Opacus also returns a criterion wrapper; the tasks do not need it: they hand their
-        # per-example losses to common.tasks.backward_mean, which runs the same two passes.
+        # per-example losses to common.dp_step.backward_mean, which runs the same two passes.
         module, optimizer, _criterion, dp_loader = wrapped
     else:
         module, optimizer, dp_loader = wrapped
@@ -168,7 +168,7 @@ def per_sample_norms(module: torch.nn.Module, optimizer) -> torch.Tensor | None:
             # the two-pass backward. Without its norms this step's gradient is unclipped, so
             # the step must not happen (raising here stops it before the parameters move).
             raise RuntimeError("ghost clipping: this step's loss was not back-propagated through "
-                               "common.tasks.backward_mean, so its gradient is not clipped; refusing the step")
+                               "common.dp_step.backward_mean, so its gradient is not clipped; refusing the step")
         return norms if len(norms) else None
     samples = optimizer.grad_samples
     if not samples or not len(samples[0]):
