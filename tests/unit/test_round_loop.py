@@ -139,3 +139,14 @@ def test_reply_poll_interval_is_validated_and_may_change_on_resume():
     with pytest.raises(ConfigError, match="reply-poll-interval"):
         parse_run_config({"run.reply-poll-interval": 0.0})
     assert "run.reply-poll-interval" in RESUME_KEYS
+
+
+def test_the_federation_epsilon_remembers_sites_not_heard_from_this_round():
+    from server.rounds import known_epsilons
+
+    rounds = [{"sites": [{"node_id": 1, "partition_id": 0, "epsilon": 5.0},
+                         {"node_id": 2, "partition_id": 1, "epsilon": 7.0}]},
+              {"sites": [{"node_id": 1, "partition_id": 0, "epsilon": 6.0},  # site 1 not sampled
+                         {"node_id": 3, "partition_id": None, "status": "failed"}]}]
+    known = known_epsilons(rounds)
+    assert known == {"partition-0": 6.0, "partition-1": 7.0} and max(known.values()) == 7.0
