@@ -235,12 +235,6 @@ class Ledger:
                "checksum": _checksum(entries)}
         write_bytes(self.path, json.dumps(doc, indent=1).encode())
 
-    def save(self, key: str, entry: LedgerEntry) -> None:
-        """Replace one entry (read-modify-write: hold :meth:`locked` around it when others may write)."""
-        entries = self.read()
-        entries[key] = entry.to_json()
-        self.write(entries)
-
 
 # --- the site's state: price, charge ahead, confirm ----------------------------------------
 

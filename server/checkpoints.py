@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from common.atomic import write_bytes
 from common.config import RESUME_ONLY_RUN_FIELDS, AppConfig
 from server.central_dp import UserLevelDP
+from server.strategy import state_attributes
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +61,13 @@ def _torch_tree_to_np(value: Any) -> Any:
     return value
 
 
-_STRATEGY_ATTRS = ("m_t", "v_t", "momentum_vector")
-
-
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
-    """Server-side optimiser state of a Flower strategy (and of our DP wrapper)."""
+    """Server-side state of a strategy: what ``server/strategy.py`` declares for it, and our DP wrapper's."""
     state: dict[str, Any] = {}
     if isinstance(strategy, UserLevelDP):
         state["user_dp"] = strategy.state_dict()
         strategy = strategy.strategy
-    for attr in _STRATEGY_ATTRS:
+    for attr in state_attributes(strategy):
         value = getattr(strategy, attr, None)
         if value is not None:
             state[attr] = _np_tree_to_torch(value)
@@ -83,7 +81,7 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
             raise CheckpointError("the checkpoint has no user-level DP state but central-dp is enabled")
         strategy.load_state_dict(dp)  # history, noise RNG, and the adaptive bound where it was
         strategy = strategy.strategy
-    for attr in _STRATEGY_ATTRS:
+    for attr in state_attributes(strategy):
         if attr in state:
             setattr(strategy, attr, _torch_tree_to_np(state[attr]))
 

@@ -7,6 +7,9 @@ the weakest one is what an operator must see) and budgets aggregate as a minimum
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -23,7 +26,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common import records as R
-from common.config import AppConfig
+from common.config import AppConfig, StrategySection
 from server.central_dp import UserLevelDP
 
 _MAX_KEYS = {R.EPSILON, R.NOISE, R.DELTA}
@@ -50,6 +53,58 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
     return MetricRecord(out)
 
 
+@dataclass(frozen=True)
+class StrategySpec:
+    """What fedgen needs from one aggregation strategy: how to build it and what to checkpoint.
+
+    ``state``: the attributes holding server-side state that a resumed run must get back
+    (server optimiser moments, momentum). ``per_round``: array attributes the strategy sets
+    again from the global model at every ``configure_train`` (nothing to checkpoint).
+    ``tests/contract/test_strategies.py`` fails when a strategy keeps array state after a
+    round that its spec names in neither.
+    """
+
+    cls: type[Strategy]
+    build: Callable[[StrategySection, dict], Strategy]
+    state: tuple[str, ...] = ()
+    per_round: tuple[str, ...] = ()
+
+
+# One entry per `strategy.name` (the config's Literal lists the same names).
+STRATEGIES: dict[str, StrategySpec] = {
+    "fedavg": StrategySpec(FedAvg, lambda s, common: FedAvg(**common)),
+    "fedprox": StrategySpec(FedProx, lambda s, common: FedProx(proximal_mu=s.proximal_mu, **common)),
+    "fedavgm": StrategySpec(FedAvgM, lambda s, common: FedAvgM(server_learning_rate=s.server_lr,
+                                                               server_momentum=s.server_momentum, **common),
+                            state=("momentum_vector",)),
+    "fedadam": StrategySpec(FedAdam, lambda s, common: FedAdam(eta=s.server_lr, tau=s.tau, **common),
+                            state=("m_t", "v_t"), per_round=("current_arrays",)),
+    "fedyogi": StrategySpec(FedYogi, lambda s, common: FedYogi(eta=s.server_lr, tau=s.tau, **common),
+                            state=("m_t", "v_t"), per_round=("current_arrays",)),
+    # Robust aggregation (Byzantine-tolerant); the same for every model family.
+    "krum": StrategySpec(Krum, lambda s, common: Krum(num_malicious_nodes=s.num_malicious_nodes, **common)),
+    "multikrum": StrategySpec(MultiKrum, lambda s, common: MultiKrum(num_malicious_nodes=s.num_malicious_nodes,
+                                                                     **common)),
+    "bulyan": StrategySpec(Bulyan, lambda s, common: Bulyan(num_malicious_nodes=s.num_malicious_nodes, **common)),
+    "trimmedavg": StrategySpec(FedTrimmedAvg, lambda s, common: FedTrimmedAvg(beta=s.trim_beta, **common)),
+    "median": StrategySpec(FedMedian, lambda s, common: FedMedian(**common)),
+}
+
+
+def spec_of(strategy: Strategy) -> StrategySpec:
+    """The spec of this (unwrapped) strategy's class."""
+    spec = next((sp for sp in STRATEGIES.values() if type(strategy) is sp.cls), None)
+    if spec is None:
+        raise ValueError(f"{type(strategy).__name__} is not in server/strategy.py's STRATEGIES: its server state "
+                         "would not be checkpointed; add a StrategySpec for it")
+    return spec
+
+
+def state_attributes(strategy: Strategy) -> tuple[str, ...]:
+    """The server-state attributes declared for this (unwrapped) strategy's class."""
+    return spec_of(strategy).state
+
+
 def build_strategy(cfg: AppConfig) -> Strategy:
     """The configured strategy, wrapped in user-level DP when ``central-dp.enabled``."""
     inner = _base_strategy(cfg)
@@ -72,25 +127,6 @@ def _base_strategy(cfg: AppConfig) -> Strategy:
         weighted_by_key=R.WEIGHT,
         train_metrics_aggr_fn=aggregate_train_metrics,
     )
-    if s.name == "fedavg":
-        return FedAvg(**common)
-    if s.name == "fedprox":
-        return FedProx(proximal_mu=s.proximal_mu, **common)
-    if s.name == "fedavgm":
-        return FedAvgM(server_learning_rate=s.server_lr, server_momentum=s.server_momentum, **common)
-    if s.name == "fedadam":
-        return FedAdam(eta=s.server_lr, tau=s.tau, **common)
-    if s.name == "fedyogi":
-        return FedYogi(eta=s.server_lr, tau=s.tau, **common)
-    # Robust aggregation (Byzantine-tolerant); the same for every model family.
-    if s.name == "krum":
-        return Krum(num_malicious_nodes=s.num_malicious_nodes, **common)
-    if s.name == "multikrum":
-        return MultiKrum(num_malicious_nodes=s.num_malicious_nodes, **common)
-    if s.name == "bulyan":
-        return Bulyan(num_malicious_nodes=s.num_malicious_nodes, **common)
-    if s.name == "trimmedavg":
-        return FedTrimmedAvg(beta=s.trim_beta, **common)
-    if s.name == "median":
-        return FedMedian(**common)
-    raise ValueError(f"strategy.name = {s.name!r} is not supported")
+    if s.name not in STRATEGIES:
+        raise ValueError(f"strategy.name = {s.name!r} is not supported; use one of {sorted(STRATEGIES)}")
+    return STRATEGIES[s.name].build(s, common)
