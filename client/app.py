@@ -19,11 +19,11 @@ def train(msg: Message, context: Context) -> Message:
     setup_logging()
     cfg = parse_run_config(context.run_config)
     site = parse_node_config(context.node_config)
-    config = msg.content["config"]
+    config = msg.content[R.CONFIG]
     result = train_round(
         cfg,
         site,
-        R.from_wire(msg.content["arrays"]),
+        R.from_wire(msg.content[R.ARRAYS]),
         server_round=int(config["server-round"]),
         state=context.state,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
@@ -31,11 +31,11 @@ def train(msg: Message, context: Context) -> Message:
         run_name=str(config.get(R.RUN_NAME, "")),
     )
     content = RecordDict({
-        "metrics": MetricRecord(result.metrics),
-        "status": ConfigRecord({R.STATUS: result.status, R.REASON: result.reason}),
+        R.METRICS: MetricRecord(result.metrics),
+        R.STATUS_RECORD: ConfigRecord({R.STATUS: result.status, R.REASON: result.reason}),
     })
     if result.arrays is not None:
-        content["arrays"] = R.to_wire(result.arrays, cfg.strategy.update_dtype)
+        content[R.ARRAYS] = R.to_wire(result.arrays, cfg.strategy.update_dtype)
     return Message(content=content, reply_to=msg)
 
 
@@ -44,5 +44,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     setup_logging()
     cfg = parse_run_config(context.run_config)
     site = parse_node_config(context.node_config)
-    metrics = evaluate_round(cfg, site, R.from_wire(msg.content["arrays"]))
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    metrics = evaluate_round(cfg, site, R.from_wire(msg.content[R.ARRAYS]))
+    return Message(content=RecordDict({R.METRICS: MetricRecord(metrics)}), reply_to=msg)

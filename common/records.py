@@ -16,6 +16,12 @@ from torch import nn
 
 from common.dp_step import unwrap
 
+# The records of a train message and of its reply (both sides use these names).
+ARRAYS = "arrays"  # the model (server -> site) or the trained model (site -> server)
+CONFIG = "config"  # the round's settings (server -> site)
+METRICS = "metrics"  # the reply's MetricRecord (keys below)
+STATUS_RECORD = "status"  # the reply's ConfigRecord: STATUS and REASON
+
 # Keys of the MetricRecord a site sends back after training (README, "What a site sends").
 WEIGHT = "weight"  # the reply's weight in the merge: the record count without DP; under DP a declared public size, or 1
 NUM_EXAMPLES = "num-examples"  # without DP only: the exact record count

@@ -146,8 +146,7 @@ class CanaryClients:
             for k, a in global_arrays.items():
                 ref = a.numpy()
                 arrays[k] = Array(np.asarray(ref + step[k], dtype=ref.dtype) if k in step else ref)
-            content = RecordDict({"arrays": ArrayRecord(arrays),
-                                  "metrics": MetricRecord(dict(template))})
+            content = RecordDict({R.ARRAYS: ArrayRecord(arrays), R.METRICS: MetricRecord(dict(template))})
             msgs.append(Message(content=content, dst_node_id=0, message_type="train"))
         self.participations += len(msgs)
         self.seconds += time.perf_counter() - t0

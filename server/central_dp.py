@@ -218,7 +218,7 @@ class UserLevelDP(Strategy):
         # single uniform release.
         metrics = (getattr(self.strategy, "train_metrics_aggr_fn")([r.content for r in replies], R.WEIGHT)
                    if replies else None)
-        release = Message(content=RecordDict({"arrays": ArrayRecord(noised), "metrics": MetricRecord({R.WEIGHT: 1.0})}),
+        release = Message(content=RecordDict({R.ARRAYS: ArrayRecord(noised), R.METRICS: MetricRecord({R.WEIGHT: 1.0})}),
                           dst_node_id=0, message_type="train")
         new_arrays, _ = self.strategy.aggregate_train(server_round, [release])
         return new_arrays, metrics

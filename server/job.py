@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -13,7 +14,9 @@ import numpy as np
 import torch
 from flwr.serverapp import Grid
 
+from common import atomic
 from common.config import AppConfig, ConfigError
+from common.tasks import DataSpec
 from server.canaries import CanaryClients
 from server.central_dp import UserLevelDP
 from server.checkpoints import Checkpointer, config_differences, restore_strategy_state
@@ -33,11 +36,19 @@ def new_run_id(cfg: AppConfig, flwr_run_id: int | str) -> str:
     return f"{prefix}{stamp}-{flwr_run_id}"
 
 
-def save_model(path: Path, arrays_state: dict[str, torch.Tensor], cfg: AppConfig) -> None:
-    """Plain tensors only (loadable with ``torch.load(..., weights_only=True)``), written atomically."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": arrays_state, "family": cfg.task.family, "config_hash": cfg.config_hash()}, tmp)
-    tmp.replace(path)
+def save_model(path: Path, arrays_state: dict[str, torch.Tensor], cfg: AppConfig, spec: DataSpec) -> None:
+    """The final model, self-describing: weights, the resolved config and the data's shape
+    (together they fix the architecture: ``build_task(parse_run_config(config),
+    DataSpec(**data_spec))``), the tokenizer's name for the LM, and the library versions. Plain tensors and scalars only (``torch.load(..., weights_only=True)``),
+    written atomically."""
+    from importlib.metadata import version  # opacus' version without importing it (seconds)
+
+    meta = {"family": cfg.task.family, "config_hash": cfg.config_hash(), "config": cfg.to_flat(),
+            "data_spec": dataclasses.asdict(spec),
+            "versions": {name: version(name) for name in ("torch", "flwr", "opacus", "fedgen")}}
+    if cfg.task.family == "lm":
+        meta["tokenizer"] = cfg.lm.tokenizer
+    atomic.torch_save({"state_dict": arrays_state, **meta}, path)
 
 
 def canary_clients(cfg: AppConfig, initial) -> CanaryClients:
@@ -106,7 +117,7 @@ def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
                              on_round_end=None if canaries else lambda rnd, arrs: checkpointer.save(rnd, arrs, strategy, cfg),
                              canaries=canaries, known_epsilon=known_epsilon)
         if canaries is None:
-            save_model(run_dir / "final_model.pt", outcome.arrays.to_torch_state_dict(), cfg)
+            save_model(run_dir / "final_model.pt", outcome.arrays.to_torch_state_dict(), cfg, evaluator.spec)
         elif outcome.rounds_done:
             # The canaries are in this model: it is audited and dropped, never saved for use.
             claimed = strategy.epsilon() if isinstance(strategy, UserLevelDP) else math.inf

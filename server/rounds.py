@@ -173,7 +173,7 @@ def known_epsilons(records: list[dict]) -> dict[str, float]:
 def _reply_status(msg: Message) -> tuple[str, str]:
     if msg.has_error():
         return "failed", msg.error.reason
-    status = msg.content.get("status")
+    status = msg.content.get(R.STATUS_RECORD)
     if status is not None and status.get(R.STATUS) == "budget-exhausted":
         return "refused", str(status.get(R.REASON, "budget-exhausted"))
     return "ok", ""

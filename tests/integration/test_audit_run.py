@@ -27,7 +27,7 @@ def audit(tmp_path_factory):
 def test_the_audit_run_completes_with_both_audits_within_their_claims(audit):
     assert audit["status"] == "completed", audit
     user, sample = (next(a for a in audit["audits"] if a["level"] == lv) for lv in ("user", "sample"))
-    assert user["canaries"] == 1000 and user["details"]["participations"] > 0
+    assert user["canaries"] == 4000 and user["details"]["participations"] > 0
     assert math.isfinite(user["claimed_epsilon"]) and 0 < user["empirical_epsilon"] <= user["claimed_epsilon"]
     assert user["details"]["epsilon_unequal_variances"] <= user["claimed_epsilon"] and not user["violation"]
     assert sample["canaries"] == 64 and sample["confidence"] == 0.95

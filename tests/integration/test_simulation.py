@@ -9,7 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from flwr.app import ArrayRecord
+
 from cli.app import app as cli_app
+from common import records as R
 from server.store import RunStore
 from simulations.launch import launch
 
@@ -62,6 +65,13 @@ def test_final_model_loads_without_unpickling_code(finished_run):
     assert any(k.startswith("vae.encoder") for k in ckpt["state_dict"])
     cfg = json.loads((finished_run / "config.json").read_text())
     assert cfg["run.num-rounds"] == 3 and cfg["data.dataset"] == "digits"
+    # Self-describing: the model file alone rebuilds the task (config) and says what made it.
+    assert ckpt["config"] == cfg and set(ckpt["versions"]) == {"torch", "flwr", "opacus", "fedgen"}
+    from common.config import parse_run_config
+    from common.tasks import DataSpec, build_task
+
+    task = build_task(parse_run_config(ckpt["config"]), DataSpec(**ckpt["data_spec"]))
+    R.load_arrayrecord(task.modules, ArrayRecord(torch_state_dict=ckpt["state_dict"]))
 
 
 def test_invalid_config_fails_the_run_before_round_one(tmp_path, capfd):
