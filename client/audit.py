@@ -14,8 +14,9 @@ Steinke, Nasr, Jagielski (NeurIPS 2023), black-box, with the family's own loss a
    (``run.num-rounds`` rounds of local training) unless told otherwise. That model is
    never saved or sent; only the audit's numbers leave this module.
 4. Every canary is scored by how much training lowered its loss (loss at the common
-   initialisation minus loss after training): VAE, the negative ELBO on fixed latent
-   noise draws; GAN, the private discriminator's loss for calling the canary real
+   initialisation minus loss after training), the family's own loss as its task defines
+   it (``canary_losses`` of the GenerativeTask protocol): VAE, the negative ELBO on fixed
+   latent noise draws; GAN, the private discriminator's loss for calling the canary real
    (``softplus(-D(x))``); LM, the mean next-token cross-entropy of the window. Highest
    scores are guessed "in", lowest "out", the rest abstained on.
 5. The count of correct guesses becomes a lower bound on epsilon at the stated
@@ -44,7 +45,6 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
-import torch.nn.functional as F
 
 from client.dp import make_private
 from client.privacy_state import BudgetExceeded, SitePrivacy, dataset_key, legacy_dataset_key, make_plan
@@ -52,15 +52,12 @@ from common import privacy
 from common.audit import default_guess_counts, one_run_audit
 from common.config import AppConfig, SiteConfig
 from common.data.site import site_dataset
-from common.dp_step import unwrap
 from common.tasks import DataSpec, GenerativeTask, build_task, pick_device
 from common.train import train_local
 
 log = logging.getLogger(__name__)
 
-SCORES = {"vae": "negative ELBO", "gan": "discriminator loss for 'real'", "lm": "next-token cross-entropy"}
 CANARY_GRID = 4  # canaries are 4x4 grids of random black/white cells
-SCORE_DRAWS = 8  # fixed latent noise draws averaged per canary score
 
 
 @dataclass(frozen=True)
@@ -92,8 +89,8 @@ class AuditResult:
         return {**asdict(self), "violation": self.violation}
 
 
-def method(family: str) -> str:
-    return f"one-run (Steinke-Nasr-Jagielski 2023), black-box, score = decrease of the {SCORES[family]}"
+def method(task: GenerativeTask) -> str:
+    return f"one-run (Steinke-Nasr-Jagielski 2023), black-box, score = decrease of the {task.canary_score}"
 
 
 def make_canaries(spec: DataSpec, m: int, generator: torch.Generator, context: int = 0) -> torch.Tensor:
@@ -131,37 +128,9 @@ def canary_records(spec: DataSpec, canaries: torch.Tensor) -> TensorDataset:
     return TensorDataset(canaries, torch.zeros(len(canaries), dtype=torch.long))
 
 
-@torch.no_grad()
-def canary_losses(task: GenerativeTask, canaries: torch.Tensor, seed: int, draws: int = SCORE_DRAWS) -> np.ndarray:
-    """Each canary's loss under the task's current weights (the family's own loss)."""
-    if task.family not in SCORES:
-        raise NotImplementedError(f"sample-level audit: no canary score for family {task.family!r} "
-                                  f"(known: {sorted(SCORES)})")
-    module = unwrap(task.modules[{"vae": "vae", "gan": "discriminator", "lm": "lm"}[task.family]])
-    was_training = module.training
-    module.eval()
-    device = next(module.parameters()).device
-    x = canaries.to(device)
-    if task.family == "vae":
-        from common.models.vae import per_example_loss
-
-        g = torch.Generator().manual_seed(seed)
-        total = torch.zeros(len(x), dtype=torch.float64)
-        for _ in range(draws):  # fixed latent noise draws, the same before and after training
-            eps = torch.randn(len(x), module.cfg.latent_dim, generator=g).to(device)
-            logits, mu, logvar = module(x, eps)
-            recon, kl = per_example_loss(logits, x, mu, logvar)
-            total += (recon + kl).double().cpu()
-        losses = total / draws
-    elif task.family == "gan":
-        labels = torch.zeros(len(x), dtype=torch.long, device=device) if getattr(task, "num_classes", None) else None
-        losses = F.softplus(-module(x, labels).reshape(len(x))).double().cpu()
-    else:
-        logits = module(x[:, :-1])
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), x[:, 1:].reshape(-1), reduction="none")
-        losses = ce.view(len(x), -1).mean(dim=1).cpu()
-    module.train(was_training)
-    return losses.numpy()
+def canary_losses(task: GenerativeTask, canaries: torch.Tensor, seed: int) -> np.ndarray:
+    """Each canary's loss under the task's current weights: the family's own (``task.canary_losses``)."""
+    return task.canary_losses(canaries, seed).double().cpu().numpy()
 
 
 def membership_and_streams(seed: int, m: int) -> tuple[np.ndarray, torch.Generator, int]:
@@ -210,9 +179,6 @@ def run_sample_audit(
     ``guess_counts``: (k+, k-) pairs fixed before scoring; the best is kept with a
     Bonferroni correction (default: 5%, 10%, 25%, 50% of m on each side).
     """
-    if cfg.task.family not in SCORES:
-        raise NotImplementedError(f"sample-level audit: no canary score for family {cfg.task.family!r} "
-                                  f"(known: {sorted(SCORES)})")
     if num_canaries < 2:
         raise ValueError(f"num_canaries must be >= 2, got {num_canaries}")
     start = time.perf_counter()
@@ -259,7 +225,7 @@ def run_sample_audit(
     counts = guess_counts if guess_counts is not None else default_guess_counts(num_canaries)
     best = one_run_audit(scores, included, delta, confidence, counts)
     result = AuditResult(
-        method=method(cfg.task.family), family=cfg.task.family, m=num_canaries, guesses=best["guesses"],
+        method=method(task), family=cfg.task.family, m=num_canaries, guesses=best["guesses"],
         correct=best["correct"], confidence=confidence,
         empirical_epsilon=float(best["epsilon"]), claimed_epsilon=float(claimed),
         seconds=time.perf_counter() - start, delta=delta, included=int(included.sum()),

@@ -10,6 +10,7 @@ How a private step runs its backward pass under Opacus is in :mod:`common.dp_ste
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,6 +75,26 @@ class GenerativeTask(Protocol):
     def sample(self, n: int, seed: int) -> Any:
         """Draw n samples (images as a tensor in [0, 1], or a list of texts)."""
         ...
+
+    canary_score: str  # what :meth:`canary_losses` measures, in words (the audit's method string)
+
+    @torch.no_grad()
+    def canary_losses(self, canaries: torch.Tensor, seed: int) -> torch.Tensor:
+        """Each canary record's loss under the current weights, the family's own loss (float64,
+        shape ``(m,)``); the same ``seed`` gives the same randomness before and after training.
+        The sample-level audit (``client/audit.py``) scores a canary by how much training lowered it."""
+        ...
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """``module`` in eval mode for the block, then back to the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 TaskFactory = Callable[["AppConfig", DataSpec, torch.device], GenerativeTask]

@@ -38,7 +38,7 @@ from torch import nn
 from common.config import AppConfig
 from common.models import norm_groups
 from common.dp_step import backward_mean, unwrap
-from common.tasks import DataSpec
+from common.tasks import DataSpec, evaluating
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,16 @@ class GANTask:
             "disc-acc-fake": acc_fake / n,
             "eval-n": float(n),
         }
+
+    canary_score = "discriminator loss for 'real'"
+
+    @torch.no_grad()
+    def canary_losses(self, canaries: torch.Tensor, seed: int) -> torch.Tensor:
+        """The private discriminator's loss for calling each canary real, ``softplus(-D(x))`` (label 0 when conditional)."""
+        with evaluating(unwrap(self.modules["discriminator"])) as disc:
+            x = canaries.to(self.device)
+            labels = torch.zeros(len(x), dtype=torch.long, device=self.device) if self.num_classes else None
+            return F.softplus(-disc(x, labels).reshape(len(x))).double().cpu()
 
     @torch.no_grad()
     def sample(self, n: int, seed: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ from common.config import AppConfig
 from common.data.text import TextDataError
 from common.data.tokenizers import UNK_ID, CharTokenizer, Tokenizer, make_tokenizer
 from common.dp_step import backward_mean, empty_batch_grads, unwrap
-from common.tasks import DataSpec
+from common.tasks import DataSpec, evaluating
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,17 @@ class LMTask:
             seq = torch.cat([seq, nxt], dim=1)
         model.train(was_training)
         return [prompt + self.tokenizer.decode(row[len(ids):]) for row in seq.cpu()]
+
+    canary_score = "next-token cross-entropy"
+
+    @torch.no_grad()
+    def canary_losses(self, canaries: torch.Tensor, seed: int) -> torch.Tensor:
+        """Each canary window's mean next-token cross-entropy (``seed``: no randomness here)."""
+        with evaluating(unwrap(self.modules["lm"])) as lm:
+            x = canaries.to(self.device)
+            logits = lm(x[:, :-1])
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), x[:, 1:].reshape(-1), reduction="none")
+            return ce.view(len(x), -1).mean(dim=1).cpu()
 
     @torch.no_grad()
     def sample(self, n: int, seed: int) -> list[str]:

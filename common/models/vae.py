@@ -15,7 +15,7 @@ from torch import nn
 from common.config import AppConfig
 from common.models import norm_groups
 from common.dp_step import backward_mean, empty_batch_grads, unwrap
-from common.tasks import DataSpec
+from common.tasks import DataSpec, evaluating
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,9 @@ def per_example_loss(
     return recon, kl
 
 
+CANARY_DRAWS = 8  # fixed latent noise draws averaged per canary loss
+
+
 class VAETask:
     """The VAE family: one module, ``vae``, which sees private data."""
 
@@ -151,6 +154,22 @@ class VAETask:
             "kl": tot_kl / n,
             "eval-n": float(n),
         }
+
+    canary_score = "negative ELBO"
+
+    @torch.no_grad()
+    def canary_losses(self, canaries: torch.Tensor, seed: int) -> torch.Tensor:
+        """The negative ELBO of each canary, averaged over fixed latent noise draws from ``seed``."""
+        with evaluating(unwrap(self.modules["vae"])) as module:
+            x = canaries.to(self.device)
+            g = torch.Generator().manual_seed(seed)
+            total = torch.zeros(len(x), dtype=torch.float64)
+            for _ in range(CANARY_DRAWS):
+                eps = torch.randn(len(x), module.cfg.latent_dim, generator=g).to(self.device)
+                logits, mu, logvar = module(x, eps)
+                recon, kl = per_example_loss(logits, x, mu, logvar)
+                total += (recon + kl).double().cpu()
+        return total / CANARY_DRAWS
 
     @torch.no_grad()
     def sample(self, n: int, seed: int) -> torch.Tensor:

@@ -234,3 +234,18 @@ def test_accountant_charges_the_rate_the_sampler_uses(family):
     for _ in range(2):
         task.train_step(next(batches), optimizers)
     assert privacy.compact(dp.history) == [(1.0, q, 2)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_scores_canaries_for_the_sample_level_audit(family):
+    """What the audit needs from a family: a name for its score and a per-canary loss,
+    deterministic for a seed, one finite value per canary."""
+    from client.audit import make_canaries
+
+    cfg, task, _ = built(family)
+    assert isinstance(task.canary_score, str) and task.canary_score
+    canaries = make_canaries(task.spec, 6, torch.Generator().manual_seed(0), cfg.lm.context)
+    a, b = task.canary_losses(canaries, seed=3), task.canary_losses(canaries, seed=3)
+    assert a.shape == (6,) and a.dtype == torch.float64 and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    assert all(m.training for m in task.modules.values())  # left in the mode it was in
