@@ -195,6 +195,7 @@ class AuditSection(_Section):
                                "model, no checkpoints); 0 = off, else at least 4")
     canary_norm: float = Field(0.0, ge=0, description="norm of a canary's update; 0 = central-dp.clipping-norm")
     seed: int = Field(0, ge=0, description="seed of the canaries' secret directions and membership; 0 = fresh entropy")
+    user_seed: int = Field(0, ge=0, description="seed of the user-level canary clients alone; 0 = audit.seed")
     sample_canaries: int = Field(128, ge=2, description="`fedgen audit`: canary records of the sample-level audit")
     sample_epochs: int = Field(0, ge=0, description="`fedgen audit`: passes of the sample-level audit; 0 = the "
                                "site's steps over the whole run")

@@ -53,7 +53,7 @@ def save_model(path: Path, arrays_state: dict[str, torch.Tensor], cfg: AppConfig
 
 def canary_clients(cfg: AppConfig, initial) -> CanaryClients:
     a = cfg.audit
-    seed = a.seed or int(np.random.SeedSequence().entropy % (2**63))  # secret unless the operator fixes it
+    seed = a.user_seed or a.seed or int(np.random.SeedSequence().entropy % (2**63))  # secret unless fixed
     return CanaryClients(initial, a.user_canaries, a.canary_norm or cfg.central_dp.clipping_norm, seed)
 
 

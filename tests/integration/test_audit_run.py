@@ -20,7 +20,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def audit(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    result = run_audit("audit-digits", [], 3, runs, quiet=True, extra_env={"FEDGEN_INJECT_FAULTS": "2:crash@2"})
+    # The user-level canaries and the run are those of seed 1 of the 20 published in
+    # docs/RESULTS.md ("User-level audit over 20 seeds", python -m simulations.bench_user_audit),
+    # where no seed's estimate exceeded the claim: pinned so that CI is reproducible. The
+    # sample-level audits keep fresh secrets (checked below).
+    result = run_audit("audit-digits", ["audit.user-seed=1", "run.seed=1"], 3, runs, quiet=True,
+                       extra_env={"FEDGEN_INJECT_FAULTS": "2:crash@2"})
     return result
 
 
