@@ -332,22 +332,26 @@ class SitePrivacy:
         return privacy.epsilon(self.load().history, plan.delta, plan.accountant)
 
     # -- the charge --
-    def reserve(self, plan: DPPlan, steps: int, line: dict, what: str = "this round") -> Reservation:
-        """Price ``steps`` DP-SGD steps of ``plan``; past the budget raise :class:`BudgetExceeded`;
-        else record them as a pending charge (history and a line) before any private data is touched."""
+    def reserve(self, plan: DPPlan, steps: int, line: dict, what: str = "this round",
+                extra: tuple[HistoryEntry, ...] = ()) -> Reservation:
+        """Price ``steps`` DP-SGD steps of ``plan`` (and ``extra`` releases, e.g. a noised
+        diagnostic); past the budget raise :class:`BudgetExceeded`; else record them as a pending
+        charge (history and a line) before any private data is touched. ``extra`` stays charged
+        as priced; :meth:`confirm` replaces only the DP-SGD steps."""
         self.require_durable()
-        charge = (plan.noise_multiplier, plan.sample_rate, int(steps))
+        charge = [(plan.noise_multiplier, plan.sample_rate, int(steps)), *extra]
         with self._entry() as entry:
             spent = privacy.epsilon(entry.history, plan.delta, plan.accountant)
-            would = privacy.epsilon(privacy.compact([*entry.history, charge]), plan.delta, plan.accountant)
+            would = privacy.epsilon(privacy.compact([*entry.history, *charge]), plan.delta, plan.accountant)
             if would > self.budget * (1 + 1e-9):
                 raise BudgetExceeded(what, spent, would, self.budget, plan.delta)
             line_id = uuid.uuid4().hex
-            entry.history = privacy.compact([*entry.history, charge])
+            entry.history = privacy.compact([*entry.history, *charge])
             entry.delta, entry.accountant, entry.budget = plan.delta, plan.accountant, self.budget
             entry.epsilon = would
             entry.rounds.append({**line, "steps": int(steps), "noise": plan.noise_multiplier,
-                                 "sample_rate": plan.sample_rate, "state": "pending", "id": line_id})
+                                 "sample_rate": plan.sample_rate, "state": "pending", "id": line_id,
+                                 **({"extra": [list(e) for e in extra]} if extra else {})})
         return Reservation(plan, int(steps), spent, would, self.budget, line_id)
 
     def adopt(self, plan: DPPlan, request: str) -> Reservation | None:

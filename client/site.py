@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from client import faults
+from client import diagnostics, faults
 from client.dp import make_private
 from client.privacy_state import BudgetExceeded, SitePrivacy, dataset_key, legacy_dataset_key, make_plan
 from common import atomic
@@ -158,7 +158,7 @@ def _train_round(
     metrics.update({R.EPSILON: spent, R.BUDGET: sp.budget, R.DELTA: plan.delta, R.NOISE: plan.noise_multiplier,
                     R.SAMPLE_RATE: plan.sample_rate, R.WEIGHT: float(site.public_num_examples or 1)})
     if sp.ledger is None or not run_name:
-        return _train_private(cfg, task, optimizers, loader, plan, sp, entry, metrics, fault, global_arrays,
+        return _train_private(cfg, task, data, optimizers, loader, plan, sp, entry, metrics, fault, global_arrays,
                               {"run": str(run_id), "family": cfg.task.family, "round": server_round}, proximal_mu)
     key_digest = request_digest(cfg, site, key, run_name, server_round, proximal_mu, global_arrays)
     with sp.ledger.training():  # one round at a time on this ledger; a crashed one's charge is taken over
@@ -176,16 +176,18 @@ def _train_round(
             metrics = {**sent, R.EPSILON: spent, R.REPLAYED: 1.0, R.TRAIN_SECONDS: 0.0, R.TRAIN_CPU_SECONDS: 0.0}
             return RoundResult(status="ok", metrics=metrics, arrays=_with_fault(arrays, fault, global_arrays))
         line = {"run": str(run_id), "family": cfg.task.family, "round": server_round, "request": key_digest}
-        return _train_private(cfg, task, optimizers, loader, plan, sp, entry, metrics, fault, global_arrays, line,
+        return _train_private(cfg, task, data, optimizers, loader, plan, sp, entry, metrics, fault, global_arrays, line,
                               proximal_mu, saved=saved, adopted=sp.adopt(plan, key_digest) if paid else None)
 
 
-def _train_private(cfg: AppConfig, task, optimizers, loader, plan, sp: SitePrivacy, entry, metrics: dict,
+def _train_private(cfg: AppConfig, task, data, optimizers, loader, plan, sp: SitePrivacy, entry, metrics: dict,
                    fault: str | None, global_arrays: ArrayRecord, line: dict, proximal_mu: float, *,
                    saved: SavedReply | None = None, adopted=None) -> RoundResult:
     """Charge ahead (or take over a dead process's charge), train with DP-SGD, confirm the charge."""
-    try:
-        reservation = adopted or sp.reserve(plan, plan.steps_per_round, line)  # before any record is read
+    diag = cfg.privacy.diagnostics == "noised"
+    extra = (diagnostics.charge(cfg.privacy.diagnostics_noise, plan.sample_rate),) if diag else ()
+    try:  # charged ahead, before any record is read
+        reservation = adopted or sp.reserve(plan, plan.steps_per_round, line, extra=extra)
     except BudgetExceeded as err:
         log.warning("site %d: %s", sp.site.partition_id, err)
         metrics.update({R.EPSILON: err.spent, R.BUDGET_EXHAUSTED: 1.0, R.WEIGHT: 0.0})
@@ -195,6 +197,9 @@ def _train_private(cfg: AppConfig, task, optimizers, loader, plan, sp: SitePriva
     arrays = R.to_arrayrecord(task.modules)
     metrics.update({R.STEPS: float(plan.steps_per_round), R.REPLAYED: 0.0, R.TRAIN_SECONDS: wall,
                     R.TRAIN_CPU_SECONDS: cpu, R.EPSILON: reservation.would})
+    if diag:  # the one loss a DP site may send: noised and charged (client/diagnostics.py)
+        metrics[R.TRAIN_LOSS] = diagnostics.noised_mean_loss(task, data, plan.sample_rate, cfg.privacy.diagnostics_noise,
+                                                             cfg.privacy.diagnostics_loss_bound)
     if saved is not None:
         saved.save(line["request"], arrays, metrics)  # before the charge is confirmed: see SavedReply
     metrics[R.EPSILON] = sp.confirm(reservation, dp.charged)

@@ -135,6 +135,19 @@ class PrivacySection(_Section):
     budget: float = Field(0.0, ge=0, description="site budget unless the node sets one; 0 = target-epsilon")
     ledger_dir: str = Field("", description="where sites keep ledgers when their node config names no "
                             "ledger-path (simulation: the launcher sets one per job); empty = process memory only")
+    diagnostics: Literal["none", "noised"] = Field(
+        "none", description="none: a DP site sends no training loss; noised: it sends its loss on one Poisson "
+        "batch through the Gaussian mechanism, charged to its ledger (client/diagnostics.py)")
+    diagnostics_noise: float = Field(5.0, gt=0, description="noised diagnostics: the Gaussian mechanism's multiplier")
+    diagnostics_loss_bound: float = Field(0.0, ge=0, description="noised diagnostics: each record's loss is "
+                                          "clipped to [0, bound] (the family's loss units; required)")
+
+    @model_validator(mode="after")
+    def _diagnostics_bound(self) -> PrivacySection:
+        if self.diagnostics == "noised" and self.diagnostics_loss_bound <= 0:
+            raise ValueError("diagnostics = 'noised' needs diagnostics-loss-bound > 0: the largest per-record loss "
+                             "counted, in the family's units (e.g. 600 nats for the VAE on Fashion-MNIST, 8 for the LM)")
+        return self
 
 
 class StrategySection(_Section):

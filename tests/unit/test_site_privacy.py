@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -424,3 +425,44 @@ def test_a_round_mixing_a_sent_again_and_a_trained_update_aggregates(tmp_path):
                for r, m in zip(results, msgs)]
     merged, metrics = strategy.aggregate_train(1, replies)
     assert merged is not None and metrics["replayed"] == pytest.approx(0.5)  # uniform weights under DP
+
+
+def test_noised_diagnostics_send_a_loss_charged_as_one_more_gaussian_release(tmp_path):
+    cfg = cfg_(**{"privacy.diagnostics": "noised", "privacy.diagnostics-noise": 5.0,
+                  "privacy.diagnostics-loss-bound": 200.0})
+    s = site_(tmp_path)
+    res = train_round(cfg, s, global_arrays(cfg), 1, RecordDict())
+    assert math.isfinite(res.metrics[R.TRAIN_LOSS])
+    entry = site_entry(cfg, s)
+    q = res.metrics[R.SAMPLE_RATE]
+    assert sorted(entry.history) == sorted([(res.metrics[R.NOISE], q, STEPS), (5.0, q, 1)])
+    assert res.metrics[R.EPSILON] == pytest.approx(privacy.epsilon(entry.history, res.metrics[R.DELTA]))
+    plain = train_round(cfg_(), site_(tmp_path / "b"), global_arrays(cfg), 1, RecordDict())
+    assert res.metrics[R.EPSILON] > plain.metrics[R.EPSILON]  # the diagnostic is paid for
+    with pytest.raises(Exception, match="diagnostics-loss-bound"):
+        cfg_(**{"privacy.diagnostics": "noised"})
+
+
+def test_the_noised_loss_moves_by_at_most_one_clipped_record_between_neighbours(monkeypatch):
+    # Add one record with an enormous loss: without noise, at rate 1, the released sum moves by
+    # at most the bound (sensitivity sqrt(2) of (loss / L, 1)); unclipped it would move by 1e9.
+    import torch
+
+    from client import diagnostics
+
+    class Task:
+        class spec:
+            kind = "image"
+
+        def canary_losses(self, x, seed):
+            return x.reshape(len(x), -1)[:, 0].double()  # each record's "loss" is its first pixel
+
+    bound, n = 10.0, 20
+    base = torch.full((n, 1, 2, 2), 3.0)
+    neighbour = torch.cat([base, torch.full((1, 1, 2, 2), 1e9)])
+    data = torch.utils.data.TensorDataset(base, torch.zeros(n))
+    data2 = torch.utils.data.TensorDataset(neighbour, torch.zeros(n + 1))
+    a = diagnostics.noised_mean_loss(Task(), data, 1.0, 1e-12, bound)
+    b = diagnostics.noised_mean_loss(Task(), data2, 1.0, 1e-12, bound)
+    assert a == pytest.approx(3.0)
+    assert abs(b * (n + 1) - a * n) <= bound * (1 + 1e-6)  # the added record counts at most L
