@@ -68,7 +68,7 @@ def round_line(rec: dict, num_rounds: int) -> str:
     parts = [
         f"round {rec['round']}/{num_rounds}",
         f"sites ok={ok} failed={failed}" + (f" refused={refused}" if refused else ""),
-        f"train-loss={_fmt(rec['train'].get(R.TRAIN_LOSS))}",
+        *([f"train-loss={_fmt(rec['train'][R.TRAIN_LOSS])}"] if R.TRAIN_LOSS in rec["train"] else []),
         ev or "eval=-",
         f"eps_max={_fmt(rec.get('epsilon_max'), '.3f')}"
         + (f" user_eps={rec['user_epsilon']:.3f}" if rec.get("user_epsilon") is not None else ""),
