@@ -195,10 +195,13 @@ def run_sample_audit(
     device = pick_device(cfg.run.device)
     task = build_task(cfg, spec, device)  # the audit's own model: same initialisation, never saved or sent
     before = canary_losses(task, canaries, seed=train_seed)
-    torch.manual_seed(train_seed)
+    # The audit's result is published with its seed: under DP its noise and Poisson sample
+    # come from secret entropy (common.privacy.noise_seed), not from that seed.
+    rng_seed = privacy.noise_seed(train_seed) if cfg.privacy.enabled else train_seed
+    torch.manual_seed(rng_seed)
     optimizers = task.make_optimizers()
     loader = DataLoader(audit_data, batch_size=cfg.train.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(train_seed))
+                        generator=torch.Generator().manual_seed(rng_seed))
     steps = audit_steps(cfg, n, epochs)
     p = cfg.privacy
     if p.enabled:

@@ -132,10 +132,14 @@ def _train_round(
     task = build_task(cfg, spec, device)
     R.load_arrayrecord(task.modules, global_arrays)
     optimizers = task.make_optimizers()
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + server_round))
+    # Under DP the Poisson sample (the loader's generator) and the noise (torch's generator)
+    # must be secret: seeded from OS entropy (common.privacy.noise_seed), not from the config.
+    secret = privacy.noise_seed if cfg.privacy.enabled else int
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=cfg.train.batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(secret(cfg.run.seed * 1000 + server_round)))
     metrics: dict[str, float] = {R.PARTITION: float(site.partition_id)}
-    torch.manual_seed(cfg.run.seed * 1_000_003 + server_round * 101 + site.partition_id)
+    torch.manual_seed(secret(cfg.run.seed * 1_000_003 + server_round * 101 + site.partition_id))
 
     if not cfg.privacy.enabled:
         _, steps = privacy.steps_per_round(n, cfg.train.batch_size, cfg.train.local_epochs, cfg.train.max_steps)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -30,6 +32,25 @@ class DPPlan:
     delta: float
     accountant: str
     max_grad_norm: float
+
+
+# Tests and benchmarks only: with this set to 1, DP noise and DP sampling are drawn from seeds
+# derived from the public config (run.seed), so anyone who knows the config can reproduce the
+# noise and remove it. Never set it for a real run.
+INSECURE_REPRODUCIBLE_NOISE = "FEDGEN_INSECURE_REPRODUCIBLE_NOISE"
+
+
+def noise_seed(public_seed: int) -> int:
+    """The seed of a DP mechanism's noise or sampling: fresh OS entropy, secret from everyone.
+
+    A seed derived from the run config (``run.seed``, the round, the partition) would let the
+    server, or anyone with the config, regenerate the Gaussian noise and the Poisson sample
+    and subtract them: no DP at all. Only with ``FEDGEN_INSECURE_REPRODUCIBLE_NOISE=1``
+    (tests, benchmarks) is ``public_seed`` returned, so that their numbers repeat.
+    """
+    if os.environ.get(INSECURE_REPRODUCIBLE_NOISE) == "1":
+        return int(public_seed)
+    return secrets.randbits(62)
 
 
 def auto_delta(num_records: int) -> float:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from flwr.serverapp import Grid
 
-from common import atomic
+from common import atomic, privacy
 from common.config import AppConfig, ConfigError
 from common.tasks import DataSpec
 from server.canaries import CanaryClients
@@ -65,7 +65,9 @@ def _resume_target(runs_dir: Path, ref: str) -> Path:
 
 
 def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
-    random.seed(cfg.run.seed)  # Flower samples sites with Python's random
+    # Flower samples sites with Python's random. Under user-level DP the sample must be secret
+    # (the accountant's amplification assumes it): fresh entropy, not run.seed.
+    random.seed(privacy.noise_seed(cfg.run.seed) if cfg.central_dp.enabled else cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     runs_dir = Path(cfg.run.runs_dir).resolve()
     strategy = build_strategy(cfg)

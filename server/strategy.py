@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from common import privacy
 from common import records as R
 from common.config import AppConfig, StrategySection
 from server.central_dp import UserLevelDP
@@ -111,7 +112,9 @@ def build_strategy(cfg: AppConfig) -> Strategy:
     c = cfg.central_dp
     if not c.enabled:
         return inner
-    return UserLevelDP(inner, c.noise_multiplier, c.clipping_norm, c.delta, cfg.privacy.accountant, cfg.run.seed,
+    # The noise on the released model is secret: fresh entropy (common.privacy.noise_seed).
+    return UserLevelDP(inner, c.noise_multiplier, c.clipping_norm, c.delta, cfg.privacy.accountant,
+                       privacy.noise_seed(cfg.run.seed),
                        adaptive=c.clipping == "adaptive", target_quantile=c.target_quantile,
                        clip_norm_lr=c.clip_norm_lr, count_stddev=c.clipped_count_stddev)
 

@@ -5,7 +5,8 @@
 Runs the integration test's audit job (preset ``audit-digits``, 3 simulated sites, site 2
 crashing in round 2, user-level DP with adaptive clipping, ``audit.user-canaries``
 canary clients) once per seed ``1..N`` (``audit.seed`` fixes the canaries' secrets and
-``run.seed`` the rest), without the sample-level audit, and prints one row per seed:
+``run.seed`` the rest, with ``FEDGEN_INSECURE_REPRODUCIBLE_NOISE=1`` so that each seed's run
+repeats exactly, as the integration test's does), without the sample-level audit, and prints one row per seed:
 the claimed user-level epsilon, both estimates (equal variances, unequal variances) and
 whether either exceeds the claim. Every seed is reported; none is chosen.
 """
@@ -17,13 +18,15 @@ import json
 import tempfile
 from pathlib import Path
 
+from common.privacy import INSECURE_REPRODUCIBLE_NOISE
 from simulations.audit import run_audit
 
 
 def one_seed(seed: int, num_sites: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         res = run_audit("audit-digits", [f"audit.seed={seed}", f"run.seed={seed}", *extra], num_sites, Path(tmp),
-                        sample=False, quiet=True, extra_env={"FEDGEN_INJECT_FAULTS": "2:crash@2"})
+                        sample=False, quiet=True,
+                        extra_env={"FEDGEN_INJECT_FAULTS": "2:crash@2", INSECURE_REPRODUCIBLE_NOISE: "1"})
     user = next((a for a in res["audits"] if a["level"] == "user"), None)
     if user is None:
         return {"seed": seed, "status": res["status"], "error": "no user-level audit was stored"}

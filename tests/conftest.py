@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -27,6 +28,21 @@ def quick_config(**overrides) -> AppConfig:
 @pytest.fixture
 def quick_cfg() -> AppConfig:
     return quick_config()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _reproducible_noise():
+    """Tests draw DP noise and sampling from run.seed (common.privacy.noise_seed), so that every
+    run of the suite computes the same numbers; real runs never set this."""
+    from common.privacy import INSECURE_REPRODUCIBLE_NOISE
+
+    before = os.environ.get(INSECURE_REPRODUCIBLE_NOISE)
+    os.environ[INSECURE_REPRODUCIBLE_NOISE] = "1"
+    yield
+    if before is None:
+        os.environ.pop(INSECURE_REPRODUCIBLE_NOISE, None)
+    else:
+        os.environ[INSECURE_REPRODUCIBLE_NOISE] = before
 
 
 @pytest.fixture(autouse=True, scope="session")

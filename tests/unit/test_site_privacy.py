@@ -466,3 +466,24 @@ def test_the_noised_loss_moves_by_at_most_one_clipped_record_between_neighbours(
     b = diagnostics.noised_mean_loss(Task(), data2, 1.0, 1e-12, bound)
     assert a == pytest.approx(3.0)
     assert abs(b * (n + 1) - a * n) <= bound * (1 + 1e-6)  # the added record counts at most L
+
+
+def test_dp_noise_and_sampling_are_secret_unless_a_test_asks_for_reproducible_noise(monkeypatch):
+    # A seed derived from the config (run.seed, round, partition) would let the server regenerate
+    # the noise and the Poisson sample and subtract them. Real runs draw them from OS entropy.
+    from common.privacy import INSECURE_REPRODUCIBLE_NOISE
+    from server.strategy import build_strategy
+
+    cfg = cfg_()
+    arrays = global_arrays(cfg)
+
+    def weights():
+        res = train_round(cfg, site_(), arrays, 1, RecordDict())
+        return [a.numpy().copy() for a in res.arrays.values()]
+
+    monkeypatch.setenv(INSECURE_REPRODUCIBLE_NOISE, "1")
+    assert all((a == b).all() for a, b in zip(weights(), weights()))  # tests: the same numbers every run
+    monkeypatch.delenv(INSECURE_REPRODUCIBLE_NOISE)
+    assert not all((a == b).all() for a, b in zip(weights(), weights()))  # a real run: fresh noise
+    central = cfg_(**{"central-dp.enabled": True})
+    assert build_strategy(central).rng.normal() != build_strategy(central).rng.normal()
