@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.store import RunStore
 from simulations.launch import ROOT, launch
@@ -69,7 +70,8 @@ def test_killed_server_resumes_from_its_last_checkpoint(tmp_path):
     # kill lands after the round-2 checkpoint; the sites may have trained (and paid for) a
     # later round the server never checkpointed. The resumed run asks for that round again
     # with the same model: were the sites to train it again they would pay twice and refuse
-    # round 4; they send the update they saved instead.
+    # round 4; a site that had sent it sends the update it saved instead, and one killed
+    # mid-training (its charge written ahead, pending) trains it again under that same charge.
     settings = ["run.num-rounds=4"]
     cmd = [sys.executable, "-m", "simulations.launch", "--preset", "digits-quick", "--num-sites", "2",
            "--runs-dir", str(runs), *[x for kv in settings for x in ("--set", kv)]]
@@ -80,6 +82,16 @@ def test_killed_server_resumes_from_its_last_checkpoint(tmp_path):
         for path in sorted(runs.glob(".site-ledgers/*/partition-*.json")):
             (key,) = json.loads(path.read_text())["entries"]
             out[path.name] = [r["round"] for r in Ledger(path).load(key).rounds]
+        return out
+
+    def sent() -> dict[str, list[int]]:
+        """Rounds whose update each site had saved to send: confirmed, or pending with the saved update."""
+        out = {}
+        for path in sorted(runs.glob(".site-ledgers/*/partition-*.json")):
+            (key,) = json.loads(path.read_text())["entries"]
+            saved = [torch.load(f, weights_only=True)["digest"] for f in path.parent.glob(f"{path.name}.*.last-reply.pt")]
+            out[path.name] = [r["round"] for r in Ledger(path).load(key).rounds
+                              if r.get("state") == "confirmed" or r.get("request") in saved]
         return out
 
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -97,7 +109,7 @@ def test_killed_server_resumes_from_its_last_checkpoint(tmp_path):
     run_dir = ckpt.parent.parent
     done_before = [r["round"] for r in records(run_dir)]
     assert 4 not in done_before
-    paid_before = trained()
+    paid_before = sent()
     first_resumed = 1 + max(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("round-*.pt"))
 
     # A different setting is refused, naming the key...
@@ -114,7 +126,8 @@ def test_killed_server_resumes_from_its_last_checkpoint(tmp_path):
         assert [r["round"] for r in store.rounds()] == [0, 1, 2, 3, 4]
     eps = {r["round"]: r["epsilon_max"] for r in recs if r["round"] > 0}
     assert eps[4] > eps[2]  # the sites kept composing across the crash
-    # A site that had paid for the first resumed round sent its saved update; one that had not trained it.
+    # A site that had sent the first resumed round sends its saved update again; one that had not
+    # (or was killed mid-training, its charge pending) trains it.
     resumed = [r for r in recs if r["round"] == first_resumed][-1]
     for row in resumed["sites"]:
         paid = first_resumed in paid_before[f"partition-{row['partition_id']}-of-2.json"]
