@@ -155,20 +155,18 @@ def _train_round(
     key = dataset_key(cfg, data)
     sp = SitePrivacy(cfg, site, key, state, legacy_keys=(legacy_dataset_key(cfg, site),))
     sp.require_durable()
-    entry = sp.load()
-    spent = privacy.epsilon(entry.history, plan.delta, plan.accountant)
     # Under DP a reply carries only DP outputs and values that do not depend on the records
     # beyond the plan (README, "What a site sends"): no exact count, loss or clip fraction.
-    metrics.update({R.EPSILON: spent, R.BUDGET: sp.budget, R.DELTA: plan.delta, R.NOISE: plan.noise_multiplier,
+    # (Its epsilon is set on every path below: reached, spent when refused, or spent when replayed.)
+    metrics.update({R.BUDGET: sp.budget, R.DELTA: plan.delta, R.NOISE: plan.noise_multiplier,
                     R.SAMPLE_RATE: plan.sample_rate, R.WEIGHT: float(site.public_num_examples or 1)})
     if sp.ledger is None or not run_name:
-        return _train_private(cfg, task, data, optimizers, loader, plan, sp, entry, metrics, fault, global_arrays,
+        return _train_private(cfg, task, data, optimizers, loader, plan, sp, sp.load(), metrics, fault, global_arrays,
                               {"run": str(run_id), "family": cfg.task.family, "round": server_round}, proximal_mu)
     key_digest = request_digest(cfg, site, key, run_name, server_round, proximal_mu, global_arrays)
     with sp.ledger.training():  # one round at a time on this ledger; a crashed one's charge is taken over
         entry = sp.load()
         spent = privacy.epsilon(entry.history, plan.delta, plan.accountant)
-        metrics[R.EPSILON] = spent
         saved = SavedReply(sp.ledger.path, key)
         paid = any(r.get("request") == key_digest for r in entry.rounds)
         replay = saved.load(key_digest) if paid else None
