@@ -8,18 +8,17 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Callable
 
+from common.config import family_eval_metrics
+from common.metrics import FID_METRICS
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["PLOT_EVAL_METRICS", "build_figure"]
 
-#: Server-evaluation metrics plotted (one panel each, when present), with axis labels.
-PLOT_EVAL_METRICS = {
-    "fid-inception": ("FID (Inception features)", "FID"),
-    "fid-domain": ("FID (domain features)", "FID"),
-    "perplexity": ("Perplexity", "perplexity"),
-    "neg-elbo": ("Negative ELBO", "−ELBO"),
-}
+#: Server-evaluation metrics plotted (one panel each, when present): FID and every family's own
+#: (declared on its config section, common/metrics.py), with their titles and axis labels.
+PLOT_EVAL_METRICS = {m.key: (m.title, m.axis) for m in FID_METRICS + family_eval_metrics()}
 
 
 def _series(rounds: list[dict], get: Callable[[dict], Any]) -> tuple[list[int], list[float]]:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.metrics import EvalMetric
 
 
 class ConfigError(ValueError):
@@ -76,11 +78,16 @@ class DataSection(_Section):
 
 
 class VAESection(_Section):
+    # A family's own held-out metrics, as its task's evaluate() names them (common/metrics.py).
+    eval_metrics: ClassVar[tuple[EvalMetric, ...]] = (EvalMetric("neg-elbo", "Negative ELBO", "−ELBO"),)
+
     latent_dim: int = Field(16, ge=1)
     width: int = Field(32, ge=4, description="channels of the first conv layer")
 
 
 class GANSection(_Section):
+    eval_metrics: ClassVar[tuple[EvalMetric, ...]] = ()  # the discriminator's scores are not quality: FID is
+
     latent_dim: int = Field(64, ge=1)
     width: int = Field(32, ge=4, description="discriminator's first conv channels (generator mirrors it)")
     lr_generator: float = Field(2e-4, gt=0)
@@ -98,6 +105,8 @@ class GANSection(_Section):
 
 
 class LMSection(_Section):
+    eval_metrics: ClassVar[tuple[EvalMetric, ...]] = (EvalMetric("perplexity", "Perplexity", "perplexity"),)
+
     layers: int = Field(2, ge=1, description="Transformer blocks")
     heads: int = Field(4, ge=1, description="attention heads (must divide width)")
     width: int = Field(128, ge=8, description="embedding width")
@@ -265,6 +274,22 @@ class AppConfig(_Section):
     def config_hash(self) -> str:
         blob = json.dumps(self.to_flat(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def family_eval_metrics(family: str | None = None) -> tuple[EvalMetric, ...]:
+    """The held-out metrics ``family`` declares on its config section (``eval_metrics``), in its
+    order of preference; every family's, in the order of :data:`Family`, when ``family`` is None
+    or not a known family (a run recorded by another version)."""
+    families = [family] if family in get_args(Family) else list(get_args(Family))
+    out: list[EvalMetric] = []
+    for name in families:
+        field = AppConfig.model_fields.get(name)
+        declared = getattr(field.annotation, "eval_metrics", None) if field is not None else None
+        if not isinstance(declared, tuple):
+            raise TypeError(f"model family {name!r} needs a config section AppConfig.{name} whose class declares "
+                            "eval_metrics: ClassVar[tuple[EvalMetric, ...]] (its held-out metrics; () if none)")
+        out += [m for m in declared if m not in out]
+    return tuple(out)
 
 
 def _kebab(loc: tuple[Any, ...]) -> str:

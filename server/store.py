@@ -43,10 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from common.config import family_eval_metrics
+from common.metrics import FID_METRICS, best_metric
+
 __all__ = [
     "APPLICATION_ID",
     "DB_NAME",
-    "EVAL_BEST_KEYS",
     "RUN_STATUSES",
     "SCHEMA_VERSION",
     "SITE_COLUMNS",
@@ -65,8 +67,6 @@ BUSY_TIMEOUT_MS = 5000
 
 RUN_STATUSES = ("running", "completed", "failed", "stopped")
 SITE_STATUSES = ("ok", "failed", "refused")
-#: Server-evaluation metrics used for "best metric", in order of preference (lower is better).
-EVAL_BEST_KEYS = ("fid-inception", "fid-domain", "perplexity", "neg-elbo")
 
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _U64 = 1 << 64
@@ -651,7 +651,9 @@ class RunStore:
             "schema_version": SCHEMA_VERSION,
             "rounds_done": agg[0] or 0,
             "last_round": agg[1],
-            "best_metric": _best_metric((r, _loads(e, {})) for r, e in evals),
+            # FID first (every image run), then the family's own (common/metrics.py).
+            "best_metric": best_metric(((r, _loads(e, {})) for r, e in evals),
+                                       FID_METRICS + family_eval_metrics(run[4])),
             "max_epsilon": agg[2],
             "max_user_epsilon": agg[3],
         }
@@ -689,16 +691,3 @@ class RunStore:
             out.append(rec)
         return out
 
-
-def _best_metric(evals: Any) -> dict | None:
-    """First of :data:`EVAL_BEST_KEYS` present in any round; its minimum and where."""
-    evals = list(evals)
-    for key in EVAL_BEST_KEYS:
-        best: tuple[float, int] | None = None
-        for rnd, metrics in evals:
-            value = _finite_number(metrics.get(key)) if isinstance(metrics, dict) else None
-            if value is not None and (best is None or value < best[0]):
-                best = (value, rnd)
-        if best is not None:
-            return {"key": key, "value": best[0], "round": best[1]}
-    return None

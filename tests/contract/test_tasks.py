@@ -249,3 +249,29 @@ def test_every_family_scores_canaries_for_the_sample_level_audit(family):
     assert a.shape == (6,) and a.dtype == torch.float64 and torch.isfinite(a).all()
     assert torch.equal(a, b)
     assert all(m.training for m in task.modules.values())  # left in the mode it was in
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_family_declares_its_held_out_metrics_and_evaluate_reports_them(family):
+    """The CLI plots and the run store's best metric read a family's metrics from its config
+    section (common/metrics.py): a family that forgets them, or names one its evaluate() does
+    not report, would show no headline."""
+    from common.config import family_eval_metrics
+    from common.metrics import FID_METRICS, EvalMetric
+
+    declared = family_eval_metrics(family)  # raises, naming the fix, if the section lacks eval_metrics
+    assert all(isinstance(m, EvalMetric) for m in declared)
+    assert not {m.key for m in declared} & {m.key for m in FID_METRICS}, "FID is the server's, not a family's"
+    _, task, data = built(family)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(16)), batch_size=8)
+    reported = task.evaluate(loader)
+    missing = [m.key for m in declared if m.key not in reported]
+    assert not missing, f"{family}: eval_metrics declares {missing} but evaluate() reports only {sorted(reported)}"
+
+
+def test_a_family_without_declared_metrics_is_named_with_the_fix(monkeypatch):
+    from common import config
+
+    monkeypatch.setattr(config.VAESection, "eval_metrics", None)
+    with pytest.raises(TypeError, match=r"AppConfig.vae .*eval_metrics: ClassVar"):
+        config.family_eval_metrics("vae")

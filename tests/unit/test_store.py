@@ -116,13 +116,25 @@ def test_run_info_summarises_progress_best_metric_and_epsilon(writer: RunStore) 
 
 
 def test_best_metric_prefers_inception_fid_and_falls_back(runs_dir: Path) -> None:
-    with RunStore.create(runs_dir, "b", config={}, model="gpt", strategy="fedprox", num_rounds=2) as store:
+    # The family's own metric (the LM declares perplexity on its config section), not another family's.
+    with RunStore.create(runs_dir, "b", config={}, model="lm", strategy="fedprox", num_rounds=2) as store:
         assert store.run_info()["best_metric"] is None
         store.record_round({"round": 0, "eval": {"perplexity": 20.0, "neg-elbo": 3.0}})
         store.record_round({"round": 1, "eval": {"perplexity": 12.5, "neg-elbo": 2.0}})
         assert store.run_info()["best_metric"] == {"key": "perplexity", "value": 12.5, "round": 1}
         store.record_round({"round": 2, "eval": {"fid-inception": 30.0, "perplexity": 11.0}})
         assert store.run_info()["best_metric"] == {"key": "fid-inception", "value": 30.0, "round": 2}
+    with RunStore.create(runs_dir, "c", config={}, model="vae", strategy="fedavg", num_rounds=1) as store:
+        store.record_round({"round": 0, "eval": {"perplexity": 20.0, "neg-elbo": 3.0}})
+        assert store.run_info()["best_metric"] == {"key": "neg-elbo", "value": 3.0, "round": 0}
+
+
+def test_a_higher_is_better_metric_is_best_at_its_maximum() -> None:
+    from common.metrics import EvalMetric, best_metric
+
+    acc = EvalMetric("accuracy", "Accuracy", "accuracy", lower_is_better=False)
+    evals = [(0, {"accuracy": 0.2}), (1, {"accuracy": 0.7}), (2, {"accuracy": float("nan")}), (3, {"accuracy": 0.5})]
+    assert best_metric(evals, [EvalMetric("fid-domain", "", ""), acc]) == {"key": "accuracy", "value": 0.7, "round": 1}
 
 
 def test_record_round_replaces_a_redone_round_including_its_sites(writer: RunStore) -> None:
