@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -12,9 +15,46 @@ from common.config import parse_node_config, parse_run_config
 from common.logs import setup_logging
 
 app = ClientApp()
+log = logging.getLogger(__name__)
+
+#: Longest error text a failing site sends (its operator's log keeps the whole traceback).
+MAX_REASON_CHARS = 500
+
+
+def _partition_of(context: Context) -> int | None:
+    """The partition the node config names, read raw: also when the node config is invalid."""
+    value = context.node_config.get("partition-id")
+    try:
+        return int(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def reports_failures(handler):
+    """A site that fails answers ``failed`` itself, with the error and its partition (from the node
+    config, data-independent), so the round record says which site it was; Flower's own error
+    reply (a crashed process, a timeout) carries neither. Nothing was trained or charged that the
+    ledger does not already hold: a charge is written ahead and stays (client/privacy_state.py)."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:  # noqa: BLE001 - every failure becomes a reply, never a lost message
+            log.exception("site %s failed", _partition_of(context))
+            reason = f"{type(err).__name__}: {err}"
+            if len(reason) > MAX_REASON_CHARS:
+                reason = reason[:MAX_REASON_CHARS - 3] + "..."
+            pid = _partition_of(context)
+            metrics = MetricRecord({R.PARTITION: pid} if pid is not None else {})
+            status = ConfigRecord({R.STATUS: R.FAILED, R.REASON: reason})
+            return Message(content=RecordDict({R.METRICS: metrics, R.STATUS_RECORD: status}), reply_to=msg)
+
+    return wrapped
 
 
 @app.train(mods=[central_dp_clipping_mod])  # the site clips its own update when the server adapts the bound
+@reports_failures
 def train(msg: Message, context: Context) -> Message:
     setup_logging()
     cfg = parse_run_config(context.run_config)
@@ -40,6 +80,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@reports_failures
 def evaluate(msg: Message, context: Context) -> Message:
     setup_logging()
     cfg = parse_run_config(context.run_config)

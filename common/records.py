@@ -43,6 +43,7 @@ SITE_SECONDS = "site-seconds"
 TRAIN_SECONDS = "train-seconds"
 TRAIN_CPU_SECONDS = "train-cpu-seconds"
 BUDGET_EXHAUSTED = "budget-exhausted"
+FAILED = "failed"  # the site caught its own error: the reply says so, with its partition (client/app.py)
 # Key of the train config the server sends: its name for the run, the same across a resume
 # (the flwr run id is not).
 RUN_NAME = "fedgen-run"

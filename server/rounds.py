@@ -174,82 +174,105 @@ def _reply_status(msg: Message) -> tuple[str, str]:
     if msg.has_error():
         return "failed", msg.error.reason
     status = msg.content.get(R.STATUS_RECORD)
-    if status is not None and status.get(R.STATUS) == "budget-exhausted":
-        return "refused", str(status.get(R.REASON, "budget-exhausted"))
+    if status is not None and status.get(R.STATUS) == R.BUDGET_EXHAUSTED:
+        return "refused", str(status.get(R.REASON, R.BUDGET_EXHAUSTED))
+    if status is not None and status.get(R.STATUS) == R.FAILED:  # the site caught its own error (client/app.py)
+        return "failed", str(status.get(R.REASON, "the site failed"))
     return "ok", ""
 
 
-def run_rounds(
-    grid: Grid,
-    cfg: AppConfig,
-    strategy: Strategy,
-    evaluator: Evaluator,
-    record: RoundRecorder,
-    run_dir: Path,
-    arrays: ArrayRecord | None = None,
-    start_round: int = 1,
-    on_round_end: Callable[[int, ArrayRecord], None] | None = None,
-    canaries: CanaryClients | None = None,
-    known_epsilon: dict[str, float] | None = None,
-) -> Outcome:
-    """Run rounds ``start_round..num_rounds``; ``on_round_end(r, arrays)`` after each recorded round.
+@dataclass
+class _Merge:
+    """What aggregating one round produced (nothing when it was not aggregated)."""
+
+    arrays: ArrayRecord
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    user_dp: dict | None = None  # user-level DP's published figures of the round
+    canary_updates: int = 0
+
+
+class RoundLoop:
+    """One run's rounds. :meth:`run` reads as the round does: stop check, send, collect,
+    validate, aggregate, evaluate, record; each phase is a method below it.
 
     ``canaries`` (an audit run): their updates join the valid replies of every aggregated
     round, each inserted canary with the real sites' sampling rate. ``known_epsilon``: the
     last epsilon each site reported before this process (a resumed run), by :func:`site_tag`.
+    ``on_round_end(r, arrays)`` runs after each recorded round whose model was released.
     """
-    num_rounds = cfg.run.num_rounds
-    arrays = arrays if arrays is not None else evaluator.initial_arrays()
-    exhausted: set[int] = set()
-    known = dict(known_epsilon or {})  # every site's last reported spend, sampled this round or not
-    user_level = isinstance(strategy, UserLevelDP)
-    active = _ActiveGrid(grid, exhausted)
-    records: list[dict] = []
 
-    def evaluate(rnd: int, arrs: ArrayRecord) -> tuple[dict, dict]:
-        if rnd % cfg.eval.every and rnd != num_rounds and rnd != 0:
-            return {}, {}
-        t = time.time()
-        ev = evaluator.evaluate(arrs, rnd)
-        ev["eval-seconds"] = time.time() - t
-        path = evaluator.save_samples(arrs, run_dir / "samples" / f"round-{rnd:03d}")
-        return ev, {"samples": str(path.relative_to(run_dir))}
+    def __init__(self, grid: Grid, cfg: AppConfig, strategy: Strategy, evaluator: Evaluator,
+                 record: Callable[[dict], None], run_dir: Path, *,
+                 on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+                 canaries: CanaryClients | None = None, known_epsilon: dict[str, float] | None = None) -> None:
+        self.grid, self.cfg, self.strategy, self.evaluator = grid, cfg, strategy, evaluator
+        self.record, self.run_dir, self.on_round_end, self.canaries = record, run_dir, on_round_end, canaries
+        self.num_rounds = cfg.run.num_rounds
+        self.exhausted: set[int] = set()  # sites that refused for lack of budget: never sampled again
+        self.known = dict(known_epsilon or {})  # every site's last reported spend, sampled this round or not
+        self.user_level = isinstance(strategy, UserLevelDP)
+        self.active = _ActiveGrid(grid, self.exhausted)
+        self.records: list[dict] = []
 
-    if start_round == 1:
-        t0 = time.time()
-        ev, art = evaluate(0, arrays)
-        rec0 = {"round": 0, "num_rounds": num_rounds, "started_at": t0, "ended_at": time.time(), "sampled": [],
-                "sites": [], "train": {}, "eval": ev, "epsilon_max": None, "user_epsilon": None,
-                "bytes_sent": 0, "bytes_received": 0, "artifacts": art}
-        record(rec0)
-        records.append(rec0)
+    def run(self, arrays: ArrayRecord, start_round: int = 1) -> Outcome:
+        """Rounds ``start_round..num_rounds`` from ``arrays`` (round 0, the initial evaluation, when starting)."""
+        if start_round == 1:
+            self._record_initial(arrays)
+        for rnd in range(start_round, self.num_rounds + 1):
+            remaining = [n for n in self.grid.get_node_ids() if n not in self.exhausted]
+            reason = self._stop_reason(rnd, remaining)
+            if reason:
+                log.warning("%s", reason)
+                return Outcome("stopped", reason, arrays, rnd - 1, self.records)
+            started = time.time()
+            messages = self._messages(rnd, arrays)
+            sampled = [int(m.metadata.dst_node_id) for m in messages]
+            # A reply the SuperLink writes for a node that went offline comes from the SuperLink
+            # itself: every reply is attributed to the node its request was sent to.
+            replies, dst_of = exchange(self.grid, messages, self.cfg.run.round_timeout,
+                                       self.cfg.run.reply_poll_interval)
+            rows, good = self._collect(rnd, replies, dst_of, sampled, arrays)
+            merge = self._aggregate(rnd, good, sampled, remaining, arrays)
+            arrays = merge.arrays
+            released = bool(good) or merge.user_dp is not None
+            self._record_round(rnd, started, sampled, rows, merge, released,
+                               bytes_sent=sum(_payload_bytes(m) for m in messages),
+                               bytes_received=sum(_payload_bytes(m) for m in replies if not m.has_error()))
+            if self.on_round_end is not None and released:
+                self.on_round_end(rnd, arrays)
+            end = self._end_reason(rnd, rows, good)
+            if end is not None:
+                status, reason, done = end
+                (log.warning if status == "stopped" else log.error)("%s", reason)
+                return Outcome(status, reason, arrays, done, self.records)
+        return Outcome("completed", "", arrays, self.num_rounds, self.records)
 
-    for rnd in range(start_round, num_rounds + 1):
-        remaining = [n for n in grid.get_node_ids() if n not in exhausted]
-        if exhausted and len(remaining) < cfg.strategy.min_train_nodes:
-            reason = (f"only {len(remaining)} site(s) still have privacy budget, fewer than "
-                      f"strategy.min-train-nodes = {cfg.strategy.min_train_nodes}; stopping before round {rnd}")
-            log.warning("%s", reason)
-            return Outcome("stopped", reason, arrays, rnd - 1, records)
-        if user_level and cfg.central_dp.max_epsilon > 0:
+    # ---- the phases of a round ----------------------------------------------
+
+    def _stop_reason(self, rnd: int, remaining: list[int]) -> str:
+        """Why the run stops before round ``rnd`` (too few sites with budget, user-level budget), or ''."""
+        cfg = self.cfg
+        if self.exhausted and len(remaining) < cfg.strategy.min_train_nodes:
+            return (f"only {len(remaining)} site(s) still have privacy budget, fewer than "
+                    f"strategy.min-train-nodes = {cfg.strategy.min_train_nodes}; stopping before round {rnd}")
+        if self.user_level and cfg.central_dp.max_epsilon > 0:
             n = len(remaining)
             q = min(1.0, max(int(n * cfg.strategy.fraction_train), cfg.strategy.min_train_nodes) / max(n, 1))
-            if strategy.epsilon_after_next(q) > cfg.central_dp.max_epsilon:
-                reason = (f"user-level epsilon would exceed central-dp.max-epsilon = {cfg.central_dp.max_epsilon:g} "
-                          f"in round {rnd} (now {strategy.epsilon():.3f}); stopping")
-                log.warning("%s", reason)
-                return Outcome("stopped", reason, arrays, rnd - 1, records)
-        started = time.time()
-        train_config = ConfigRecord({R.RUN_NAME: run_dir.name})  # lets a site recognise a round asked again
-        messages = _encode(list(strategy.configure_train(rnd, arrays, train_config, active)),
-                           cfg.strategy.update_dtype)
-        bytes_sent = sum(_payload_bytes(m) for m in messages)
-        sampled = [int(m.metadata.dst_node_id) for m in messages]
-        # A reply the SuperLink writes for a node that went offline comes from the SuperLink
-        # itself: attribute every reply to the node its request was sent to.
-        replies, dst_of = exchange(grid, messages, cfg.run.round_timeout, cfg.run.reply_poll_interval)
-        bytes_received = sum(_payload_bytes(m) for m in replies if not m.has_error())
+            if self.strategy.epsilon_after_next(q) > cfg.central_dp.max_epsilon:
+                return (f"user-level epsilon would exceed central-dp.max-epsilon = {cfg.central_dp.max_epsilon:g} "
+                        f"in round {rnd} (now {self.strategy.epsilon():.3f}); stopping")
+        return ""
 
+    def _messages(self, rnd: int, arrays: ArrayRecord) -> list[Message]:
+        """The strategy samples the sites that can still train and builds their messages."""
+        train_config = ConfigRecord({R.RUN_NAME: self.run_dir.name})  # lets a site recognise a round asked again
+        return _encode(list(self.strategy.configure_train(rnd, arrays, train_config, self.active)),
+                       self.cfg.strategy.update_dtype)
+
+    def _collect(self, rnd: int, replies: list[Message], dst_of: dict[str, int], sampled: list[int],
+                 arrays: ArrayRecord) -> tuple[list[dict], list[Message]]:
+        """One row per sampled site (ok, failed, refused or silent) and the valid updates."""
+        cfg = self.cfg
         rows, good = [], []
         for msg in replies:
             status, reason = _reply_status(msg)
@@ -261,10 +284,11 @@ def run_rounds(
                     good.append(msg)
                 except InvalidUpdate as err:
                     status, reason = "failed", f"invalid update dropped: {err}"
+            node = dst_of.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
             if status == "refused":
-                exhausted.add(dst_of.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id)))
+                self.exhausted.add(node)
             row = _site_row(msg, status, reason or None)
-            row["node_id"] = dst_of.get(msg.metadata.reply_to_message_id, row["node_id"])
+            row["node_id"] = node
             rows.append(row)
         answered = {r["node_id"] for r in rows}
         for node in sampled:
@@ -275,60 +299,91 @@ def run_rounds(
         for row in rows:
             if row["status"] != "ok":
                 log.warning("round %d: site %s %s: %s", rnd, row["node_id"], row["status"], row["reason"])
+        return rows, good
 
-        train_metrics: dict[str, float] = {}
-        user_dp = None
-        canary_updates = 0
+    def _aggregate(self, rnd: int, good: list[Message], sampled: list[int], remaining: list[int],
+                   arrays: ArrayRecord) -> _Merge:
+        """Merge the valid updates (and an audit's canaries) with the strategy, when the round counts."""
+        cfg, strategy = self.cfg, self.strategy
         # Under user-level DP every round that ran is released (and charged), whatever the number
         # of valid replies: skipping it would reveal that count (server/central_dp.py).
-        if len(good) >= cfg.strategy.min_train_nodes or user_level:
-            merged = good
-            if canaries is not None:
-                extra = canaries.replies(arrays, len(sampled) / max(len(remaining), 1), good)
-                canary_updates = len(extra)
-                merged = good + extra
-                if isinstance(strategy, UserLevelDP):
-                    strategy.uncounted = {id(m) for m in extra}  # canaries do not steer the clipping bound
-            new_arrays, agg = strategy.aggregate_train(rnd, merged)
-            if canaries is not None:  # the figures operators read are the real sites' own
-                agg = aggregate_train_metrics([m.content for m in good], R.WEIGHT) if good else None
-            if user_level:
-                user_dp = dict(strategy.last_round)  # clip bound, fraction clipped, noise of this round
-            if new_arrays is not None:
-                arrays = new_arrays
-            train_metrics = {k: float(v) for k, v in (agg or {}).items() if not isinstance(v, list)}
-        elif good:
-            log.warning("round %d: only %d valid update(s), fewer than strategy.min-train-nodes = %d; "
-                        "the global model is unchanged", rnd, len(good), cfg.strategy.min_train_nodes)
+        if len(good) < cfg.strategy.min_train_nodes and not self.user_level:
+            if good:
+                log.warning("round %d: only %d valid update(s), fewer than strategy.min-train-nodes = %d; "
+                            "the global model is unchanged", rnd, len(good), cfg.strategy.min_train_nodes)
+            return _Merge(arrays)
+        merged, extra = good, []
+        if self.canaries is not None:
+            extra = self.canaries.replies(arrays, len(sampled) / max(len(remaining), 1), good)
+            merged = good + extra
+            if self.user_level:
+                strategy.uncounted = {id(m) for m in extra}  # canaries do not steer the clipping bound
+        new_arrays, agg = strategy.aggregate_train(rnd, merged)
+        if self.canaries is not None:  # the figures operators read are the real sites' own
+            agg = aggregate_train_metrics([m.content for m in good], R.WEIGHT) if good else None
+        return _Merge(
+            arrays=new_arrays if new_arrays is not None else arrays,
+            train_metrics={k: float(v) for k, v in (agg or {}).items() if not isinstance(v, list)},
+            user_dp=dict(strategy.last_round) if self.user_level else None,  # bound, noise, noisy fraction
+            canary_updates=len(extra),
+        )
 
-        released = bool(good) or user_dp is not None
-        ev, art = evaluate(rnd, arrays) if released else ({}, {})
+    def _evaluate(self, rnd: int, arrays: ArrayRecord) -> tuple[dict, dict]:
+        """Server evaluation and the sample grid, on round 0, every ``eval.every``-th round and the last."""
+        if rnd % self.cfg.eval.every and rnd != self.num_rounds and rnd != 0:
+            return {}, {}
+        t = time.time()
+        ev = self.evaluator.evaluate(arrays, rnd)
+        ev["eval-seconds"] = time.time() - t
+        path = self.evaluator.save_samples(arrays, self.run_dir / "samples" / f"round-{rnd:03d}")
+        return ev, {"samples": str(path.relative_to(self.run_dir))}
+
+    def _record_initial(self, arrays: ArrayRecord) -> None:
+        t0 = time.time()
+        ev, art = self._evaluate(0, arrays)
+        self._emit({"round": 0, "num_rounds": self.num_rounds, "started_at": t0, "ended_at": time.time(),
+                    "sampled": [], "sites": [], "train": {}, "eval": ev, "epsilon_max": None, "user_epsilon": None,
+                    "bytes_sent": 0, "bytes_received": 0, "artifacts": art})
+
+    def _record_round(self, rnd: int, started: float, sampled: list[int], rows: list[dict], merge: _Merge,
+                      released: bool, *, bytes_sent: int, bytes_received: int) -> None:
+        ev, art = self._evaluate(rnd, merge.arrays) if released else ({}, {})
         for row in rows:  # a refused site reports what it has spent too
             if row.get("epsilon") is not None:
-                known[site_tag(row)] = float(row["epsilon"])
-        rec = {"round": rnd, "num_rounds": num_rounds, "started_at": started, "ended_at": time.time(),
-               "sampled": sampled, "sites": rows, "train": train_metrics, "eval": ev,
-               "epsilon_max": max(known.values()) if known else None,
-               "user_epsilon": strategy.epsilon() if user_level else None,
-               "user_dp": user_dp,
+                self.known[site_tag(row)] = float(row["epsilon"])
+        rec = {"round": rnd, "num_rounds": self.num_rounds, "started_at": started, "ended_at": time.time(),
+               "sampled": sampled, "sites": rows, "train": merge.train_metrics, "eval": ev,
+               "epsilon_max": max(self.known.values()) if self.known else None,
+               "user_epsilon": self.strategy.epsilon() if self.user_level else None,
+               "user_dp": merge.user_dp,
                "bytes_sent": bytes_sent, "bytes_received": bytes_received, "artifacts": art}
-        if canaries is not None:
-            rec["canary_updates"] = canary_updates
-        record(rec)
-        records.append(rec)
-        if on_round_end is not None and released:
-            on_round_end(rnd, arrays)
+        if self.canaries is not None:
+            rec["canary_updates"] = merge.canary_updates
+        self._emit(rec)
 
-        if not good:
-            if rows and all(r["status"] == "refused" for r in rows):
-                if rnd < num_rounds:
-                    continue  # every sampled site is exhausted: the check at the top ends the run
-                reason = (f"every sampled site's privacy budget is exhausted in round {rnd}, the last; "
-                          f"the model of round {rnd - 1} is final")
-                log.warning("%s", reason)
-                return Outcome("stopped", reason, arrays, rnd, records)  # rounds recorded, as at the top
-            reasons = "; ".join(sorted({f"{r['reason']}" for r in rows})) or "no site replied"
-            reason = f"every sampled site failed in round {rnd}: {reasons}"
-            log.error("%s", reason)
-            return Outcome("failed", reason, arrays, rnd - 1, records)
-    return Outcome("completed", "", arrays, num_rounds, records)
+    def _emit(self, rec: dict) -> None:
+        self.record(rec)
+        self.records.append(rec)
+
+    def _end_reason(self, rnd: int, rows: list[dict], good: list[Message]) -> tuple[str, str, int] | None:
+        """After a round with no valid update: ("stopped" | "failed", why, rounds done); None to go on
+        (a valid update came, or every site refused before the last round: the stop check ends the run)."""
+        if good:
+            return None
+        if rows and all(r["status"] == "refused" for r in rows):
+            if rnd < self.num_rounds:
+                return None
+            return ("stopped", f"every sampled site's privacy budget is exhausted in round {rnd}, the last; "
+                               f"the model of round {rnd - 1} is final", rnd)  # rounds recorded, as at the top
+        reasons = "; ".join(sorted({f"{r['reason']}" for r in rows})) or "no site replied"
+        return "failed", f"every sampled site failed in round {rnd}: {reasons}", rnd - 1
+
+
+def run_rounds(grid: Grid, cfg: AppConfig, strategy: Strategy, evaluator: Evaluator,
+               record: Callable[[dict], None], run_dir: Path, *, arrays: ArrayRecord | None = None,
+               start_round: int = 1, on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+               canaries: CanaryClients | None = None, known_epsilon: dict[str, float] | None = None) -> Outcome:
+    """Run rounds ``start_round..num_rounds`` (:class:`RoundLoop`), from ``arrays`` or the initial model."""
+    loop = RoundLoop(grid, cfg, strategy, evaluator, record, run_dir, on_round_end=on_round_end,
+                     canaries=canaries, known_epsilon=known_epsilon)
+    return loop.run(arrays if arrays is not None else evaluator.initial_arrays(), start_round)

@@ -150,3 +150,36 @@ def test_the_federation_epsilon_remembers_sites_not_heard_from_this_round():
                          {"node_id": 3, "partition_id": None, "status": "failed"}]}]
     known = known_epsilons(rounds)
     assert known == {"partition-0": 6.0, "partition-1": 7.0} and max(known.values()) == 7.0
+
+
+def test_a_site_that_fails_before_reading_its_node_config_is_named_in_the_round_record(tmp_path):
+    """A site whose node config (or data) breaks answers ``failed`` itself, with the error and the
+    partition its node config names; the round record says which site it was."""
+    from flwr.app import Context
+
+    from client.app import train
+    from tests.conftest import pyproject_run_config
+
+    run_config = {**pyproject_run_config(), "data.dataset": "digits"}
+    bad_node = {"partition-id": 1, "num-partitions": 2, "public-num-examples": -5, "unsafe-memory-ledger": True}
+
+    class FailingSiteGrid(ScriptedGrid):
+        def pull_messages(self, ids):
+            out = []
+            for mid in list(ids):
+                msg = self.pending.pop(mid)
+                node = int(msg.metadata.dst_node_id)
+                context = Context(run_id=1, node_id=node, node_config=dict(bad_node), state=RecordDict(),
+                                  run_config=run_config)
+                out.append(train(msg, context))  # the real ClientApp handler
+            return out
+
+    cfg = quick_config(**{"run.num-rounds": 1, "strategy.min-train-nodes": 1})
+    strategy = FedAvg(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0, weighted_by_key="weight",
+                      train_metrics_aggr_fn=aggregate_train_metrics)
+    recorded: list[dict] = []
+    outcome = run_rounds(FailingSiteGrid(1, None), cfg, strategy, NoEval(), recorded.append, tmp_path)
+    (row,) = recorded[-1]["sites"]
+    assert row["status"] == "failed" and row["partition_id"] == 1 and row["node_id"] == 100
+    assert "public-num-examples" in row["reason"] and "ConfigError" in row["reason"]
+    assert outcome.status == "failed" and "public-num-examples" in outcome.reason
