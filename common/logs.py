@@ -9,7 +9,8 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging() -> None:
-    """Idempotent: route our packages' loggers to stderr at FEDGEN_LOG_LEVEL (default INFO)."""
+    """Idempotent: route our packages' loggers to stderr at FEDGEN_LOG_LEVEL (default INFO), and
+    Flower's through its own handler only."""
     level = os.environ.get("FEDGEN_LOG_LEVEL", "INFO").upper()
     for name in ("common", "client", "server"):
         logger = logging.getLogger(name)
@@ -19,3 +20,7 @@ def setup_logging() -> None:
             logger.addHandler(handler)
             logger.propagate = False
         logger.setLevel(level)
+    # Flower's logger prints through its own handler; Opacus calls logging.basicConfig when it is
+    # imported, which gives the root logger a handler too, and every Flower line came out twice
+    # (once coloured, once with a date). Flower's lines need no second way out.
+    logging.getLogger("flwr").propagate = False
