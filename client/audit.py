@@ -210,11 +210,11 @@ def run_sample_audit(
         delta, noise = plan.delta, plan.noise_multiplier
         sp = SitePrivacy(cfg, site, dataset_key(cfg, data), legacy_keys=(legacy_dataset_key(cfg, site),))
         try:  # priced and charged ahead on the site's ledger, before the audit touches data
-            reservation = sp.reserve(plan, steps, {"run": f"audit-{seed}", "family": cfg.task.family, "round": 0,
+            reservation = sp.reserve(plan, steps, line={"run": f"audit-{seed}", "family": cfg.task.family, "round": 0,
                                                    "audit": True}, what="the audit")
         except BudgetExceeded as err:
             raise AuditRefused(str(err)) from None
-        dp = make_private(task, optimizers, loader, plan, [], p.grad_sample_mode)
+        dp = make_private(task, optimizers, loader, plan=plan, history=[], grad_sample_mode=p.grad_sample_mode)
         loader = dp.loader
     else:
         delta, noise = p.delta or privacy.auto_delta(len(data)), 0.0
@@ -226,7 +226,7 @@ def run_sample_audit(
     after = canary_losses(task, canaries, seed=train_seed)
     scores = before - after  # how much training lowered each canary's loss: higher = more likely in
     counts = guess_counts if guess_counts is not None else default_guess_counts(num_canaries)
-    best = one_run_audit(scores, included, delta, confidence, counts)
+    best = one_run_audit(scores, included, delta=delta, confidence=confidence, guess_counts=counts)
     result = AuditResult(
         method=method(task), family=cfg.task.family, m=num_canaries, guesses=best["guesses"],
         correct=best["correct"], confidence=confidence,

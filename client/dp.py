@@ -91,6 +91,7 @@ def make_private(
     task: GenerativeTask,
     optimizers: dict[str, torch.optim.Optimizer],
     loader: torch.utils.data.DataLoader,
+    *,
     plan: DPPlan,
     history: list[HistoryEntry],
     grad_sample_mode: str,

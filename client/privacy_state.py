@@ -101,7 +101,7 @@ class LedgerEntry:
 
 @functools.lru_cache(maxsize=64)
 def _calibrated_noise(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    return privacy.calibrate_noise(target, delta, q, steps, accountant)  # slow: many accountant calls
+    return privacy.calibrate_noise(target, delta, sample_rate=q, total_steps=steps, accountant=accountant)  # slow: many accountant calls
 
 
 def make_plan(cfg: AppConfig, num_records: int, total_steps: int | None = None,
@@ -332,7 +332,7 @@ class SitePrivacy:
         return privacy.epsilon(self.load().history, plan.delta, plan.accountant)
 
     # -- the charge --
-    def reserve(self, plan: DPPlan, steps: int, line: dict, what: str = "this round",
+    def reserve(self, plan: DPPlan, steps: int, *, line: dict, what: str = "this round",
                 extra: tuple[HistoryEntry, ...] = ()) -> Reservation:
         """Price ``steps`` DP-SGD steps of ``plan`` (and ``extra`` releases, e.g. a noised
         diagnostic); past the budget raise :class:`BudgetExceeded`; else record them as a pending

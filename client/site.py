@@ -39,7 +39,7 @@ class RoundResult:
     reason: str = ""
 
 
-def request_digest(cfg: AppConfig, site: SiteConfig, key: str, run_name: str, server_round: int,
+def request_digest(cfg: AppConfig, site: SiteConfig, *, key: str, run_name: str, server_round: int,
                    proximal_mu: float, global_arrays: ArrayRecord) -> str:
     """What decides a round's training at this site: the run, the round, every setting, the records, the model.
 
@@ -100,6 +100,7 @@ def train_round(
     global_arrays: ArrayRecord,
     server_round: int,
     state: RecordDict,
+    *,
     proximal_mu: float = 0.0,
     run_id: int | str = 0,
     run_name: str = "",
@@ -108,7 +109,8 @@ def train_round(
     the same model and settings is answered with the saved update (:class:`SavedReply`).
     Every reply says how long the site took (``R.SITE_SECONDS``...)."""
     start = time.perf_counter()
-    result = _train_round(cfg, site, global_arrays, server_round, state, proximal_mu, run_id, run_name)
+    result = _train_round(cfg, site, global_arrays, server_round=server_round, state=state,
+                          proximal_mu=proximal_mu, run_id=run_id, run_name=run_name)
     result.metrics[R.SITE_SECONDS] = time.perf_counter() - start
     return result
 
@@ -117,6 +119,7 @@ def _train_round(
     cfg: AppConfig,
     site: SiteConfig,
     global_arrays: ArrayRecord,
+    *,
     server_round: int,
     state: RecordDict,
     proximal_mu: float,
@@ -161,9 +164,11 @@ def _train_round(
     metrics.update({R.BUDGET: sp.budget, R.DELTA: plan.delta, R.NOISE: plan.noise_multiplier,
                     R.SAMPLE_RATE: plan.sample_rate, R.WEIGHT: float(site.public_num_examples or 1)})
     if sp.ledger is None or not run_name:
-        return _train_private(cfg, task, data, optimizers, loader, plan, sp, sp.load(), metrics, fault, global_arrays,
-                              {"run": str(run_id), "family": cfg.task.family, "round": server_round}, proximal_mu)
-    key_digest = request_digest(cfg, site, key, run_name, server_round, proximal_mu, global_arrays)
+        return _train_private(cfg, task, data, optimizers, loader, plan=plan, sp=sp, entry=sp.load(), metrics=metrics,
+                              fault=fault, global_arrays=global_arrays, proximal_mu=proximal_mu,
+                              line={"run": str(run_id), "family": cfg.task.family, "round": server_round})
+    key_digest = request_digest(cfg, site, key=key, run_name=run_name, server_round=server_round,
+                                proximal_mu=proximal_mu, global_arrays=global_arrays)
     with sp.ledger.training():  # one round at a time on this ledger; a crashed one's charge is taken over
         entry = sp.load()
         spent = privacy.epsilon(entry.history, plan.delta, plan.accountant)
@@ -178,23 +183,25 @@ def _train_round(
             metrics = {**sent, R.EPSILON: spent, R.REPLAYED: 1.0, R.TRAIN_SECONDS: 0.0, R.TRAIN_CPU_SECONDS: 0.0}
             return RoundResult(status="ok", metrics=metrics, arrays=_with_fault(arrays, fault, global_arrays))
         line = {"run": str(run_id), "family": cfg.task.family, "round": server_round, "request": key_digest}
-        return _train_private(cfg, task, data, optimizers, loader, plan, sp, entry, metrics, fault, global_arrays, line,
-                              proximal_mu, saved=saved, adopted=sp.adopt(plan, key_digest) if paid else None)
+        return _train_private(cfg, task, data, optimizers, loader, plan=plan, sp=sp, entry=entry, metrics=metrics,
+                              fault=fault, global_arrays=global_arrays, line=line, proximal_mu=proximal_mu,
+                              saved=saved, adopted=sp.adopt(plan, key_digest) if paid else None)
 
 
-def _train_private(cfg: AppConfig, task, data, optimizers, loader, plan, sp: SitePrivacy, entry, metrics: dict,
-                   fault: str | None, global_arrays: ArrayRecord, line: dict, proximal_mu: float, *,
+def _train_private(cfg: AppConfig, task, data, optimizers, loader, *, plan, sp: SitePrivacy, entry, metrics: dict,
+                   fault: str | None, global_arrays: ArrayRecord, line: dict, proximal_mu: float,
                    saved: SavedReply | None = None, adopted=None) -> RoundResult:
     """Charge ahead (or take over a dead process's charge), train with DP-SGD, confirm the charge."""
     diag = cfg.privacy.diagnostics == "noised"
     extra = (diagnostics.charge(cfg.privacy.diagnostics_noise, plan.sample_rate),) if diag else ()
     try:  # charged ahead, before any record is read
-        reservation = adopted or sp.reserve(plan, plan.steps_per_round, line, extra=extra)
+        reservation = adopted or sp.reserve(plan, plan.steps_per_round, line=line, extra=extra)
     except BudgetExceeded as err:
         log.warning("site %d: %s", sp.site.partition_id, err)
         metrics.update({R.EPSILON: err.spent, R.BUDGET_EXHAUSTED: 1.0, R.WEIGHT: 0.0})
         return RoundResult(status="budget-exhausted", metrics=metrics, reason=str(err))
-    dp = make_private(task, optimizers, loader, plan, entry.history, cfg.privacy.grad_sample_mode)
+    dp = make_private(task, optimizers, loader, plan=plan, history=entry.history,
+                      grad_sample_mode=cfg.privacy.grad_sample_mode)
     result, wall, cpu = _train(task, dp.loader, optimizers, plan.steps_per_round, proximal_mu)
     arrays = R.to_arrayrecord(task.modules)
     metrics.update({R.STEPS: float(plan.steps_per_round), R.REPLAYED: 0.0, R.TRAIN_SECONDS: wall,

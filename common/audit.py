@@ -157,6 +157,7 @@ def default_guess_counts(m: int) -> list[tuple[int, int]]:
 def one_run_audit(
     scores: np.ndarray,
     included: np.ndarray,
+    *,
     delta: float,
     confidence: float = 0.95,
     guess_counts: Sequence[tuple[int, int]] | None = None,

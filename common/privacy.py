@@ -82,7 +82,7 @@ def steps_per_round(num_records: int, batch_size: int, local_epochs: int, max_st
 
 
 def calibrate_noise(
-    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str
+    target_epsilon: float, delta: float, *, sample_rate: float, total_steps: int, accountant: str
 ) -> float:
     """Noise multiplier so that ``total_steps`` steps at ``sample_rate`` reach ``target_epsilon``."""
     from opacus.accountants.utils import get_noise_multiplier  # see _epsilon

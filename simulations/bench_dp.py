@@ -62,7 +62,7 @@ def one_epoch(cfg, data, spec, dp_mode: str | None, steps: int) -> tuple[float, 
     if dp_mode:
         q, _ = privacy.steps_per_round(len(data), cfg.train.batch_size, 1, 0)
         plan = privacy.DPPlan(1.0, q, steps, 1e-5, "rdp", cfg.privacy.max_grad_norm)
-        loader = make_private(task, optimizers, loader, plan, [], dp_mode).loader
+        loader = make_private(task, optimizers, loader, plan=plan, history=[], grad_sample_mode=dp_mode).loader
     gc.collect()
     t, c = time.perf_counter(), time.process_time()
     train_local(task, loader, optimizers, steps)

@@ -179,7 +179,7 @@ def _terminate(signum, _frame) -> None:
     raise SystemExit(128 + signum)  # unwinds through `finally`, which stops the SuperLink
 
 
-def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: Path, quiet: bool = False,
+def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: Path, *, quiet: bool = False,
            extra_env: dict[str, str] | None = None, flwr_home: Path | None = None,
            phases: dict[str, float] | None = None, app_dir: Path = ROOT,
            run_config: dict[str, object] | None = None) -> int:

@@ -180,6 +180,7 @@ def partition_for_site(
     partition_id: int,
     num_partitions: int,
     kind: str,
+    *,
     seed: int,
     alpha: float | None,
 ) -> DatasetT:

@@ -277,7 +277,7 @@ def _choose_heldout(names: list[str], heldout_plays: int, seed: int) -> list[str
     return sorted(random.Random(seed).sample(names, heldout_plays))
 
 
-def site_text(partition_id: int, num_partitions: int, heldout_plays: int, seed: int, min_chars: int) -> str:
+def site_text(partition_id: int, num_partitions: int, *, heldout_plays: int, seed: int, min_chars: int) -> str:
     """The training text of simulated partition ``partition_id``: whole role corpora, round-robin.
 
     Client ``i`` of :func:`shakespeare_split` goes to partition ``i % num_partitions``, so each

@@ -64,7 +64,8 @@ def _site_text(cfg: AppConfig, site: SiteConfig) -> str:
     if site.partition_id >= num_partitions:
         raise ValueError(f"partition-id {site.partition_id} is not below data.num-partitions {num_partitions}")
     if d.dataset == "shakespeare":
-        return site_text(site.partition_id, num_partitions, d.heldout_plays, cfg.run.seed, d.min_chars)
+        return site_text(site.partition_id, num_partitions, heldout_plays=d.heldout_plays, seed=cfg.run.seed,
+                         min_chars=d.min_chars)
     train, _ = _text_folder_corpus(cfg)
     size = len(train) // num_partitions
     return train[site.partition_id * size:(site.partition_id + 1) * size]
@@ -94,8 +95,8 @@ def site_dataset(cfg: AppConfig, site: SiteConfig) -> tuple[Dataset, DataSpec]:
         num_partitions = d.num_partitions or site.num_partitions
         if site.partition_id >= num_partitions:
             raise ValueError(f"partition-id {site.partition_id} is not below data.num-partitions {num_partitions}")
-        ds = partition_for_site(full, site.partition_id, num_partitions, d.partitioner, cfg.run.seed,
-                                d.dirichlet_alpha)
+        ds = partition_for_site(full, site.partition_id, num_partitions, d.partitioner, seed=cfg.run.seed,
+                                alpha=d.dirichlet_alpha)
     return _as_torch(ds), _image_spec(ds)
 
 

@@ -119,7 +119,7 @@ def private_step(family: str, mode: str, clip: float, batch=None):
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size)
     q, steps = privacy.steps_per_round(len(data), cfg.train.batch_size, 1, 1)
     plan = privacy.DPPlan(0.0, q, steps, 1e-5, "rdp", clip)
-    dp = make_private(task, optimizers, loader, plan, [], mode)
+    dp = make_private(task, optimizers, loader, plan=plan, history=[], grad_sample_mode=mode)
     name = task.private_modules[0]
     opt = optimizers[name]
     if batch is None:
@@ -191,7 +191,8 @@ def test_ghost_refuses_a_step_whose_loss_bypassed_backward_mean(family, mode, mo
     optimizers = task.make_optimizers()
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size)
     q, steps = privacy.steps_per_round(len(data), cfg.train.batch_size, 1, 1)
-    dp = make_private(task, optimizers, loader, privacy.DPPlan(1.0, q, steps, 1e-5, "rdp", 1.0), [], mode)
+    dp = make_private(task, optimizers, loader, plan=privacy.DPPlan(1.0, q, steps, 1e-5, "rdp", 1.0), history=[],
+                      grad_sample_mode=mode)
     name = task.private_modules[0]
     before = [p.detach().clone() for p in optimizers[name].params]
     with pytest.raises(RuntimeError, match="not clipped"):
@@ -229,7 +230,8 @@ def test_accountant_charges_the_rate_the_sampler_uses(family):
     loader = torch.utils.data.DataLoader(data, batch_size=size)
     q, _ = privacy.steps_per_round(len(data), size, 1, 2)
     assert q == 1 / 123 and int(1 / q) == 122  # the float rounding this test is about
-    dp = make_private(task, optimizers, loader, privacy.DPPlan(1.0, q, 2, 1e-5, "rdp", 1.0), [], "auto")
+    dp = make_private(task, optimizers, loader, plan=privacy.DPPlan(1.0, q, 2, 1e-5, "rdp", 1.0), history=[],
+                      grad_sample_mode="auto")
     batches = iter(dp.loader)
     for _ in range(2):
         task.train_step(next(batches), optimizers)

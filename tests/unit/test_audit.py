@@ -129,11 +129,11 @@ def test_guessing_and_counting():
 def test_audit_from_scores_corrects_for_trying_several_guess_counts():
     included = np.arange(40) % 2 == 0
     scores = np.where(included, 1.0, 0.0) + np.arange(40) * 1e-3  # perfect separation
-    best = A.one_run_audit(scores, included, 0.0, 0.95, [(20, 20)])
+    best = A.one_run_audit(scores, included, delta=0.0, confidence=0.95, guess_counts=[(20, 20)])
     assert best["correct"] == best["guesses"] == 40
     assert best["epsilon"] == pytest.approx(logit(0.05 ** (1 / 40)), abs=1e-6)
     # Two candidates: each at beta / 2 = 0.025 (Bonferroni); the best one is the full guess.
-    two = A.one_run_audit(scores, included, 0.0, 0.95, [(5, 5), (20, 20)])
+    two = A.one_run_audit(scores, included, delta=0.0, confidence=0.95, guess_counts=[(5, 5), (20, 20)])
     assert two["epsilon"] == pytest.approx(logit(0.025 ** (1 / 40)), abs=1e-6)
 
 

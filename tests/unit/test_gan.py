@@ -94,7 +94,8 @@ def test_accountant_charged_exactly_once_per_real_discriminator_step(ratio, mode
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size)
     q, _ = privacy.steps_per_round(len(data), cfg.train.batch_size, 1, 0)
     history = [(1.3, q, 5)]  # from earlier rounds: continued, not double counted
-    dp = make_private(task, optimizers, loader, privacy.DPPlan(1.0, q, 7, 1e-5, "rdp", 1.0), history, mode)
+    dp = make_private(task, optimizers, loader, plan=privacy.DPPlan(1.0, q, 7, 1e-5, "rdp", 1.0), history=history,
+                      grad_sample_mode=mode)
     calls = 0
     step = task.train_step
 
@@ -121,7 +122,8 @@ def test_generator_step_leaves_the_discriminators_private_gradient_alone():
     optimizers = task.make_optimizers()
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size)
     q, _ = privacy.steps_per_round(len(data), cfg.train.batch_size, 1, 0)
-    dp = make_private(task, optimizers, loader, privacy.DPPlan(1.0, q, 2, 1e-5, "rdp", 1.0), [], "hooks")
+    dp = make_private(task, optimizers, loader, plan=privacy.DPPlan(1.0, q, 2, 1e-5, "rdp", 1.0), history=[],
+                      grad_sample_mode="hooks")
     batch = next(iter(dp.loader))
     task.train_step(batch, optimizers)
     opt_d = optimizers["discriminator"]

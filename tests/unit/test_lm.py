@@ -56,7 +56,7 @@ def test_char_tokenization_round_trips_through_the_task_and_its_data():
     # Unknown characters become the one <unk> id (decoded as U+FFFD).
     assert task.tokenizer.encode("é") == [0] and task.tokenizer.decode(task.tokenizer.encode("café")) == "caf\ufffd"
     # The site's windows decode back to its text, in order.
-    raw = site_text(0, 3, cfg.data.heldout_plays, cfg.run.seed, cfg.data.min_chars)
+    raw = site_text(0, 3, heldout_plays=cfg.data.heldout_plays, seed=cfg.run.seed, min_chars=cfg.data.min_chars)
     x0, y0 = data[0]
     x1, _ = data[1]
     assert x0.shape == (cfg.lm.context,) and torch.equal(x0[1:], y0[:-1])
@@ -160,7 +160,7 @@ def test_an_empty_poisson_batch_still_takes_a_noisy_charged_step(mode):
     optimizers = task.make_optimizers()
     q, steps = privacy.steps_per_round(len(data), cfg.train.batch_size, 1, 1)
     dp = make_private(task, optimizers, loader(data, cfg.train.batch_size),
-                      privacy.DPPlan(1.0, q, steps, 1e-5, "rdp", 1.0), [], mode)
+                      plan=privacy.DPPlan(1.0, q, steps, 1e-5, "rdp", 1.0), history=[], grad_sample_mode=mode)
     before = [p.detach().clone() for p in task.modules["lm"].parameters()]
     empty = torch.zeros(0, cfg.lm.context, dtype=torch.long)
     assert task.train_step((empty, empty), optimizers)["batch-size"] == 0

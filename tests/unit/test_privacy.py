@@ -15,7 +15,7 @@ from common import privacy
 def test_calibrated_noise_meets_target_at_last_planned_round_within_one_percent(target, accountant):
     q, steps = privacy.steps_per_round(num_records=600, batch_size=32, local_epochs=1, max_steps=0)
     rounds = 5
-    noise = privacy.calibrate_noise(target, 1e-5, q, steps * rounds, accountant)
+    noise = privacy.calibrate_noise(target, 1e-5, sample_rate=q, total_steps=steps * rounds, accountant=accountant)
     eps = privacy.epsilon([(noise, q, steps * rounds)], 1e-5, accountant)
     assert eps <= target
     assert eps == pytest.approx(target, rel=0.01)

@@ -58,8 +58,8 @@ def test_noise_is_the_calibrated_one_and_meets_the_target_at_the_last_round(tmp_
     cfg = cfg_()
     data, _ = site_dataset(cfg, site_())
     plan = make_plan(cfg, len(data))
-    expected = privacy.calibrate_noise(cfg.privacy.target_epsilon, plan.delta, plan.sample_rate,
-                                       plan.steps_per_round * cfg.run.num_rounds, "rdp")
+    expected = privacy.calibrate_noise(cfg.privacy.target_epsilon, plan.delta, sample_rate=plan.sample_rate,
+                                       total_steps=plan.steps_per_round * cfg.run.num_rounds, accountant="rdp")
     assert plan.noise_multiplier == pytest.approx(expected)
     s, arrays, state = site_(tmp_path), global_arrays(cfg), RecordDict()
     for rnd in range(1, cfg.run.num_rounds + 1):
@@ -261,8 +261,8 @@ def test_a_round_whose_process_died_mid_training_is_trained_again_under_its_char
     data, _ = site_dataset(cfg, s)
     plan, key = make_plan(cfg, len(data)), dataset_key(cfg, data)
     sp = SitePrivacy(cfg, s, key)
-    sp.reserve(plan, plan.steps_per_round, {"run": "0", "family": "vae", "round": 2,
-                                            "request": request_digest(cfg, s, key, "run-a", 2, 0.0, arrays)})
+    digest = request_digest(cfg, s, key=key, run_name="run-a", server_round=2, proximal_mu=0.0, global_arrays=arrays)
+    sp.reserve(plan, plan.steps_per_round, line={"run": "0", "family": "vae", "round": 2, "request": digest})
     charged = sum(x for _, _, x in site_entry(cfg, s).history)
     res = train_round(cfg, s, arrays, 2, RecordDict(), run_name="run-a")
     entry = site_entry(cfg, s)
@@ -279,8 +279,8 @@ def test_two_trainings_priced_before_either_saves_record_the_sum(tmp_path):
     data, _ = site_dataset(cfg, s)
     plan = make_plan(cfg, len(data))
     a, b = (SitePrivacy(cfg, s, dataset_key(cfg, data)) for _ in range(2))
-    ra = a.reserve(plan, 3, {"run": "a", "family": "vae", "round": 1})
-    rb = b.reserve(plan, 3, {"run": "b", "family": "vae", "round": 1})
+    ra = a.reserve(plan, 3, line={"run": "a", "family": "vae", "round": 1})
+    rb = b.reserve(plan, 3, line={"run": "b", "family": "vae", "round": 1})
     assert rb.spent == pytest.approx(privacy.epsilon([(plan.noise_multiplier, plan.sample_rate, 3)], plan.delta))
     step = [(plan.noise_multiplier, plan.sample_rate, 1)]
     a.confirm(ra, step * 3)

@@ -178,8 +178,8 @@ def test_split_rejects_bad_heldout(heldout: int) -> None:
 def test_site_text_partitions_whole_disjoint_roles(split: tuple[list[RoleCorpus], str]) -> None:
     clients = split[0]
     n = 7
-    parts = [site_text(p, n, 4, 0, 2000) for p in range(n)]
-    assert parts == [site_text(p, n, 4, 0, 2000) for p in range(n)]
+    parts = [site_text(p, n, heldout_plays=4, seed=0, min_chars=2000) for p in range(n)]
+    assert parts == [site_text(p, n, heldout_plays=4, seed=0, min_chars=2000) for p in range(n)]
     assert len(set(parts)) == n
     # Lengths add up: every role is used exactly once (plus one "\n" between roles of a partition).
     assert sum(map(len, parts)) == sum(len(c.text) for c in clients) + len(clients) - n
@@ -190,17 +190,17 @@ def test_site_text_partitions_whole_disjoint_roles(split: tuple[list[RoleCorpus]
 def test_site_text_one_role_each_when_partitions_equal_roles(split: tuple[list[RoleCorpus], str]) -> None:
     clients = split[0]
     n = len(clients)
-    assert site_text(0, n, 4, 0, 2000) == clients[0].text
-    assert site_text(n - 1, n, 4, 0, 2000) == clients[-1].text
+    assert site_text(0, n, heldout_plays=4, seed=0, min_chars=2000) == clients[0].text
+    assert site_text(n - 1, n, heldout_plays=4, seed=0, min_chars=2000) == clients[-1].text
 
 
 def test_site_text_errors() -> None:
     with pytest.raises(TextDataError, match=rf"only {N_DEFAULT_CLIENTS} Shakespeare roles.*num-partitions.*min_chars"):
-        site_text(0, N_DEFAULT_CLIENTS + 1, 4, 0, 2000)
+        site_text(0, N_DEFAULT_CLIENTS + 1, heldout_plays=4, seed=0, min_chars=2000)
     with pytest.raises(TextDataError, match="partition_id=5 is outside 0..4"):
-        site_text(5, 5, 4, 0, 2000)
+        site_text(5, 5, heldout_plays=4, seed=0, min_chars=2000)
     with pytest.raises(TextDataError, match="num_partitions=0"):
-        site_text(0, 0, 4, 0, 2000)
+        site_text(0, 0, heldout_plays=4, seed=0, min_chars=2000)
 
 
 # --------------------------------------------------------------------------- text folders
