@@ -231,13 +231,15 @@ class RoundLoop:
             # itself: every reply is attributed to the node its request was sent to.
             replies, dst_of = exchange(self.grid, messages, self.cfg.run.round_timeout,
                                        self.cfg.run.reply_poll_interval)
+            # As they crossed the network: before _collect turns valid updates to float32.
+            bytes_sent = sum(_payload_bytes(m) for m in messages)
+            bytes_received = sum(_payload_bytes(m) for m in replies if not m.has_error())
             rows, good = self._collect(rnd, replies, dst_of, sampled, arrays)
             merge = self._aggregate(rnd, good, sampled, remaining, arrays)
             arrays = merge.arrays
             released = bool(good) or merge.user_dp is not None
             self._record_round(rnd, started, sampled, rows, merge, released,
-                               bytes_sent=sum(_payload_bytes(m) for m in messages),
-                               bytes_received=sum(_payload_bytes(m) for m in replies if not m.has_error()))
+                               bytes_sent=bytes_sent, bytes_received=bytes_received)
             if self.on_round_end is not None and released:
                 self.on_round_end(rnd, arrays)
             end = self._end_reason(rnd, rows, good)
