@@ -18,7 +18,6 @@ The schema (the tables' columns, their DDL, how values are stored and read back)
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import sqlite3
@@ -32,25 +31,27 @@ from typing import Iterator
 from common.config import family_eval_metrics
 from common.metrics import FID_METRICS, best_metric
 from server.store_schema import (
-    _AUDIT_TABLE,
-    _INSERT_SITE,
-    _ROUND_KEYS,
-    _SCHEMA,
-    _SELECT_SITES,
     APPLICATION_ID,
+    AUDIT_TABLE,
+    ROUND_TABLE,
     RUN_STATUSES,
+    SCHEMA,
     SCHEMA_VERSION,
     SITE_COLUMNS,
     SITE_KEYS,
+    SITE_ROUND_TABLE,
     SITE_STATUSES,
     SiteColumn,
     StoreError,
     _dumps,
-    _float,
     _int,
     _loads,
-    _site_from_row,
-    _site_row,
+    audit_from_row,
+    audit_row,
+    round_from_row,
+    round_row,
+    site_from_row,
+    site_row,
 )
 
 __all__ = [
@@ -139,7 +140,7 @@ class RunStore:
                     warnings.warn(f"{db_path}: SQLite WAL mode unavailable (got {mode!r}); "
                                   "readers may briefly block the server", RuntimeWarning, stacklevel=2)
                 conn.execute("BEGIN IMMEDIATE")
-                for stmt in filter(str.strip, _SCHEMA.split(";")):
+                for stmt in filter(str.strip, SCHEMA.split(";")):
                     conn.execute(stmt)
                 conn.execute(
                     "INSERT INTO run (run_id, created_at, updated_at, model, strategy, num_rounds,"
@@ -201,7 +202,7 @@ class RunStore:
                 conn.execute("PRAGMA foreign_keys = ON")
                 if version == 1:  # schema 2 only adds the audit table
                     conn.execute("BEGIN IMMEDIATE")
-                    conn.execute(_AUDIT_TABLE)
+                    conn.execute(AUDIT_TABLE.ddl)
                     conn.execute("PRAGMA user_version = 2")
                     conn.execute("COMMIT")
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -286,41 +287,19 @@ class RunStore:
         if rnd is None or rnd < 0:
             raise StoreError(f"round record needs a non-negative integer 'round', got {record.get('round')!r}")
         num_rounds = _int(record.get("num_rounds"), "num_rounds")
-        extra = {k: v for k, v in record.items() if k not in _ROUND_KEYS}
-        row = (
-            rnd,
-            num_rounds,
-            _float(record.get("started_at"), "started_at"),
-            _float(record.get("ended_at"), "ended_at"),
-            _dumps(list(record.get("sampled") or []), "sampled"),
-            _dumps(dict(record.get("train") or {}), "train metrics"),
-            _dumps(dict(record.get("eval") or {}), "eval metrics"),
-            _float(record.get("epsilon_max"), "epsilon_max"),
-            _float(record.get("user_epsilon"), "user_epsilon"),
-            _int(record.get("bytes_sent"), "bytes_sent"),
-            _int(record.get("bytes_received"), "bytes_received"),
-            _dumps(dict(record.get("artifacts") or {}), "artifacts"),
-            _dumps(extra, "extra round keys"),
-            time.time(),
-        )
-        site_rows = [_site_row(rnd, seq, site) for seq, site in enumerate(record.get("sites") or [])]
+        row = round_row(record, time.time())
+        site_rows = [site_row(rnd, seq, site) for seq, site in enumerate(record.get("sites") or [])]
         with self._write() as conn:
             conn.execute("DELETE FROM site_round WHERE round = ?", (rnd,))
             conn.execute("DELETE FROM round WHERE round = ?", (rnd,))
-            conn.execute(
-                "INSERT INTO round (round, num_rounds, started_at, ended_at, sampled_json,"
-                " train_metrics_json, eval_metrics_json, epsilon_max, user_epsilon, bytes_sent,"
-                " bytes_received, artifacts_json, extra_json, recorded_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
+            conn.execute(ROUND_TABLE.insert, row)
             self._insert_sites(conn, site_rows)
             if num_rounds is not None:  # a resumed run may extend the plan
                 conn.execute("UPDATE run SET num_rounds = ?", (num_rounds,))
             conn.execute("UPDATE run SET updated_at = ?", (time.time(),))
 
     def _insert_sites(self, conn: sqlite3.Connection, site_rows: list[tuple]) -> None:
-        conn.executemany(_INSERT_SITE, site_rows)
+        conn.executemany(SITE_ROUND_TABLE.insert, site_rows)
 
     def record_audit(self, result: dict) -> None:
         """Store one audit result (``level``, ``method``, ``m``, ``empirical_epsilon``, ``claimed_epsilon``, ...).
@@ -328,37 +307,19 @@ class RunStore:
         Infinite epsilons (no DP claim; an unbounded estimate) are stored as SQLite's
         infinity and read back as ``math.inf``.
         """
-        if result.get("level") not in ("user", "sample"):
-            raise StoreError(f"audit level must be 'user' or 'sample', got {result.get('level')!r}")
-        row = (
-            result["level"], str(result.get("method", "")), _int(result.get("m"), "audit m"),
-            _float(result.get("confidence"), "audit confidence"),
-            _float(result.get("empirical_epsilon"), "empirical_epsilon"),
-            _float(result.get("claimed_epsilon"), "claimed_epsilon"),
-            _float(result.get("delta"), "audit delta"), _float(result.get("seconds"), "audit seconds"),
-            _dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in result.items()},
-                   "audit details"),
-            time.time(),
-        )
+        row = audit_row(result, time.time())
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO audit (level, method, canaries, confidence, empirical_epsilon, claimed_epsilon,"
-                " delta, seconds, details_json, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            conn.execute(AUDIT_TABLE.insert, row)
             conn.execute("UPDATE run SET updated_at = ?", (time.time(),))
 
     def audits(self) -> list[dict]:
         """Every audit of this run, oldest first ([] for a version-1 database)."""
         with self._read() as conn:
             has = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit'").fetchone()
-            rows = conn.execute(
-                "SELECT level, method, canaries, confidence, empirical_epsilon, claimed_epsilon, delta, seconds,"
-                " details_json, recorded_at FROM audit ORDER BY seq").fetchall() if has else []
-        keys = ("level", "method", "canaries", "confidence", "empirical_epsilon", "claimed_epsilon", "delta",
-                "seconds", "details", "recorded_at")
+            rows = conn.execute(AUDIT_TABLE.select).fetchall() if has else []
         out = []
-        for r in rows:
-            rec = dict(zip(keys, r))
-            rec["details"] = _loads(rec["details"], {})
+        for row in rows:
+            rec = audit_from_row(row)
             # A user-level audit reports two estimates; a violation is either above the claim.
             est = rec["details"].get("estimate", rec["empirical_epsilon"])
             est = float(est) if isinstance(est, (int, float, str)) else rec["empirical_epsilon"]
@@ -418,33 +379,10 @@ class RunStore:
     def rounds(self) -> list[dict]:
         """All round records, in the shape given to :meth:`record_round`, ordered by round."""
         with self._read() as conn:
-            round_rows = conn.execute(
-                "SELECT round, num_rounds, started_at, ended_at, sampled_json, train_metrics_json,"
-                " eval_metrics_json, epsilon_max, user_epsilon, bytes_sent, bytes_received,"
-                " artifacts_json, extra_json FROM round ORDER BY round"
-            ).fetchall()
-            site_rows = conn.execute(_SELECT_SITES).fetchall()
+            round_rows = conn.execute(ROUND_TABLE.select).fetchall()
+            site_rows = conn.execute(SITE_ROUND_TABLE.select).fetchall()
         sites: dict[int, list[dict]] = {}
-        for s in site_rows:
-            sites.setdefault(s[0], []).append(_site_from_row(s[1:]))
-        out = []
-        for r in round_rows:
-            rec = {
-                "round": r[0],
-                "num_rounds": r[1],
-                "started_at": r[2],
-                "ended_at": r[3],
-                "sampled": _loads(r[4], []),
-                "sites": sites.get(r[0], []),
-                "train": _loads(r[5], {}),
-                "eval": _loads(r[6], {}),
-                "epsilon_max": r[7],
-                "user_epsilon": r[8],
-                "bytes_sent": r[9],
-                "bytes_received": r[10],
-                "artifacts": _loads(r[11], {}),
-            }
-            rec.update(_loads(r[12], {}))
-            out.append(rec)
-        return out
-
+        for row in site_rows:
+            rnd, site = site_from_row(row)
+            sites.setdefault(rnd, []).append(site)
+        return [round_from_row(row, sites) for row in round_rows]
