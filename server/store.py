@@ -50,6 +50,7 @@ from server.store_schema import (
     audit_row,
     round_from_row,
     round_row,
+    site_fields_from_metrics,
     site_from_row,
     site_row,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "SiteColumn",
     "RunStore",
     "StoreError",
+    "site_fields_from_metrics",
 ]
 
 DB_NAME = "run.db"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -51,6 +52,7 @@ __all__ = [
     "round_from_row",
     "round_row",
     "site_from_row",
+    "site_fields_from_metrics",
     "site_row",
 ]
 
@@ -206,7 +208,17 @@ class Column:
 
 @dataclass(frozen=True)
 class SiteColumn(Column):
-    """A :class:`Column` of a site entry (a dict of a round record's ``sites``) in ``site_round``."""
+    """A :class:`Column` of a site entry (a dict of a round record's ``sites``) in ``site_round``.
+
+    ``metric`` is the key of the site's reply metrics (``common/records.py``) the entry's value
+    is taken from, through ``from_metric`` (:func:`site_fields_from_metrics`). The keys are
+    spelled here, not imported: ``common.records`` imports torch and Flower, which no reader
+    of the store (``fedgen status``...) should pay for; tests/unit/test_store_schema.py pins
+    them to the constants.
+    """
+
+    metric: str = ""  # the reply metric the entry's value comes from, if any
+    from_metric: Callable[[float], Any] = _as_stored
 
 
 @dataclass(frozen=True)
@@ -309,17 +321,17 @@ ROUND_TABLE = Table("round", ROUND_COLUMNS, order_by="round",
 #: are kept in ``extra_json``.
 SITE_COLUMNS: tuple[SiteColumn, ...] = (
     SiteColumn("node_id", "INTEGER NOT NULL", _node_to_db, _node_from_db),
-    SiteColumn("partition_id", "INTEGER", _int),
+    SiteColumn("partition_id", "INTEGER", _int, metric="partition-id", from_metric=int),
     SiteColumn("status", f"TEXT NOT NULL CHECK ({_one_of('status', SITE_STATUSES)})", _text),
     SiteColumn("reason", "TEXT", _text),
-    SiteColumn("epsilon", "REAL", _float),
-    SiteColumn("budget", "REAL", _float),
-    SiteColumn("delta", "REAL", _float),
-    SiteColumn("noise_multiplier", "REAL", _float),
-    SiteColumn("sample_rate", "REAL", _float),
-    SiteColumn("clip_fraction", "REAL", _float),
-    SiteColumn("num_examples", "INTEGER", _int),
-    SiteColumn("train_loss", "REAL", _float),
+    SiteColumn("epsilon", "REAL", _float, metric="epsilon"),
+    SiteColumn("budget", "REAL", _float, metric="budget"),
+    SiteColumn("delta", "REAL", _float, metric="delta"),
+    SiteColumn("noise_multiplier", "REAL", _float, metric="noise-multiplier"),
+    SiteColumn("sample_rate", "REAL", _float, metric="sample-rate"),
+    SiteColumn("clip_fraction", "REAL", _float, metric="clip-fraction"),
+    SiteColumn("num_examples", "INTEGER", _int, metric="num-examples"),
+    SiteColumn("train_loss", "REAL", _float, metric="train-loss"),
     SiteColumn("metrics", _JSON_OBJECT, _json_object, _json_object_from_db, column="metrics_json"),
 )
 SITE_KEYS: tuple[str, ...] = tuple(c.key for c in SITE_COLUMNS)
@@ -392,6 +404,15 @@ def site_from_row(row: tuple) -> tuple[int, dict]:
     site = {c.key: c.from_db(v) for c, v in zip(SITE_COLUMNS, values)}
     site.update(_loads(extra, {}))
     return rnd, site
+
+
+def site_fields_from_metrics(metrics: Mapping[str, float]) -> dict[str, Any]:
+    """The keys of a site entry that a site's reply metrics fill (None for a metric it did not send).
+
+    ``partition_id`` is an int; the others are the metrics' values.
+    """
+    return {c.key: None if metrics.get(c.metric) is None else c.from_metric(metrics[c.metric])
+            for c in SITE_COLUMNS if c.metric}
 
 
 def audit_row(result: dict, recorded_at: float) -> tuple:

@@ -1,13 +1,19 @@
-"""The run store's schema (``server/store_schema.py``): what a database of each version holds."""
+"""The run store's schema (``server/store_schema.py``): what a database of each version holds, and
+the site-entry keys a site's reply fills."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from server.store import DB_NAME, SCHEMA_VERSION, RunStore
+from server.store import DB_NAME, SCHEMA_VERSION, SITE_COLUMNS, RunStore, site_fields_from_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
 
 #: The DDL of every schema version, as fedgen of that version created it. Never edit an entry:
 #: a change to the tables (a column, a type, a constraint, an index, their order) is a new
@@ -145,3 +151,52 @@ def test_the_frozen_check_names_a_changed_table(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="changed: table round") as failure:
         assert_frozen(db_schema(db), SCHEMA_VERSION)
     assert "note TEXT" in str(failure.value)
+
+
+# --------------------------------------------------------------------------- a site's reply -> its entry
+
+
+def test_each_site_column_names_the_reply_metric_it_is_filled_from() -> None:
+    from common import records as R
+
+    assert {c.key: c.metric for c in SITE_COLUMNS if c.metric} == {
+        "partition_id": R.PARTITION, "epsilon": R.EPSILON, "budget": R.BUDGET, "delta": R.DELTA,
+        "noise_multiplier": R.NOISE, "sample_rate": R.SAMPLE_RATE, "clip_fraction": R.CLIP_FRACTION,
+        "num_examples": R.NUM_EXAMPLES, "train_loss": R.TRAIN_LOSS,
+    }
+
+
+def test_site_fields_from_a_dp_reply() -> None:
+    from common import records as R
+
+    metrics = {R.WEIGHT: 1.0, R.PARTITION: 3.0, R.EPSILON: 1.25, R.BUDGET: 8.0, R.DELTA: 1e-5, R.NOISE: 1.1,
+               R.SAMPLE_RATE: 0.02, R.CLIP_FRACTION: 0.4, R.TRAIN_LOSS: 0.5, R.STEPS: 40.0, R.SITE_SECONDS: 2.5}
+    fields = site_fields_from_metrics(metrics)
+    assert fields == {"partition_id": 3, "epsilon": 1.25, "budget": 8.0, "delta": 1e-5, "noise_multiplier": 1.1,
+                      "sample_rate": 0.02, "clip_fraction": 0.4, "num_examples": None, "train_loss": 0.5}
+    assert type(fields["partition_id"]) is int
+    assert list(fields) == [c.key for c in SITE_COLUMNS if c.metric]  # a site entry's key order
+
+
+def test_site_fields_of_a_reply_without_them_are_none() -> None:
+    assert site_fields_from_metrics({}) == dict.fromkeys(
+        ["partition_id", "epsilon", "budget", "delta", "noise_multiplier", "sample_rate", "clip_fraction",
+         "num_examples", "train_loss"])
+    plain = site_fields_from_metrics({"num-examples": 180.0, "train-loss": 0.7, "partition-id": 0.0})
+    assert (plain["partition_id"], plain["num_examples"], plain["epsilon"]) == (0, 180.0, None)
+
+
+def test_a_site_entry_built_from_a_reply_round_trips_through_the_store(tmp_path: Path) -> None:
+    metrics = {"partition-id": 2.0, "epsilon": 0.75, "num-examples": 180.0, "train-loss": 0.5}
+    entry = {"node_id": 2**64 - 1, "status": "ok", "reason": None, **site_fields_from_metrics(metrics),
+             "metrics": metrics}
+    with RunStore.create(tmp_path, "r", config={}, model="vae", strategy="fedavg", num_rounds=1) as store:
+        store.record_round({"round": 1, "sites": [entry]})
+        assert store.rounds()[0]["sites"] == [entry]
+
+
+def test_the_run_store_imports_neither_torch_nor_flower() -> None:
+    # Every read-only CLI command opens the store; torch and Flower would add seconds to each.
+    code = "import json, sys, server.store; print(json.dumps(sorted(m for m in ('torch', 'flwr') if m in sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
