@@ -12,8 +12,9 @@ is a single transaction: a crash never leaves half a round behind.
 Finding the runs of a runs directory (listing them, resolving ``latest`` or an id prefix)
 is ``server.runs_index``.
 
-The schema (the tables' columns, their DDL, how values are stored and read back) is
-``server.store_schema``; this module creates, opens, writes and reads a run's database.
+The schema (the tables, their columns, a row to its dict and back) is ``server.store_schema``,
+and how one value is stored ``server.store_values``; this module creates, opens, writes and
+reads a run's database.
 """
 
 from __future__ import annotations
@@ -42,10 +43,6 @@ from server.store_schema import (
     SITE_ROUND_TABLE,
     SITE_STATUSES,
     SiteColumn,
-    StoreError,
-    _dumps,
-    _int,
-    _loads,
     audit_from_row,
     audit_row,
     round_from_row,
@@ -54,6 +51,7 @@ from server.store_schema import (
     site_from_row,
     site_row,
 )
+from server.store_values import StoreError, _dumps, _int, _loads
 
 __all__ = [
     "APPLICATION_ID",

@@ -1,4 +1,4 @@
-"""The run store's schema: its tables and columns, and how a value is stored and read back.
+"""The run store's schema: its tables, their columns, and a row written from a dict and read back.
 
 ``server.store`` (``RunStore``) executes what this module spells. Other modules import its
 names from ``server.store``.
@@ -14,19 +14,33 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`, ``PRAGMA application_i
   sample), method, canaries, confidence, the empirical and the claimed epsilon, cost.
   A version-1 database gains the table when opened for writing; read-only, it has none.
 
-Flower node ids are unsigned 64-bit integers; SQLite integers are signed, so node ids
-are stored with the same uint64 -> int64 mapping Flower's own state uses and mapped back
-when read.
+How one value (a number, a JSON object, a Flower node id) is stored and read back is
+``server.store_values``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from server.store_values import (
+    StoreError,
+    _as_stored,
+    _dumps,
+    _float,
+    _int,
+    _json_list,
+    _json_list_from_db,
+    _json_object,
+    _json_object_from_db,
+    _loads,
+    _node_from_db,
+    _node_to_db,
+    _str,
+    _text,
+)
 
 __all__ = [
     "APPLICATION_ID",
@@ -45,7 +59,6 @@ __all__ = [
     "SITE_STATUSES",
     "Column",
     "SiteColumn",
-    "StoreError",
     "Table",
     "audit_from_row",
     "audit_row",
@@ -63,113 +76,6 @@ APPLICATION_ID: int = 0x4647454E
 RUN_STATUSES = ("running", "completed", "failed", "stopped")
 SITE_STATUSES = ("ok", "failed", "refused")
 AUDIT_LEVELS = ("user", "sample")
-
-_U64 = 1 << 64
-_I64 = 1 << 63
-
-
-class StoreError(RuntimeError):
-    """A run-store problem worth showing to the operator as-is (names the path)."""
-
-
-# --------------------------------------------------------------------------- values
-
-
-def _json_default(obj: Any) -> Any:
-    item = getattr(obj, "item", None)  # numpy / torch scalars
-    if callable(item):
-        try:
-            return item()
-        except (TypeError, ValueError):
-            pass
-    tolist = getattr(obj, "tolist", None)  # small numpy arrays
-    if callable(tolist):
-        return tolist()
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def _dumps(obj: Any, what: str) -> str:
-    try:
-        return json.dumps(obj, default=_json_default, sort_keys=False)
-    except (TypeError, ValueError) as exc:
-        raise StoreError(f"cannot store {what}: {exc}") from exc
-
-
-def _loads(text: str | None, default: Any) -> Any:
-    if text is None:
-        return default
-    return json.loads(text)
-
-
-def _scalar(value: Any) -> Any:
-    item = getattr(value, "item", None)
-    if callable(item) and not isinstance(value, (int, float, str)):
-        return item()
-    return value
-
-
-def _float(value: Any, what: str) -> float | None:
-    if value is None:
-        return None
-    value = _scalar(value)
-    try:
-        return float(value)
-    except (TypeError, ValueError) as exc:
-        raise StoreError(f"cannot store {what}={value!r}: not a number") from exc
-
-
-def _int(value: Any, what: str) -> int | None:
-    if value is None:
-        return None
-    value = _scalar(value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise StoreError(f"cannot store {what}={value!r}: not an integer")
-    return value
-
-
-def _node_to_db(node_id: Any, what: str) -> int:
-    value = _int(node_id, what)
-    if value is None or not 0 <= value < _U64:
-        raise StoreError(f"cannot store {what}={node_id!r}: Flower node ids are unsigned 64-bit integers")
-    return value - _U64 if value >= _I64 else value
-
-
-def _node_from_db(value: int) -> int:
-    return value + _U64 if value < 0 else value
-
-
-def _text(value: Any, what: str) -> str | None:
-    return None if value is None else str(value)
-
-
-def _str(value: Any, what: str) -> str:
-    return str(value)
-
-
-def _json_object(value: Any, what: str) -> str:
-    return _dumps(dict(value or {}), what)
-
-
-def _json_object_from_db(text: str | None) -> dict:
-    return _loads(text, {})
-
-
-def _json_list(value: Any, what: str) -> str:
-    return _dumps(list(value or []), what)
-
-
-def _json_list_from_db(text: str | None) -> list:
-    return _loads(text, [])
-
-
-def _as_stored(value: Any) -> Any:
-    return value
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> str:
