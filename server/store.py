@@ -9,29 +9,16 @@ The database is opened in WAL mode so a reader (``fedgen status`` / ``watch``) n
 blocks the writer (the server) and always sees the last committed round.  Every write
 is a single transaction: a crash never leaves half a round behind.
 
-Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`, ``PRAGMA application_id`` =
-:data:`APPLICATION_ID`):
-
-* ``run``        exactly one row describing the run (status, resolved config, ...)
-* ``round``      one row per server round; round 0 is the evaluation of the initial model
-* ``site_round`` one row per (round, sampled site), ordered by ``seq`` (the order the
-  server reported them in)
-* ``audit``      (schema 2) one row per empirical privacy audit of the run: level (user /
-  sample), method, canaries, confidence, the empirical and the claimed epsilon, cost.
-  A version-1 database gains the table when opened for writing; read-only, it has none.
-
 Finding the runs of a runs directory (listing them, resolving ``latest`` or an id prefix)
 is ``server.runs_index``.
 
-Flower node ids are unsigned 64-bit integers; SQLite integers are signed, so node ids
-are stored with the same uint64 -> int64 mapping Flower's own state uses and mapped back
-when read.
+The schema (the tables, their columns, a row to its dict and back) is ``server.store_schema``,
+and how one value is stored ``server.store_values``; this module creates, opens, writes and
+reads a run's database.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 import sqlite3
@@ -39,12 +26,32 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 from common.config import family_eval_metrics
 from common.metrics import FID_METRICS, best_metric
+from server.store_schema import (
+    APPLICATION_ID,
+    AUDIT_TABLE,
+    ROUND_TABLE,
+    RUN_STATUSES,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SITE_COLUMNS,
+    SITE_KEYS,
+    SITE_ROUND_TABLE,
+    SITE_STATUSES,
+    SiteColumn,
+    audit_from_row,
+    audit_row,
+    round_from_row,
+    round_row,
+    site_fields_from_metrics,
+    site_from_row,
+    site_row,
+)
+from server.store_values import StoreError, _dumps, _int, _loads
 
 __all__ = [
     "APPLICATION_ID",
@@ -57,154 +64,13 @@ __all__ = [
     "SiteColumn",
     "RunStore",
     "StoreError",
+    "site_fields_from_metrics",
 ]
 
-SCHEMA_VERSION: int = 2
-#: Marks a SQLite file as a fedgen run database ("FGEN").
-APPLICATION_ID: int = 0x4647454E
 DB_NAME = "run.db"
 BUSY_TIMEOUT_MS = 5000
 
-RUN_STATUSES = ("running", "completed", "failed", "stopped")
-SITE_STATUSES = ("ok", "failed", "refused")
-
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_U64 = 1 << 64
-_I64 = 1 << 63
-
-_RUN_AND_ROUND_TABLES = """
-CREATE TABLE run (
-    run_id        TEXT PRIMARY KEY,
-    created_at    REAL NOT NULL,
-    updated_at    REAL NOT NULL,
-    ended_at      REAL,
-    model         TEXT NOT NULL,
-    strategy      TEXT NOT NULL,
-    num_rounds    INTEGER NOT NULL,
-    status        TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed', 'stopped')),
-    status_reason TEXT,
-    config_json   TEXT NOT NULL
-);
-CREATE TABLE round (
-    round              INTEGER PRIMARY KEY CHECK (round >= 0),
-    num_rounds         INTEGER,
-    started_at         REAL,
-    ended_at           REAL,
-    sampled_json       TEXT NOT NULL DEFAULT '[]',
-    train_metrics_json TEXT NOT NULL DEFAULT '{}',
-    eval_metrics_json  TEXT NOT NULL DEFAULT '{}',
-    epsilon_max        REAL,
-    user_epsilon       REAL,
-    bytes_sent         INTEGER,
-    bytes_received     INTEGER,
-    artifacts_json     TEXT NOT NULL DEFAULT '{}',
-    extra_json         TEXT NOT NULL DEFAULT '{}',
-    recorded_at        REAL NOT NULL
-);
-"""
-_AUDIT_TABLE = """CREATE TABLE audit (
-    seq               INTEGER PRIMARY KEY,
-    level             TEXT NOT NULL CHECK (level IN ('user', 'sample')),
-    method            TEXT NOT NULL,
-    canaries          INTEGER NOT NULL,
-    confidence        REAL,
-    empirical_epsilon REAL NOT NULL,
-    claimed_epsilon   REAL NOT NULL,
-    delta             REAL,
-    seconds           REAL,
-    details_json      TEXT NOT NULL DEFAULT '{}',
-    recorded_at       REAL NOT NULL
-);
-"""
-# ``site_round`` is generated from SITE_COLUMNS (below); _SCHEMA is all four tables.
-
-_ROUND_KEYS = (
-    "round", "num_rounds", "started_at", "ended_at", "sampled", "sites", "train", "eval",
-    "epsilon_max", "user_epsilon", "bytes_sent", "bytes_received", "artifacts",
-)
-
-
-class StoreError(RuntimeError):
-    """A run-store problem worth showing to the operator as-is (names the path)."""
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _json_default(obj: Any) -> Any:
-    item = getattr(obj, "item", None)  # numpy / torch scalars
-    if callable(item):
-        try:
-            return item()
-        except (TypeError, ValueError):
-            pass
-    tolist = getattr(obj, "tolist", None)  # small numpy arrays
-    if callable(tolist):
-        return tolist()
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def _dumps(obj: Any, what: str) -> str:
-    try:
-        return json.dumps(obj, default=_json_default, sort_keys=False)
-    except (TypeError, ValueError) as exc:
-        raise StoreError(f"cannot store {what}: {exc}") from exc
-
-
-def _loads(text: str | None, default: Any) -> Any:
-    if text is None:
-        return default
-    return json.loads(text)
-
-
-def _scalar(value: Any) -> Any:
-    item = getattr(value, "item", None)
-    if callable(item) and not isinstance(value, (int, float, str)):
-        return item()
-    return value
-
-
-def _float(value: Any, what: str) -> float | None:
-    if value is None:
-        return None
-    value = _scalar(value)
-    try:
-        return float(value)
-    except (TypeError, ValueError) as exc:
-        raise StoreError(f"cannot store {what}={value!r}: not a number") from exc
-
-
-def _int(value: Any, what: str) -> int | None:
-    if value is None:
-        return None
-    value = _scalar(value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise StoreError(f"cannot store {what}={value!r}: not an integer")
-    return value
-
-
-def _node_to_db(node_id: Any, what: str) -> int:
-    value = _int(node_id, what)
-    if value is None or not 0 <= value < _U64:
-        raise StoreError(f"cannot store {what}={node_id!r}: Flower node ids are unsigned 64-bit integers")
-    return value - _U64 if value >= _I64 else value
-
-
-def _node_from_db(value: int) -> int:
-    return value + _U64 if value < 0 else value
-
-
-def _finite_number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def _db_path(run_dir: str | Path) -> tuple[Path, Path]:
@@ -212,114 +78,6 @@ def _db_path(run_dir: str | Path) -> tuple[Path, Path]:
     if path.name == DB_NAME and not path.is_dir():
         return path.parent, path
     return path, path / DB_NAME
-
-
-def _text(value: Any, what: str) -> str | None:
-    return None if value is None else str(value)
-
-
-def _json_object(value: Any, what: str) -> str:
-    return _dumps(dict(value or {}), what)
-
-
-def _json_object_from_db(text: str | None) -> dict:
-    return _loads(text, {})
-
-
-def _as_stored(value: Any) -> Any:
-    return value
-
-
-# --------------------------------------------------------------------------- site rows
-
-
-@dataclass(frozen=True)
-class SiteColumn:
-    """One key of a site entry (a dict of a round record's ``sites``) and its ``site_round`` column.
-
-    ``to_db(value, what)`` turns ``site.get(key)`` into what is stored (raising StoreError
-    naming ``what``); ``from_db`` turns the stored value back.
-    """
-
-    key: str
-    sql: str
-    to_db: Callable[[Any, str], Any]
-    from_db: Callable[[Any], Any] = _as_stored
-    column: str = ""  # the column's name when it is not the key
-
-    @property
-    def name(self) -> str:
-        return self.column or self.key
-
-
-#: The per-site columns of ``site_round``, in table order. The table's DDL, the INSERT, the
-#: SELECT and the conversions both ways are generated from this tuple; keys a site entry
-#: has beyond these are kept in ``extra_json``.
-SITE_COLUMNS: tuple[SiteColumn, ...] = (
-    SiteColumn("node_id", "INTEGER NOT NULL", _node_to_db, _node_from_db),
-    SiteColumn("partition_id", "INTEGER", _int),
-    SiteColumn("status", "TEXT NOT NULL CHECK (status IN ({}))".format(", ".join(f"'{s}'" for s in SITE_STATUSES)),
-               _text),
-    SiteColumn("reason", "TEXT", _text),
-    SiteColumn("epsilon", "REAL", _float),
-    SiteColumn("budget", "REAL", _float),
-    SiteColumn("delta", "REAL", _float),
-    SiteColumn("noise_multiplier", "REAL", _float),
-    SiteColumn("sample_rate", "REAL", _float),
-    SiteColumn("clip_fraction", "REAL", _float),
-    SiteColumn("num_examples", "INTEGER", _int),
-    SiteColumn("train_loss", "REAL", _float),
-    SiteColumn("metrics", "TEXT NOT NULL DEFAULT '{}'", _json_object, _json_object_from_db, column="metrics_json"),
-)
-SITE_KEYS: tuple[str, ...] = tuple(c.key for c in SITE_COLUMNS)
-#: Every column of ``site_round``: the row's place (round, order reported), the site's keys, the rest.
-_SITE_ROUND_COLUMNS = ("round", "seq", *(c.name for c in SITE_COLUMNS), "extra_json")
-
-
-def _site_round_table() -> str:
-    columns = [
-        ("round", "INTEGER NOT NULL REFERENCES round(round) ON DELETE CASCADE"),
-        ("seq", "INTEGER NOT NULL"),
-        *((c.name, c.sql) for c in SITE_COLUMNS),
-        ("extra_json", "TEXT NOT NULL DEFAULT '{}'"),
-    ]
-    width = max(len(name) for name, _ in columns)
-    body = "".join(f"    {name:<{width}} {sql},\n" for name, sql in columns)
-    return f"CREATE TABLE site_round (\n{body}    PRIMARY KEY (round, seq)\n);\n"
-
-
-_SCHEMA = (
-    _RUN_AND_ROUND_TABLES
-    + _site_round_table()
-    + "CREATE INDEX site_round_node ON site_round (node_id, round);\n"
-    + _AUDIT_TABLE
-)
-_INSERT_SITE = "INSERT INTO site_round ({}) VALUES ({})".format(
-    ", ".join(_SITE_ROUND_COLUMNS), ", ".join("?" * len(_SITE_ROUND_COLUMNS))
-)
-_SELECT_SITES = "SELECT round, {}, extra_json FROM site_round ORDER BY round, seq".format(
-    ", ".join(c.name for c in SITE_COLUMNS)
-)
-
-
-def _site_row(rnd: int, seq: int, site: dict) -> tuple:
-    """The ``site_round`` row (in :data:`_SITE_ROUND_COLUMNS` order) of one site entry."""
-    if not isinstance(site, dict):
-        raise StoreError(f"round {rnd}: site entry #{seq} must be a dict, got {type(site).__name__}")
-    what = f"round {rnd} site #{seq}"
-    status = site.get("status")
-    if status not in SITE_STATUSES:
-        raise StoreError(f"{what}: status must be one of {', '.join(SITE_STATUSES)}, got {status!r}")
-    values = tuple(c.to_db(site.get(c.key), f"{what} {c.key}") for c in SITE_COLUMNS)
-    extra = _dumps({k: v for k, v in site.items() if k not in SITE_KEYS}, f"{what} extra keys")
-    return (rnd, seq, *values, extra)
-
-
-def _site_from_row(values: tuple) -> dict:
-    """A site entry back from a :data:`_SELECT_SITES` row without its round: the inverse of :func:`_site_row`."""
-    site = {c.key: c.from_db(v) for c, v in zip(SITE_COLUMNS, values[:-1])}
-    site.update(_loads(values[-1], {}))
-    return site
 
 
 # --------------------------------------------------------------------------- store
@@ -382,7 +140,7 @@ class RunStore:
                     warnings.warn(f"{db_path}: SQLite WAL mode unavailable (got {mode!r}); "
                                   "readers may briefly block the server", RuntimeWarning, stacklevel=2)
                 conn.execute("BEGIN IMMEDIATE")
-                for stmt in filter(str.strip, _SCHEMA.split(";")):
+                for stmt in filter(str.strip, SCHEMA.split(";")):
                     conn.execute(stmt)
                 conn.execute(
                     "INSERT INTO run (run_id, created_at, updated_at, model, strategy, num_rounds,"
@@ -444,7 +202,7 @@ class RunStore:
                 conn.execute("PRAGMA foreign_keys = ON")
                 if version == 1:  # schema 2 only adds the audit table
                     conn.execute("BEGIN IMMEDIATE")
-                    conn.execute(_AUDIT_TABLE)
+                    conn.execute(AUDIT_TABLE.ddl)
                     conn.execute("PRAGMA user_version = 2")
                     conn.execute("COMMIT")
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -529,41 +287,19 @@ class RunStore:
         if rnd is None or rnd < 0:
             raise StoreError(f"round record needs a non-negative integer 'round', got {record.get('round')!r}")
         num_rounds = _int(record.get("num_rounds"), "num_rounds")
-        extra = {k: v for k, v in record.items() if k not in _ROUND_KEYS}
-        row = (
-            rnd,
-            num_rounds,
-            _float(record.get("started_at"), "started_at"),
-            _float(record.get("ended_at"), "ended_at"),
-            _dumps(list(record.get("sampled") or []), "sampled"),
-            _dumps(dict(record.get("train") or {}), "train metrics"),
-            _dumps(dict(record.get("eval") or {}), "eval metrics"),
-            _float(record.get("epsilon_max"), "epsilon_max"),
-            _float(record.get("user_epsilon"), "user_epsilon"),
-            _int(record.get("bytes_sent"), "bytes_sent"),
-            _int(record.get("bytes_received"), "bytes_received"),
-            _dumps(dict(record.get("artifacts") or {}), "artifacts"),
-            _dumps(extra, "extra round keys"),
-            time.time(),
-        )
-        site_rows = [_site_row(rnd, seq, site) for seq, site in enumerate(record.get("sites") or [])]
+        row = round_row(record, time.time())
+        site_rows = [site_row(rnd, seq, site) for seq, site in enumerate(record.get("sites") or [])]
         with self._write() as conn:
             conn.execute("DELETE FROM site_round WHERE round = ?", (rnd,))
             conn.execute("DELETE FROM round WHERE round = ?", (rnd,))
-            conn.execute(
-                "INSERT INTO round (round, num_rounds, started_at, ended_at, sampled_json,"
-                " train_metrics_json, eval_metrics_json, epsilon_max, user_epsilon, bytes_sent,"
-                " bytes_received, artifacts_json, extra_json, recorded_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
+            conn.execute(ROUND_TABLE.insert, row)
             self._insert_sites(conn, site_rows)
             if num_rounds is not None:  # a resumed run may extend the plan
                 conn.execute("UPDATE run SET num_rounds = ?", (num_rounds,))
             conn.execute("UPDATE run SET updated_at = ?", (time.time(),))
 
     def _insert_sites(self, conn: sqlite3.Connection, site_rows: list[tuple]) -> None:
-        conn.executemany(_INSERT_SITE, site_rows)
+        conn.executemany(SITE_ROUND_TABLE.insert, site_rows)
 
     def record_audit(self, result: dict) -> None:
         """Store one audit result (``level``, ``method``, ``m``, ``empirical_epsilon``, ``claimed_epsilon``, ...).
@@ -571,37 +307,19 @@ class RunStore:
         Infinite epsilons (no DP claim; an unbounded estimate) are stored as SQLite's
         infinity and read back as ``math.inf``.
         """
-        if result.get("level") not in ("user", "sample"):
-            raise StoreError(f"audit level must be 'user' or 'sample', got {result.get('level')!r}")
-        row = (
-            result["level"], str(result.get("method", "")), _int(result.get("m"), "audit m"),
-            _float(result.get("confidence"), "audit confidence"),
-            _float(result.get("empirical_epsilon"), "empirical_epsilon"),
-            _float(result.get("claimed_epsilon"), "claimed_epsilon"),
-            _float(result.get("delta"), "audit delta"), _float(result.get("seconds"), "audit seconds"),
-            _dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in result.items()},
-                   "audit details"),
-            time.time(),
-        )
+        row = audit_row(result, time.time())
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO audit (level, method, canaries, confidence, empirical_epsilon, claimed_epsilon,"
-                " delta, seconds, details_json, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            conn.execute(AUDIT_TABLE.insert, row)
             conn.execute("UPDATE run SET updated_at = ?", (time.time(),))
 
     def audits(self) -> list[dict]:
         """Every audit of this run, oldest first ([] for a version-1 database)."""
         with self._read() as conn:
             has = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit'").fetchone()
-            rows = conn.execute(
-                "SELECT level, method, canaries, confidence, empirical_epsilon, claimed_epsilon, delta, seconds,"
-                " details_json, recorded_at FROM audit ORDER BY seq").fetchall() if has else []
-        keys = ("level", "method", "canaries", "confidence", "empirical_epsilon", "claimed_epsilon", "delta",
-                "seconds", "details", "recorded_at")
+            rows = conn.execute(AUDIT_TABLE.select).fetchall() if has else []
         out = []
-        for r in rows:
-            rec = dict(zip(keys, r))
-            rec["details"] = _loads(rec["details"], {})
+        for row in rows:
+            rec = audit_from_row(row)
             # A user-level audit reports two estimates; a violation is either above the claim.
             est = rec["details"].get("estimate", rec["empirical_epsilon"])
             est = float(est) if isinstance(est, (int, float, str)) else rec["empirical_epsilon"]
@@ -661,33 +379,10 @@ class RunStore:
     def rounds(self) -> list[dict]:
         """All round records, in the shape given to :meth:`record_round`, ordered by round."""
         with self._read() as conn:
-            round_rows = conn.execute(
-                "SELECT round, num_rounds, started_at, ended_at, sampled_json, train_metrics_json,"
-                " eval_metrics_json, epsilon_max, user_epsilon, bytes_sent, bytes_received,"
-                " artifacts_json, extra_json FROM round ORDER BY round"
-            ).fetchall()
-            site_rows = conn.execute(_SELECT_SITES).fetchall()
+            round_rows = conn.execute(ROUND_TABLE.select).fetchall()
+            site_rows = conn.execute(SITE_ROUND_TABLE.select).fetchall()
         sites: dict[int, list[dict]] = {}
-        for s in site_rows:
-            sites.setdefault(s[0], []).append(_site_from_row(s[1:]))
-        out = []
-        for r in round_rows:
-            rec = {
-                "round": r[0],
-                "num_rounds": r[1],
-                "started_at": r[2],
-                "ended_at": r[3],
-                "sampled": _loads(r[4], []),
-                "sites": sites.get(r[0], []),
-                "train": _loads(r[5], {}),
-                "eval": _loads(r[6], {}),
-                "epsilon_max": r[7],
-                "user_epsilon": r[8],
-                "bytes_sent": r[9],
-                "bytes_received": r[10],
-                "artifacts": _loads(r[11], {}),
-            }
-            rec.update(_loads(r[12], {}))
-            out.append(rec)
-        return out
-
+        for row in site_rows:
+            rnd, site = site_from_row(row)
+            sites.setdefault(rnd, []).append(site)
+        return [round_from_row(row, sites) for row in round_rows]
