@@ -26,6 +26,7 @@ from common.config import AppConfig
 from server.canaries import CanaryClients
 from server.central_dp import UserLevelDP
 from server.evaluation import Evaluator
+from server.store import site_fields_from_metrics
 from server.strategy import aggregate_train_metrics
 from server.validation import InvalidUpdate, check_train_reply
 
@@ -134,24 +135,14 @@ def _encode(messages: list[Message], dtype: str) -> list[Message]:
 
 
 def _site_row(msg: Message, status: str, reason: str | None) -> dict:
-    row: dict[str, Any] = {"node_id": int(msg.metadata.src_node_id), "status": status, "reason": reason}
+    """A round record's entry for one reply: the columns of the run store's site table that the
+    reply's metrics fill (``server/store_schema.py``: SITE_COLUMNS), and every metric it sent."""
     metrics: dict[str, float] = {}
     if not msg.has_error():
         for m in msg.content.metric_records.values():
             metrics.update({k: float(v) for k, v in m.items() if not isinstance(v, list)})
-    row.update({
-        "partition_id": int(metrics[R.PARTITION]) if R.PARTITION in metrics else None,
-        "epsilon": metrics.get(R.EPSILON),
-        "budget": metrics.get(R.BUDGET),
-        "delta": metrics.get(R.DELTA),
-        "noise_multiplier": metrics.get(R.NOISE),
-        "sample_rate": metrics.get(R.SAMPLE_RATE),
-        "clip_fraction": metrics.get(R.CLIP_FRACTION),
-        "num_examples": metrics.get(R.NUM_EXAMPLES),
-        "train_loss": metrics.get(R.TRAIN_LOSS),
-        "metrics": metrics,
-    })
-    return row
+    return {"node_id": int(msg.metadata.src_node_id), "status": status, "reason": reason,
+            **site_fields_from_metrics(metrics), "metrics": metrics}
 
 
 def site_tag(row: dict) -> str:
