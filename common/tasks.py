@@ -71,9 +71,14 @@ class GenerativeTask(Protocol):
         """Score the current weights on held-out data (server side)."""
         ...
 
+    num_classes: int  # classes ``sample`` can be conditioned on; 0 for an unconditional family
+
     @torch.no_grad()
-    def sample(self, n: int, seed: int) -> Any:
-        """Draw n samples (images as a tensor in [0, 1], or a list of texts)."""
+    def sample(self, n: int, seed: int, labels: torch.Tensor | None = None) -> Any:
+        """Draw n samples (images as a tensor in [0, 1], or a list of texts); the same seed (and
+        labels) give the same samples. ``labels``, n class ids below ``num_classes``, choose the
+        classes of a class-conditional family (None: its own choice); an unconditional family
+        refuses them (ValueError), as a conditional one refuses labels of the wrong shape or range."""
         ...
 
     canary_score: str  # what :meth:`canary_losses` measures, in words (the audit's method string)
@@ -84,6 +89,22 @@ class GenerativeTask(Protocol):
         shape ``(m,)``); the same ``seed`` gives the same randomness before and after training.
         The sample-level audit (``client/audit.py``) scores a canary by how much training lowered it."""
         ...
+
+
+def sample_labels(labels: torch.Tensor | None, n: int, num_classes: int, family: str) -> torch.Tensor | None:
+    """The ``labels`` given to a family's ``sample(n, seed, labels)``, checked: None, or n class
+    ids below ``num_classes`` (a LongTensor); an unconditional family (``num_classes`` 0) takes none."""
+    if labels is None:
+        return None
+    if not num_classes:
+        raise ValueError(f"the {family} model is unconditional: sample() takes no labels")
+    labels = torch.as_tensor(labels)
+    if labels.shape != (n,) or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"sample({n}, ...) needs {n} integer class labels, got a {labels.dtype} tensor "
+                         f"of shape {tuple(labels.shape)}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"class labels must lie in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+    return labels.long()
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from torch import nn
 from common.config import AppConfig
 from common.models import norm_groups
 from common.dp_step import backward_mean, unwrap
-from common.tasks import DataSpec, evaluating
+from common.tasks import DataSpec, evaluating, sample_labels
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +273,15 @@ class GANTask:
             return F.softplus(-disc(x, labels).reshape(len(x))).double().cpu()
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int) -> torch.Tensor:
-        """n images in [0, 1]; the same seed gives the same latents (and classes in turn when conditional)."""
+    def sample(self, n: int, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """n images in [0, 1]; the same seed gives the same latents. When conditional, of the
+        classes ``labels`` (default: classes in turn, ``arange(n) % num_classes``)."""
+        labels = sample_labels(labels, n, self.num_classes, self.family)
         gen = unwrap(self.modules["generator"])
         gen.eval()
         z, y = self._latents(n, torch.Generator().manual_seed(seed))
+        if labels is not None:
+            y = labels.to(self.device)
         out = gen(z, y).clamp(0, 1)
         gen.train()
         return out.cpu()

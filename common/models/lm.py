@@ -44,7 +44,7 @@ from common.config import AppConfig
 from common.data.text import TextDataError
 from common.data.tokenizers import UNK_ID, CharTokenizer, Tokenizer, make_tokenizer
 from common.dp_step import backward_mean, empty_batch_grads, unwrap
-from common.tasks import DataSpec, evaluating
+from common.tasks import DataSpec, evaluating, sample_labels
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ class LMTask:
 
     family = "lm"
     private_modules = ("lm",)
+    num_classes = 0  # unconditional: sample() takes no labels
     # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/RESULTS.md#dp-overhead): bk
     # (common/bookkeeping.py): ghost norms and the clipped sum in one backward pass; fastest here.
     grad_sample_mode = "bk"
@@ -303,8 +304,9 @@ class LMTask:
             return ce.view(len(x), -1).mean(dim=1).cpu()
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int) -> list[str]:
+    def sample(self, n: int, seed: int, labels: torch.Tensor | None = None) -> list[str]:
         """n texts: continuations of the fixed :data:`PROMPTS` (cycled), reproducible for a seed."""
+        sample_labels(labels, n, self.num_classes, self.family)  # unconditional: refuses labels
         g = torch.Generator().manual_seed(seed)
         out: list[str] = [""] * n
         for p, prompt in enumerate(PROMPTS):

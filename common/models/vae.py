@@ -15,7 +15,7 @@ from torch import nn
 from common.config import AppConfig
 from common.models import norm_groups
 from common.dp_step import backward_mean, empty_batch_grads, unwrap
-from common.tasks import DataSpec, evaluating
+from common.tasks import DataSpec, evaluating, sample_labels
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ class VAETask:
 
     family = "vae"
     private_modules = ("vae",)
+    num_classes = 0  # unconditional: sample() takes no labels
     # privacy.grad-sample-mode = "auto" (simulations/bench_dp.py, docs/RESULTS.md#dp-overhead): bk
     # (common/bookkeeping.py): one backward pass, per-example gradients only for convs and norms; fastest here.
     grad_sample_mode = "bk"
@@ -172,7 +173,9 @@ class VAETask:
         return total / CANARY_DRAWS
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int) -> torch.Tensor:
+    def sample(self, n: int, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """n images in [0, 1] decoded from the prior; the same seed gives the same images."""
+        sample_labels(labels, n, self.num_classes, self.family)  # unconditional: refuses labels
         vae = unwrap(self.modules["vae"])
         vae.eval()
         out = vae.sample(n, seed)

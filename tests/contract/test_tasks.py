@@ -100,6 +100,41 @@ def test_sample_is_deterministic_for_a_seed(family):
         assert a == b and all(isinstance(s, str) for s in a)
 
 
+# The settings that make a family class-conditional (its quick preset is unconditional): a family
+# with such a setting names it here, so that sampling with labels is checked for it too.
+CONDITIONAL = {"gan": {"gan.conditional": True}}
+SAMPLE_CASES = [(family, {}) for family in FAMILIES] + sorted(CONDITIONAL.items())
+
+
+@pytest.mark.parametrize(("family", "overrides"), SAMPLE_CASES,
+                         ids=[f + ("-conditional" if o else "") for f, o in SAMPLE_CASES])
+def test_sample_takes_class_labels_only_when_conditional(family, overrides):
+    """``num_classes`` says whether ``sample`` can be told the classes (``fedgen generate`` writes
+    class-balanced data with them): a conditional family draws the classes it is given, the same
+    for the same seed and labels; labels of the wrong shape or range, or any labels for an
+    unconditional family, are refused rather than ignored."""
+    _, task, _ = built(family, **overrides)
+    assert isinstance(task.num_classes, int) and task.num_classes >= 0
+    if not overrides:
+        assert task.num_classes == 0, f"{family}: its quick preset is unconditional"
+    if not task.num_classes:
+        with pytest.raises(ValueError, match="unconditional"):
+            task.sample(2, seed=7, labels=torch.zeros(2, dtype=torch.long))
+        return
+    assert task.num_classes == task.spec.num_classes
+    last = task.num_classes - 1
+    a = task.sample(4, seed=7, labels=torch.tensor([0, 0, last, last]))
+    assert torch.equal(a, task.sample(4, seed=7, labels=torch.tensor([0, 0, last, last])))
+    assert a.shape == (4, task.spec.channels, task.spec.image_size, task.spec.image_size)
+    other = task.sample(4, seed=7, labels=torch.tensor([last, last, 0, 0]))
+    assert not torch.equal(a[:2], other[:2]), "the labels do not change the samples"
+    for bad in (torch.tensor([0, 1]), torch.tensor([0, 1, 2, task.num_classes]), torch.tensor([-1, 0, 0, 0]),
+                torch.zeros(4)):
+        with pytest.raises(ValueError):
+            task.sample(4, seed=7, labels=bad)
+    assert all(m.training for m in task.modules.values())  # left in the mode it was in
+
+
 # Opacus grad-sample modes (privacy.grad-sample-mode). Every family supports every mode; a
 # family that could not use one would drop it here, with the reason, and in its README row.
 MODES = ("hooks", "ew", "functorch", "ghost", "bk")
