@@ -3,14 +3,18 @@
 A checkpoint holds plain tensors and Python scalars only, so it loads with
 ``torch.load(..., weights_only=True)``: the global weights of every module, the
 strategy's server-side state (FedAdam/FedYogi moments, FedAvgM momentum, the user-level
-DP accountant and its noise RNG), the round, RNG states and the resolved config with its
-hash. ``checkpoints/index.json`` (rewritten atomically after each checkpoint) lists the
-files with their SHA-256; a file that is missing, truncated or fails its digest is
-skipped in favour of the previous one.
+DP accountant and its noise RNG), the round, RNG states, the resolved config with its
+hash and the data's shape (``data_spec``; with the config it fixes the architecture, as in
+the final model; absent from checkpoints written before it was added). ``checkpoints/index.json``
+(rewritten atomically after each checkpoint) lists the files with their SHA-256; a file that is
+missing, truncated or fails its digest is skipped in favour of the previous one when resuming
+(:meth:`Checkpointer.latest`), and named in the error when asked for by round
+(:meth:`Checkpointer.load`, which leaves the RNGs alone).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -27,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.atomic import write_bytes
 from common.config import RESUME_ONLY_RUN_FIELDS, AppConfig
+from common.tasks import DataSpec
 from server.central_dp import UserLevelDP
 from server.strategy import state_attributes
 
@@ -93,6 +98,7 @@ class Checkpoint:
     strategy: dict[str, Any]
     config: dict[str, Any]
     path: Path
+    data_spec: dict[str, Any] | None = None  # None in checkpoints written before it was saved
 
 
 class Checkpointer:
@@ -111,7 +117,8 @@ class Checkpointer:
             return [{"file": p.name, "round": int(p.stem.split("-")[1]), "sha256": None}
                     for p in sorted(self.dir.glob("round-*.pt"))]
 
-    def save(self, rnd: int, arrays: ArrayRecord, strategy: Strategy, cfg: AppConfig) -> Path:
+    def save(self, rnd: int, arrays: ArrayRecord, strategy: Strategy, cfg: AppConfig,
+             spec: DataSpec | None = None) -> Path:
         payload = {
             "version": VERSION,
             "round": rnd,
@@ -120,6 +127,7 @@ class Checkpointer:
             "strategy": strategy_state(strategy),
             "config": cfg.to_flat(),
             "config_hash": cfg.config_hash(),
+            "data_spec": dataclasses.asdict(spec) if spec is not None else None,
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
         }
         buf = io.BytesIO()
@@ -136,24 +144,56 @@ class Checkpointer:
         write_bytes(self.index, json.dumps({"checkpoints": entries}, indent=1).encode())
         return path
 
+    def _read(self, entry: dict) -> dict[str, Any]:
+        """The payload of an index entry, verified; CheckpointError says why it is unusable."""
+        path = self.dir / entry["file"]
+        try:
+            data = path.read_bytes()
+            if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise CheckpointError("SHA-256 mismatch (truncated or modified)")
+            payload = torch.load(io.BytesIO(data), weights_only=True)
+            if payload.get("version") != VERSION:
+                raise CheckpointError(f"version {payload.get('version')} != {VERSION}")
+        except CheckpointError:
+            raise
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError) as err:
+            raise CheckpointError(str(err)) from err
+        return payload
+
+    def _checkpoint(self, entry: dict, payload: dict[str, Any]) -> Checkpoint:
+        arrays = ArrayRecord({k: Array(v.numpy()) for k, v in payload["arrays"].items()})
+        return Checkpoint(payload["round"], arrays, payload["strategy"], payload["config"],
+                          self.dir / entry["file"], payload.get("data_spec"))
+
+    def rounds(self) -> list[int]:
+        """The rounds the index lists a checkpoint for (kept: the last ``run.keep-checkpoints``), ascending."""
+        return sorted(e["round"] for e in self._entries())
+
+    def load(self, rnd: int) -> Checkpoint:
+        """The checkpoint of round ``rnd``, verified, without touching the RNGs (a reader's load, not
+        a resume). CheckpointError when there is none (naming the rounds there are) or it is damaged."""
+        entry = next((e for e in self._entries() if e["round"] == rnd), None)
+        if entry is None:
+            have = self.rounds()
+            kept = f"checkpoints of rounds {', '.join(map(str, have))}" if have else "no checkpoints"
+            raise CheckpointError(f"no checkpoint of round {rnd} in {self.dir} ({kept})")
+        try:
+            return self._checkpoint(entry, self._read(entry))
+        except CheckpointError as err:
+            raise CheckpointError(f"checkpoint {self.dir / entry['file']} is unusable: {err}") from None
+
     def latest(self) -> Checkpoint | None:
-        """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+        """The newest checkpoint that verifies, with the RNG states it saved restored (a resume);
+        damaged ones are reported and skipped."""
         for entry in sorted(self._entries(), key=lambda e: e["round"], reverse=True):
-            path = self.dir / entry["file"]
             try:
-                data = path.read_bytes()
-                if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                    raise CheckpointError("SHA-256 mismatch (truncated or modified)")
-                payload = torch.load(io.BytesIO(data), weights_only=True)
-                if payload.get("version") != VERSION:
-                    raise CheckpointError(f"version {payload.get('version')} != {VERSION}")
-            except (OSError, CheckpointError, RuntimeError, EOFError, ValueError, KeyError) as err:
-                log.warning("checkpoint %s is unusable (%s); trying the previous one", path, err)
+                payload = self._read(entry)
+            except CheckpointError as err:
+                log.warning("checkpoint %s is unusable (%s); trying the previous one", self.dir / entry["file"], err)
                 continue
             random.setstate(_as_tuple(payload["rng"]["python"]))
             torch.set_rng_state(payload["rng"]["torch"])
-            arrays = ArrayRecord({k: Array(v.numpy()) for k, v in payload["arrays"].items()})
-            return Checkpoint(payload["round"], arrays, payload["strategy"], payload["config"], path)
+            return self._checkpoint(entry, payload)
         return None
 
 

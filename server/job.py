@@ -114,9 +114,13 @@ def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
         if cfg.audit.user_canaries:
             arrays = evaluator.initial_arrays()
             canaries = canary_clients(cfg, arrays)
+
+        def checkpoint(rnd: int, arrs) -> None:
+            checkpointer.save(rnd, arrs, strategy, cfg, evaluator.spec)
+
         outcome = run_rounds(grid, cfg, strategy, evaluator, RoundRecorder(run_dir, store, cfg.run.num_rounds),
                              run_dir, arrays=arrays, start_round=start_round,
-                             on_round_end=None if canaries else lambda rnd, arrs: checkpointer.save(rnd, arrs, strategy, cfg),
+                             on_round_end=None if canaries else checkpoint,
                              canaries=canaries, known_epsilon=known_epsilon)
         if canaries is None:
             save_model(run_dir / "final_model.pt", outcome.arrays.to_torch_state_dict(), cfg, evaluator.spec)

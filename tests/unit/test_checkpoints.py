@@ -11,7 +11,9 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvgM
 
 from server.central_dp import UserLevelDP
-from server.checkpoints import Checkpointer, config_differences, restore_strategy_state, strategy_state
+from common.tasks import DataSpec
+from server.checkpoints import (CheckpointError, Checkpointer, config_differences, restore_strategy_state,
+                                strategy_state)
 from tests.conftest import quick_config
 
 
@@ -61,6 +63,30 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, damage
         path.unlink()
     got = ck.latest()
     assert got.round == 1 and np.allclose(got.arrays["vae.w"].numpy(), 1.0)
+
+
+def test_load_by_round_leaves_the_rngs_alone_and_names_the_rounds_kept(tmp_path):
+    """What `fedgen generate --round K` reads: one round's weights, config and data spec, verified;
+    a round not kept, or a damaged file, is an error naming what there is."""
+    ck = Checkpointer(tmp_path, keep=2)
+    spec = DataSpec(kind="image", image_size=8, channels=1, num_classes=10)
+    for r in range(1, 4):
+        ck.save(r, arrays(float(r)), FedAvgM(), quick_config(), spec)
+    assert ck.rounds() == [2, 3]
+    torch.manual_seed(7)
+    expected = torch.rand(1)
+    torch.manual_seed(7)
+    got = ck.load(2)
+    assert torch.equal(torch.rand(1), expected)  # unlike latest(), a reader's load restores no RNG
+    assert got.round == 2 and np.allclose(got.arrays["vae.w"].numpy(), 2.0)
+    assert DataSpec(**got.data_spec) == spec and got.config == quick_config().to_flat()
+    with pytest.raises(CheckpointError, match=r"no checkpoint of round 1 .*\(checkpoints of rounds 2, 3\)"):
+        ck.load(1)
+    path = tmp_path / "checkpoints" / "round-0003.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"round-0003.pt is unusable: SHA-256 mismatch"):
+        ck.load(3)
+    assert Checkpointer(tmp_path / "elsewhere", keep=1).rounds() == []
 
 
 def test_user_level_dp_state_survives(tmp_path):
