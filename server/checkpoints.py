@@ -175,7 +175,8 @@ class Checkpointer:
         entry = next((e for e in self._entries() if e["round"] == rnd), None)
         if entry is None:
             have = self.rounds()
-            kept = f"checkpoints of rounds {', '.join(map(str, have))}" if have else "no checkpoints"
+            kept = (f"checkpoints of rounds {', '.join(map(str, have))}" if len(have) > 1
+                    else f"a checkpoint of round {have[0]} only" if have else "no checkpoints")
             raise CheckpointError(f"no checkpoint of round {rnd} in {self.dir} ({kept})")
         try:
             return self._checkpoint(entry, self._read(entry))

@@ -1,8 +1,7 @@
-"""One federated job on the server: run folder, store, strategy, rounds, final model."""
+"""One federated job on the server: run folder, store, strategy, rounds, final model (``server.run_model``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -14,14 +13,14 @@ import numpy as np
 import torch
 from flwr.serverapp import Grid
 
-from common import atomic, privacy
+from common import privacy
 from common.config import AppConfig, ConfigError
-from common.tasks import DataSpec
 from server.canaries import CanaryClients
 from server.central_dp import UserLevelDP
 from server.checkpoints import Checkpointer, config_differences, restore_strategy_state
 from server.evaluation import Evaluator
 from server.rounds import Outcome, RoundRecorder, known_epsilons, run_rounds
+from server.run_model import FINAL_MODEL, save_model
 from server.runs_index import resolve_run
 from server.store import RunStore, StoreError
 from server.strategy import build_strategy
@@ -34,21 +33,6 @@ def new_run_id(cfg: AppConfig, flwr_run_id: int | str) -> str:
     name = cfg.run.name or ("audit" if cfg.audit.user_canaries else "")
     prefix = f"{name}-" if name else ""
     return f"{prefix}{stamp}-{flwr_run_id}"
-
-
-def save_model(path: Path, arrays_state: dict[str, torch.Tensor], cfg: AppConfig, spec: DataSpec) -> None:
-    """The final model, self-describing: weights, the resolved config and the data's shape
-    (together they fix the architecture: ``build_task(parse_run_config(config),
-    DataSpec(**data_spec))``), the tokenizer's name for the LM, and the library versions. Plain tensors and scalars only (``torch.load(..., weights_only=True)``),
-    written atomically."""
-    from importlib.metadata import version  # opacus' version without importing it (seconds)
-
-    meta = {"family": cfg.task.family, "config_hash": cfg.config_hash(), "config": cfg.to_flat(),
-            "data_spec": dataclasses.asdict(spec),
-            "versions": {name: version(name) for name in ("torch", "flwr", "opacus", "fedgen")}}
-    if cfg.task.family == "lm":
-        meta["tokenizer"] = cfg.lm.tokenizer
-    atomic.torch_save({"state_dict": arrays_state, **meta}, path)
 
 
 def canary_clients(cfg: AppConfig, initial) -> CanaryClients:
@@ -123,7 +107,7 @@ def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
                              on_round_end=None if canaries else checkpoint,
                              canaries=canaries, known_epsilon=known_epsilon)
         if canaries is None:
-            save_model(run_dir / "final_model.pt", outcome.arrays.to_torch_state_dict(), cfg, evaluator.spec)
+            save_model(run_dir / FINAL_MODEL, outcome.arrays.to_torch_state_dict(), cfg, evaluator.spec)
         elif outcome.rounds_done:
             # The canaries are in this model: it is audited and dropped, never saved for use.
             claimed = strategy.epsilon() if isinstance(strategy, UserLevelDP) else math.inf
@@ -137,5 +121,5 @@ def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
         store.close()
     log.info("run %s %s after %d round(s)%s; %s", run_dir.name, outcome.status, outcome.rounds_done,
              f" ({outcome.reason})" if outcome.reason else "",
-             "an audit run: no model saved" if cfg.audit.user_canaries else f"final model: {run_dir / 'final_model.pt'}")
+             "an audit run: no model saved" if cfg.audit.user_canaries else f"final model: {run_dir / FINAL_MODEL}")
     return outcome
