@@ -1,8 +1,9 @@
 """``fedgen``: the operator CLI for fedgen runs.
 
 Most commands read the run store (``server.store``) read-only, so they are safe to run
-while the server is writing (``cli.read_commands``). The audit commands ``audit run`` and
-``audit sample`` start work: they train models through ``simulations/``
+while the server is writing (``cli.read_commands``). ``generate`` draws synthetic data from a
+run's saved model into a path outside the run (``cli.generate_commands``). The audit commands
+``audit run`` and ``audit sample`` start work: they train models through ``simulations/``
 (``cli.audit_commands``). Errors the operator can act on (unknown run, missing runs
 directory, damaged database, ...) print one red line on stderr and exit 1.
 
@@ -21,7 +22,7 @@ import click
 import typer
 from rich.text import Text
 
-from cli import audit_commands, read_commands
+from cli import audit_commands, generate_commands, read_commands
 from cli.output import fail, stderr
 from server.store import StoreError
 
@@ -29,7 +30,7 @@ __all__ = ["app", "audit_app", "main"]
 
 app = typer.Typer(
     name="fedgen",
-    help="Inspect fedgen runs: list them, follow progress, plot metrics, find samples.",
+    help="Inspect fedgen runs: list them, follow progress, plot metrics, find samples, generate synthetic data.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -77,6 +78,7 @@ COMMANDS: tuple[tuple[typer.Typer, str, Callable[..., Any]], ...] = (
     (app, "watch", read_commands.watch_cmd),
     (app, "plot", read_commands.plot_cmd),
     (app, "samples", read_commands.samples_cmd),
+    (app, "generate", generate_commands.generate_cmd),
     (audit_app, "show", read_commands.audit_show_cmd),
     (audit_app, "run", audit_commands.audit_run_cmd),
     (audit_app, "sample", audit_commands.audit_sample_cmd),
