@@ -258,6 +258,12 @@ class EvalSection(_Section):
     fid_domain_n: int = Field(2000, ge=0, description="samples for the per-round domain FID; 0 = off")
     fid_inception_n: int = Field(2000, ge=0, description="samples (and real images, at most) for Inception FID; 0 = off")
     fid_inception_every: int = Field(0, ge=0, description="Inception FID every k rounds (and the last); 0 = last only")
+    fid_min_reference: int = Field(
+        200, ge=2, description="fewest real reference images an FID is computed from (domain: all held-out images; "
+        "Inception: at most fid-inception-n of them); below it the server refuses that FID and says why. 200: the "
+        "smallest size at which two disjoint sets of real images scored under 1/20 of uniform noise in every draw "
+        "(domain extractor, digits and Fashion-MNIST; at 100 up to 1/12): docs/RESULTS.md, 'How many reference "
+        "images FID needs'")
     cache_dir: str = Field(".cache/fedgen", min_length=1, description="FID feature extractors and real statistics")
 
 

@@ -47,7 +47,9 @@ class Evaluator:
         self._baseline_done = False
         self.fid = self._image_fid(data) if self.spec.kind == "image" else None
         self._evaluations = 0
-        log.info("server evaluation on %d held-out examples", len(data))
+        log.info("server evaluation on %d held-out examples (%s)", len(data),
+                 f"all of data.eval-path = {cfg.data.eval_path}, at most data.eval-max-examples"
+                 if cfg.data.eval_path else f"{cfg.data.dataset}'s held-out split")
 
     def _image_fid(self, data: torch.utils.data.Dataset) -> ImageFID:
         """FID for every image model, against the held-out images (labels train the domain extractor)."""
@@ -55,7 +57,13 @@ class Evaluator:
         e = self.cfg.eval
         return ImageFID(images, labels if self.spec.num_classes else None, self.cfg.run.num_rounds,
                         e.fid_domain_n, e.fid_inception_n, e.fid_inception_every, e.cache_dir, e.batch_size,
-                        self.device)
+                        self.device, min_reference=e.fid_min_reference)
+
+    @property
+    def notes(self) -> list[str]:
+        """Why a metric this run would report is not computed (an FID refused for too few reference
+        images), for every round record (``eval_notes``); empty when nothing is refused."""
+        return list(self.fid.notes) if self.fid is not None else []
 
     def _scheduled_round(self) -> int:
         """The round being evaluated when the caller does not say: the n-th evaluation of
