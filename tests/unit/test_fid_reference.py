@@ -60,9 +60,11 @@ def test_too_few_reference_images_refuse_the_domain_fid_without_training_it(held
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [note]
 
 
-def test_at_the_minimum_the_domain_fid_is_scored_as_before(heldout, tmp_path):
-    at_min = Evaluator(server_config(heldout, tmp_path, HELD_OUT))
+def test_at_the_minimum_the_domain_fid_is_scored_as_before(heldout, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="server.evaluation"):
+        at_min = Evaluator(server_config(heldout, tmp_path, HELD_OUT))
     assert at_min.notes == []
+    assert f"server evaluation on {HELD_OUT} held-out examples (all of data.eval-path = {heldout}" in caplog.text
     m = at_min.evaluate(at_min.initial_arrays(), server_round=0)
     assert m["fid-domain-ref-n"] == HELD_OUT and m["fid-domain-n"] == 40 and m["fid-domain"] > 0
     before = Evaluator(server_config(heldout, tmp_path, 2))  # the smallest minimum: no refusal, as before the key
