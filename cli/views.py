@@ -127,6 +127,8 @@ def status_payload(info: dict, rounds: list[dict], audits: list[dict] | None = N
             "current_round": done + 1 if running and done < planned else None,
         },
         "last_round": last,
+        # Why a metric is missing from the last round's evaluation (an FID refused for too few reference images).
+        "eval_notes": list((last or {}).get("eval_notes") or []),
         "sites_round": site_round["round"] if site_round else None,
         "sites": sites,
         "problems": problems,
@@ -146,6 +148,12 @@ def _metrics_table(last: dict) -> Table | None:
     for split, key, value in rows:
         table.add_row(split, key, fmt_num(value))
     return table
+
+
+def _eval_notes(payload: dict) -> Text | None:
+    if not payload["eval_notes"]:
+        return None
+    return Text("\n".join(f"Note: {note}" for note in payload["eval_notes"]), style="bold yellow")
 
 
 def _sites_table(payload: dict) -> Table | None:
@@ -288,8 +296,8 @@ def render_status(info: dict, rounds: list[dict], *, audits: list[dict] | None =
             + (f" (round {info['best_metric']['round']})" if info.get("best_metric") else "")
             + f"; max ε so far {fmt_eps(info.get('max_epsilon'))}"
         ))
-    for table in (_metrics_table(last) if last else None, _sites_table(payload), _problems_table(payload),
-                  audits_table(payload["audits"])):
+    for table in (_metrics_table(last) if last else None, _eval_notes(payload), _sites_table(payload),
+                  _problems_table(payload), audits_table(payload["audits"])):
         if table is not None:
             parts.append(table)
     return Group(*parts)

@@ -65,6 +65,11 @@ class TaskSection(_Section):
     family: Family = Field("vae", description="model family: common/models/<family>.py")
 
 
+#: Data sets shipped with a package, and the held-out part the server evaluates on.
+BUNDLED_DATASETS = {"digits": "scikit-learn's digits, its 20% holdout",
+                    "shakespeare": "the held-out plays, data.heldout-plays"}
+
+
 class DataSection(_Section):
     dataset: Literal["digits", "fashion-mnist", "image-folder", "shakespeare", "text-folder"] = "digits"
     path: str = Field("", description="dataset folder; empty = the dataset's default location")
@@ -72,9 +77,23 @@ class DataSection(_Section):
     dirichlet_alpha: float = Field(0.5, gt=0)
     num_partitions: int = Field(0, ge=0, description="0 = take it from the node config")
     image_size: int = Field(0, ge=0, description="0 = the dataset's native size")
+    eval_path: str = Field(
+        "", description="the server's own folder of held-out data, all of it evaluation data (no holdout split; "
+        "capped by eval-max-examples): images (image-folder), the IDX test files t10k-* (fashion-mnist), .txt "
+        "files (text-folder); empty = the dataset's test split, or the 20% holdout of data.path")
     eval_max_examples: int = Field(2000, ge=1, description="held-out examples the server evaluates on")
     heldout_plays: int = Field(4, ge=1, description="shakespeare: whole plays held out for the server")
     min_chars: int = Field(2000, ge=1, description="shakespeare: a (play, role) needs this many chars to be a client")
+
+    @model_validator(mode="after")
+    def _eval_path_needs_a_folder_dataset(self) -> DataSection:
+        if self.eval_path and self.dataset in BUNDLED_DATASETS:
+            held_out = BUNDLED_DATASETS[self.dataset]
+            raise ValueError(f"data.eval-path = {self.eval_path!r}, but data.dataset = {self.dataset!r} is bundled "
+                             f"(the server evaluates on {held_out}) and cannot come from a folder: remove "
+                             "data.eval-path, or use data.dataset = 'image-folder' (images) or 'text-folder' (.txt) "
+                             "for the server's own folder")
+        return self
 
 
 class VAESection(_Section):
@@ -239,6 +258,12 @@ class EvalSection(_Section):
     fid_domain_n: int = Field(2000, ge=0, description="samples for the per-round domain FID; 0 = off")
     fid_inception_n: int = Field(2000, ge=0, description="samples (and real images, at most) for Inception FID; 0 = off")
     fid_inception_every: int = Field(0, ge=0, description="Inception FID every k rounds (and the last); 0 = last only")
+    fid_min_reference: int = Field(
+        200, ge=2, description="fewest real reference images an FID is computed from (domain: all held-out images; "
+        "Inception: at most fid-inception-n of them); below it the server refuses that FID and says why. 200: the "
+        "smallest size at which two disjoint sets of real images scored under 1/20 of uniform noise in every draw "
+        "(domain extractor, digits and Fashion-MNIST; at 100 up to 1/12): docs/RESULTS.md, 'How many reference "
+        "images FID needs'")
     cache_dir: str = Field(".cache/fedgen", min_length=1, description="FID feature extractors and real statistics")
 
 

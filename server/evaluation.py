@@ -35,6 +35,18 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> n
     return out[0] if c == 1 else out.transpose(1, 2, 0)
 
 
+def held_out_source(cfg: AppConfig) -> str:
+    """Where the server's held-out data comes from, for its log (common/data/site.py:eval_dataset)."""
+    d = cfg.data
+    if d.eval_path:
+        return f"all of data.eval-path = {d.eval_path}, at most data.eval-max-examples = {d.eval_max_examples}"
+    if d.dataset in ("image-folder", "text-folder"):
+        return (f"the 20% of data.path = {d.path} held out from the simulated sites; a folder of the server's own, "
+                "all of it held-out data, goes in data.eval-path")
+    return {"digits": "the 20% of sklearn's digits held out from the sites", "fashion-mnist": "the test split",
+            "shakespeare": "the held-out plays"}.get(d.dataset, "the dataset's held-out split")
+
+
 class Evaluator:
     """Holds the held-out data and a task to load global weights into; built once per run."""
 
@@ -47,7 +59,7 @@ class Evaluator:
         self._baseline_done = False
         self.fid = self._image_fid(data) if self.spec.kind == "image" else None
         self._evaluations = 0
-        log.info("server evaluation on %d held-out examples", len(data))
+        log.info("server evaluation on %d held-out examples (%s)", len(data), held_out_source(cfg))
 
     def _image_fid(self, data: torch.utils.data.Dataset) -> ImageFID:
         """FID for every image model, against the held-out images (labels train the domain extractor)."""
@@ -55,7 +67,13 @@ class Evaluator:
         e = self.cfg.eval
         return ImageFID(images, labels if self.spec.num_classes else None, self.cfg.run.num_rounds,
                         e.fid_domain_n, e.fid_inception_n, e.fid_inception_every, e.cache_dir, e.batch_size,
-                        self.device)
+                        self.device, min_reference=e.fid_min_reference)
+
+    @property
+    def notes(self) -> list[str]:
+        """Why a metric this run would report is not computed (an FID refused for too few reference
+        images), for every round record (``eval_notes``); empty when nothing is refused."""
+        return list(self.fid.notes) if self.fid is not None else []
 
     def _scheduled_round(self) -> int:
         """The round being evaluated when the caller does not say: the n-th evaluation of

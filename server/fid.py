@@ -19,6 +19,12 @@ number carries the extractor's name and sample count (``fid-domain``/``fid-domai
 
 Real-image statistics are computed once per run (the metric keeps them across resets,
 ``reset_real_features=False``) and cached on disk too.
+
+Too few real images make a Frechet distance meaningless (two real sets of 20 digits score as far
+apart as a poor generator from real ones: docs/RESULTS.md, "How many reference images FID
+needs"). Below ``eval.fid-min-reference`` real reference images an extractor's FID is refused:
+not computed (the domain extractor is not even trained), with a note saying why
+(:attr:`ImageFID.notes`) that the server logs once and keeps in every round record.
 """
 
 from __future__ import annotations
@@ -226,6 +232,11 @@ def _train_domain_net(net: DomainNet, images: torch.Tensor, labels: torch.Tensor
     return scores
 
 
+def domain_name(labels: torch.Tensor | None) -> str:
+    """The domain extractor's name: a classifier's (labels) or an autoencoder's encoder (none)."""
+    return "domain" if labels is not None else "domain-ae"
+
+
 def domain_extractor(images: torch.Tensor, labels: torch.Tensor | None, cache_dir: str | Path,
                      hp: DomainTraining = DomainTraining()) -> DomainFeatures:
     """The domain feature extractor for this held-out data: from the cache, or trained and cached.
@@ -236,7 +247,7 @@ def domain_extractor(images: torch.Tensor, labels: torch.Tensor | None, cache_di
     images = images.float().cpu()
     labels = labels.long().cpu() if labels is not None else None
     num_classes = int(labels.max()) + 1 if labels is not None else None
-    name = "domain" if labels is not None else "domain-ae"
+    name = domain_name(labels)
     key = domain_cache_key(images, labels, hp)
     path = Path(cache_dir) / f"{name}-{key}.pt"
     net = DomainNet(images.shape[-1], images.shape[1], num_classes)
@@ -323,13 +334,33 @@ class FIDScorer:
 # --------------------------------------------------------------------------- server use
 
 
+def reference_refusal(metric: str, num_reference: int, min_reference: int, num_held_out: int) -> str | None:
+    """Why ``metric`` is not computed from ``num_reference`` real images (None: it is).
+
+    ``num_held_out``: the server's held-out images, of which ``num_reference`` are used (Inception
+    uses at most eval.fid-inception-n of them), so that the note names the setting to change.
+    """
+    if num_reference >= min_reference:
+        return None
+    if num_held_out >= min_reference:  # enough images, too few of them used
+        fix = f"raise eval.fid-inception-n to at least {min_reference} or lower eval.fid-min-reference"
+    else:
+        fix = "give the server more held-out images (data.eval-path) or lower eval.fid-min-reference"
+    return (f"{metric} refused: {num_reference} real reference image(s), fewer than eval.fid-min-reference = "
+            f"{min_reference} (a Frechet distance estimated from so few images means nothing); {fix}")
+
+
 class ImageFID:
     """What the server evaluator reports for an image model: domain FID every evaluation,
-    Inception FID on the schedule of ``eval.fid-inception-every`` (0 = last round only)."""
+    Inception FID on the schedule of ``eval.fid-inception-every`` (0 = last round only).
+
+    An extractor whose real reference images would number fewer than ``min_reference`` is
+    refused: never built (no training, no weights read), its FID never reported, its reason in
+    :attr:`notes` (logged once, here)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, num_rounds: int, domain_n: int,
                  inception_n: int, inception_every: int, cache_dir: str | Path, batch_size: int = 256,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, min_reference: int = 2) -> None:
         self.images, self.labels = images.float().cpu(), labels
         self.num_rounds, self.domain_n = num_rounds, domain_n
         self.inception_n, self.inception_every = inception_n, inception_every
@@ -337,7 +368,18 @@ class ImageFID:
         self.device = device or torch.device("cpu")
         self._domain: FIDScorer | None = None
         self._inception: FIDScorer | None = None
-        if inception_n:
+        held_out = len(self.images)
+        refusals = {  # extractor -> why its FID is not computed (None: it is, or it is off)
+            "domain": reference_refusal(f"fid-{domain_name(labels)}", held_out, min_reference, held_out)
+            if domain_n else None,
+            "inception": reference_refusal("fid-inception", min(inception_n, held_out), min_reference, held_out)
+            if inception_n else None,
+        }
+        self.refused = {name for name, why in refusals.items() if why}
+        self.notes: list[str] = [why for why in refusals.values() if why]
+        for note in self.notes:
+            log.warning("%s", note)
+        if inception_n and "inception" not in self.refused:
             inception_weights_path()  # fail now, not after the last round
 
     def inception_due(self, server_round: int) -> bool:
@@ -365,9 +407,9 @@ class ImageFID:
     def evaluate(self, sample: SampleFn, server_round: int) -> dict[str, float]:
         """FID metrics for a model given by ``sample(n, seed) -> images``; keys name the extractor."""
         want = []
-        if self.domain_n:
+        if self.domain_n and "domain" not in self.refused:
             want.append((self.domain_scorer, self.domain_n))
-        if self.inception_due(server_round):
+        if self.inception_due(server_round) and "inception" not in self.refused:
             want.append((self.inception_scorer, self.inception_n))
         if not want:
             return {}

@@ -335,8 +335,8 @@ class RoundLoop:
         t0 = time.time()
         ev, art = self._evaluate(0, arrays)
         self._emit({"round": 0, "num_rounds": self.num_rounds, "started_at": t0, "ended_at": time.time(),
-                    "sampled": [], "sites": [], "train": {}, "eval": ev, "epsilon_max": None, "user_epsilon": None,
-                    "bytes_sent": 0, "bytes_received": 0, "artifacts": art})
+                    "sampled": [], "sites": [], "train": {}, "eval": ev, **self._eval_notes(), "epsilon_max": None,
+                    "user_epsilon": None, "bytes_sent": 0, "bytes_received": 0, "artifacts": art})
 
     def _record_round(self, rnd: int, started: float, sampled: list[int], rows: list[dict], merge: _Merge,
                       released: bool, *, bytes_sent: int, bytes_received: int) -> None:
@@ -345,7 +345,7 @@ class RoundLoop:
             if row.get("epsilon") is not None:
                 self.known[site_tag(row)] = float(row["epsilon"])
         rec = {"round": rnd, "num_rounds": self.num_rounds, "started_at": started, "ended_at": time.time(),
-               "sampled": sampled, "sites": rows, "train": merge.train_metrics, "eval": ev,
+               "sampled": sampled, "sites": rows, "train": merge.train_metrics, "eval": ev, **self._eval_notes(),
                "epsilon_max": max(self.known.values()) if self.known else None,
                "user_epsilon": self.strategy.epsilon() if self.user_level else None,
                "user_dp": merge.user_dp,
@@ -353,6 +353,12 @@ class RoundLoop:
         if self.canaries is not None:
             rec["canary_updates"] = merge.canary_updates
         self._emit(rec)
+
+    def _eval_notes(self) -> dict:
+        """``eval_notes`` for every round record while the evaluator refuses a metric (an FID from
+        too few reference images): why it is missing from ``eval``; nothing otherwise."""
+        notes = self.evaluator.notes
+        return {"eval_notes": list(notes)} if notes else {}
 
     def _emit(self, rec: dict) -> None:
         self.record(rec)

@@ -45,6 +45,16 @@ def _fashion_files_str() -> str:
     return ", ".join(f"{name}.gz" for pair in FASHION_MNIST_FILES.values() for name in pair)
 
 
+def _fashion_fix(setting: str, missing: bool) -> str:
+    """How to fix a Fashion-MNIST problem: install or reinstall the default copy (``data.path``),
+    or put the IDX test files in the folder another setting names (the server's ``data.eval-path``)."""
+    if setting == "data.path":
+        return (_GET_FASHION if missing else _REINSTALL_FASHION).format(default=FASHION_MNIST_DIR,
+                                                                        files=_fashion_files_str())
+    files = ", ".join(f"{name}.gz" for name in FASHION_MNIST_FILES["test"])
+    return f"set {setting} to a folder with the Fashion-MNIST IDX test files ({files}, or uncompressed)"
+
+
 class DataError(ValueError):
     """Data missing or unusable. The message names the path, the problem, and how to fix it."""
 
@@ -96,9 +106,9 @@ class ImageDataset:
 # --------------------------------------------------------------------------- IDX / Fashion-MNIST
 
 
-def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
+def _read_idx(path: Path, expected_magic: int, fix: str | None = None) -> np.ndarray:
     """Parse one IDX file (gzip'd if the name ends in .gz) into a uint8 array of its dims."""
-    fix = _REINSTALL_FASHION.format(files=_fashion_files_str())
+    fix = fix or _fashion_fix("data.path", missing=False)
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
@@ -135,35 +145,34 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _find_idx(root: Path, base: str) -> Path:
+def _find_idx(root: Path, base: str, setting: str = "data.path") -> Path:
     for candidate in (root / f"{base}.gz", root / base):
         if candidate.is_file():
             return candidate
     raise DataError(
         f"Fashion-MNIST file not found: {root / f'{base}.gz'} (nor uncompressed {root / base}); "
-        + _GET_FASHION.format(default=FASHION_MNIST_DIR, files=_fashion_files_str())
+        + _fashion_fix(setting, missing=True)
     )
 
 
 @functools.lru_cache(maxsize=4)
-def _fashion_mnist_cached(root: str, split: str, image_size: int | None = None) -> ImageDataset:
+def _fashion_mnist_cached(root: str, split: str, image_size: int | None = None,
+                          setting: str = "data.path") -> ImageDataset:
+    """``setting``: the config key that named ``root``, for the fix an error suggests."""
     if image_size is not None:  # decode once (cached), resize once (cached); native size -> same object
-        return _resize(_fashion_mnist_cached(root, split, None), image_size)
+        return _resize(_fashion_mnist_cached(root, split, None, setting), image_size)
     root_path = Path(root)
     if not root_path.is_dir():
-        raise DataError(
-            f"Fashion-MNIST directory not found: {root_path}; "
-            + _GET_FASHION.format(default=FASHION_MNIST_DIR, files=_fashion_files_str())
-        )
+        raise DataError(f"Fashion-MNIST directory not found: {root_path}; " + _fashion_fix(setting, missing=True))
     img_base, lbl_base = FASHION_MNIST_FILES[split]
-    img_path, lbl_path = _find_idx(root_path, img_base), _find_idx(root_path, lbl_base)
-    images = _read_idx(img_path, IDX_IMAGES_MAGIC)
-    labels = _read_idx(lbl_path, IDX_LABELS_MAGIC)
+    img_path, lbl_path = _find_idx(root_path, img_base, setting), _find_idx(root_path, lbl_base, setting)
+    fix = _fashion_fix(setting, missing=False)
+    images = _read_idx(img_path, IDX_IMAGES_MAGIC, fix)
+    labels = _read_idx(lbl_path, IDX_LABELS_MAGIC, fix)
     if images.shape[0] != labels.shape[0]:
         raise DataError(
             f"Fashion-MNIST {split} mismatch: {img_path} has {images.shape[0]} images but "
-            f"{lbl_path} has {labels.shape[0]} labels; "
-            + _REINSTALL_FASHION.format(files=_fashion_files_str())
+            f"{lbl_path} has {labels.shape[0]} labels; " + fix
         )
     if labels.max() > 9:
         raise DataError(f"{lbl_path} is corrupt: label {labels.max()} outside 0..9")
@@ -207,17 +216,18 @@ def _list_images(folder: Path) -> list[Path]:
     )
 
 
-def load_image_folder(path: str | Path, image_size: int) -> ImageDataset:
+def load_image_folder(path: str | Path, image_size: int, setting: str = "data.path") -> ImageDataset:
     """PNG/JPEG files -> grayscale ``image_size`` x ``image_size``.
 
     A flat folder gives ``labels=None``; one subfolder per class gives labels in sorted
     subfolder-name order. Files are read in sorted order, so the result is deterministic.
+    ``setting``: the config key that named the folder, for the fix an error suggests.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise DataError(f"image folder not found: {folder}; set data.path to a folder of PNG/JPEG files")
+        raise DataError(f"image folder not found: {folder}; set {setting} to a folder of PNG/JPEG files")
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover - Pillow ships with matplotlib
@@ -243,7 +253,7 @@ def load_image_folder(path: str | Path, image_size: int) -> ImageDataset:
     if not files:
         raise DataError(
             f"image folder {folder} contains no images ({'/'.join(IMAGE_SUFFIXES)}, directly or "
-            f"in one subfolder per class); set data.path to a folder of images"
+            f"in one subfolder per class); set {setting} to a folder of images"
         )
 
     arrays = []
@@ -284,19 +294,21 @@ def _holdout(ds: ImageDataset, split: str) -> ImageDataset:
     return dataclasses.replace(part, name=f"{ds.name}-{split}")
 
 
-def load_images(dataset: str, path: str | None, split: str, image_size: int | None) -> ImageDataset:
+def load_images(dataset: str, path: str | None, split: str, image_size: int | None,
+                setting: str = "data.path") -> ImageDataset:
     """Load ``split`` ("train" | "test") of ``dataset`` ("fashion-mnist" | "digits" | "image-folder").
 
     ``path`` overrides the Fashion-MNIST directory and is required for "image-folder". digits and
     image folders have no official test split: "test" is a deterministic 20% holdout
     (``holdout_split(n, 0.2, seed=0)``) and "train" the other 80%. ``image_size`` resizes to
     ``image_size`` x ``image_size`` (None keeps the native size; required for "image-folder").
+    ``setting`` is the config key that named ``path``, for the fix an error suggests.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if dataset == "fashion-mnist":  # cached per (root, split, image_size): shared by all clients
         root = str(Path(path or FASHION_MNIST_DIR).expanduser().resolve())
-        return _fashion_mnist_cached(root, split, image_size)
+        return _fashion_mnist_cached(root, split, image_size, setting)
     if dataset == "digits":
         if path:
             log.warning("data.path=%s is ignored for the bundled digits dataset", path)
@@ -307,5 +319,5 @@ def load_images(dataset: str, path: str | None, split: str, image_size: int | No
             raise ValueError("dataset 'image-folder' needs data.path (a folder of PNG/JPEG images)")
         if image_size is None:
             raise ValueError("dataset 'image-folder' needs image_size")
-        return _holdout(load_image_folder(path, image_size), split)
+        return _holdout(load_image_folder(path, image_size, setting), split)
     raise ValueError(f"unknown dataset {dataset!r}; expected 'fashion-mnist', 'digits' or 'image-folder'")

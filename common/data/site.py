@@ -1,16 +1,19 @@
 """What data a site trains on and what the server evaluates on, from the config.
 
 Sites get their partition of the training split (or their own folder); the server
-gets the held-out split, which no site ever sees.
+gets the held-out split, which no site ever sees, or the whole of its own folder
+(``data.eval-path``).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from common.config import AppConfig, SiteConfig
-from common.data.images import ImageDataset, load_image_folder, load_images
+from common.data.images import DataError, ImageDataset, load_image_folder, load_images
 from common.data.partition import partition_for_site
 from common.data.shakespeare import shakespeare_split, site_text
 from common.data.text import TextDataError, TokenBlocks, load_text_folder
@@ -21,6 +24,12 @@ IMAGE_DATASETS = ("digits", "fashion-mnist", "image-folder")
 DEFAULT_FOLDER_IMAGE_SIZE = 28
 TEXT_DATASETS = ("shakespeare", "text-folder")
 TEXT_HOLDOUT_FRACTION = 0.2  # text-folder: the server evaluates on the last 20% of data.path's text
+EVAL_PATH = "data.eval-path"
+#: What the server's own folder (data.eval-path) holds, by dataset.
+EVAL_FOLDER_HOLDS = {"image-folder": "PNG/JPEG images (flat, or one subfolder per class)",
+                     "fashion-mnist": "the Fashion-MNIST IDX test files (t10k-images-idx3-ubyte.gz, "
+                                      "t10k-labels-idx1-ubyte.gz)",
+                     "text-folder": "UTF-8 .txt files"}
 
 
 def _size(cfg: AppConfig) -> int | None:
@@ -100,15 +109,52 @@ def site_dataset(cfg: AppConfig, site: SiteConfig) -> tuple[Dataset, DataSpec]:
     return _as_torch(ds), _image_spec(ds)
 
 
+def _eval_folder_images(cfg: AppConfig) -> ImageDataset:
+    """All of the server's own folder (data.eval-path): no holdout split, every image is held out."""
+    d = cfg.data
+    if d.dataset == "image-folder":
+        return load_image_folder(d.eval_path, _size(cfg), EVAL_PATH)
+    return load_images(d.dataset, d.eval_path, "test", _size(cfg), EVAL_PATH)  # fashion-mnist: its t10k files
+
+
+def _checked_eval_folder(cfg: AppConfig) -> None:
+    """A clear error, naming data.eval-path, when it is not a folder (the loaders check its files)."""
+    path = Path(cfg.data.eval_path).expanduser()
+    if not path.is_dir():
+        problem = "is not a folder" if path.exists() else "does not exist"
+        error = TextDataError if cfg.data.dataset in TEXT_DATASETS else DataError
+        raise error(f"{EVAL_PATH} = {cfg.data.eval_path!r} {problem}: set it to the server's own folder of "
+                    f"{EVAL_FOLDER_HOLDS[cfg.data.dataset]}, or leave it empty to evaluate on the dataset's "
+                    "held-out split")
+
+
 def eval_dataset(cfg: AppConfig) -> tuple[Dataset, DataSpec]:
     """The server's held-out data (never on any site), capped at data.eval-max-examples.
 
-    Text: the held-out plays (shakespeare) or the last 20% of data.path (text-folder), as
-    lm.context windows; the cap counts windows, drawn uniformly at random with run.seed.
+    With data.eval-path: all of that folder (images, the IDX test files, .txt text); an error
+    naming the key when it is missing or holds nothing usable. Without: the dataset's test split,
+    or the 20% holdout of data.path (image-folder, digits), or the last 20% of data.path's text.
+    Text: the held-out plays (shakespeare) or the held-out text (text-folder), as lm.context
+    windows; the cap counts windows, drawn uniformly at random with run.seed.
     """
     d = cfg.data
+    if d.eval_path:  # common.config refuses it for the bundled datasets (digits, shakespeare)
+        _checked_eval_folder(cfg)
+        try:
+            return _capped_eval_dataset(cfg)
+        except (DataError, TextDataError) as err:
+            if EVAL_PATH in str(err):
+                raise
+            raise type(err)(f"{EVAL_PATH} = {d.eval_path!r}: {err}") from err
+    return _capped_eval_dataset(cfg)
+
+
+def _capped_eval_dataset(cfg: AppConfig) -> tuple[Dataset, DataSpec]:
+    d = cfg.data
     if d.dataset in TEXT_DATASETS:
-        if d.dataset == "shakespeare":
+        if d.eval_path:
+            text = load_text_folder(d.eval_path, EVAL_PATH)
+        elif d.dataset == "shakespeare":
             text = shakespeare_split(d.heldout_plays, cfg.run.seed, d.min_chars)[1]
         else:
             text = _text_folder_corpus(cfg)[1]
@@ -120,7 +166,7 @@ def eval_dataset(cfg: AppConfig) -> tuple[Dataset, DataSpec]:
         return Subset(blocks, idx.tolist()), spec
     if d.dataset not in IMAGE_DATASETS:
         raise NotImplementedError(f"data.dataset = {d.dataset!r} is not an image dataset")
-    ds = load_images(d.dataset, d.path or None, "test", _size(cfg))
+    ds = _eval_folder_images(cfg) if d.eval_path else load_images(d.dataset, d.path or None, "test", _size(cfg))
     if len(ds) > d.eval_max_examples:
         g = torch.Generator().manual_seed(cfg.run.seed)
         idx = torch.randperm(len(ds), generator=g)[: d.eval_max_examples].sort().values

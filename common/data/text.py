@@ -25,22 +25,24 @@ class TextDataError(ValueError):
 # --------------------------------------------------------------------------- a site's own text
 
 
-def load_text_folder(path: str | Path) -> str:
+def load_text_folder(path: str | Path, setting: str = "data.path") -> str:
     """All ``*.txt`` files directly in ``path`` (sorted by name), UTF-8, joined by ``"\\n"``.
 
     Line endings are normalised to ``"\\n"`` and a UTF-8 BOM is dropped. Raises
     :class:`TextDataError` naming the exact file for a missing folder, no ``.txt`` files, an
-    empty (or whitespace-only) file, or a file that is not valid UTF-8.
+    empty (or whitespace-only) file, or a file that is not valid UTF-8. ``setting``: the config
+    key that named the folder (the server's ``data.eval-path`` holds its held-out text).
     """
     folder = Path(path).expanduser()
-    fix = "set data.path to a folder of UTF-8 .txt files"
+    fix = f"set {setting} to a folder of UTF-8 .txt files"
     if not folder.exists():
         raise TextDataError(f"text folder {folder} does not exist; {fix}")
     if not folder.is_dir():
         raise TextDataError(f"text folder {folder} is not a folder; {fix}")
     files = sorted(p for p in folder.glob("*.txt") if p.is_file())
     if not files:
-        raise TextDataError(f"no .txt files in {folder}; put the site's training text there as UTF-8 .txt")
+        whose = "the site's training text" if setting == "data.path" else f"the held-out text ({setting})"
+        raise TextDataError(f"no .txt files in {folder}; put {whose} there as UTF-8 .txt")
     parts: list[str] = []
     for file in files:
         try:

@@ -7,8 +7,8 @@ One topology and one run (to stay within a few minutes on two shared cores):
   secret, as in docker/compose.yaml); the sites' public keys registered with
   ``flwr supernode register``;
 * three good sites, each with its own folder of digits images (the data a site holds; the
-  server evaluates on a held-out folder of its own and never reads a site's folder), and a
-  fourth, registered site whose ``data-path`` does not exist;
+  server evaluates on all of a held-out folder of its own, ``data.eval-path``, and never reads a
+  site's folder), and a fourth, registered site whose ``data-path`` does not exist;
 * a SuperNode with an unregistered key, which the SuperLink must refuse;
 * 2 rounds of the VAE (digits-quick preset); one good site is SIGKILLed (SuperNode,
   SuperExec and ClientApp: a crashed machine) while it works on round 2.
@@ -87,7 +87,7 @@ def deployed(tmp_path_factory):
         online_s = time.time() - t0
 
         overrides = [
-            "data.dataset=image-folder", f"data.path={json.dumps(str(server_data))}", "data.image-size=8",
+            "data.dataset=image-folder", f"data.eval-path={json.dumps(str(server_data))}", "data.image-size=8",
             "strategy.min-available-nodes=4", "strategy.min-train-nodes=2",
             f"run.round-timeout={ROUND_TIMEOUT}",
             "eval.fid-domain-n=0", "eval.fid-inception-n=0",  # FID is not what this tests
@@ -104,7 +104,7 @@ def deployed(tmp_path_factory):
         dep.kill_site(victim, signal.SIGKILL)
         status = dep.wait(handle, RUN_TIMEOUT)
         yield {"dep": dep, "status": status, "runs": runs_dir, "good": good, "bad": bad, "victim": victim,
-               "intruder": intruder, "killed_at": killed_at, "online_s": online_s, "t0": t0}
+               "intruder": intruder, "killed_at": killed_at, "online_s": online_s, "t0": t0, "handle": handle}
     finally:
         dep.close()
 
@@ -118,6 +118,11 @@ def test_run_completes_with_a_record_per_round(deployed):
         info = store.run_info()
         assert info["status"] == "completed" and info["rounds_done"] == 2
     assert (run_dir / "final_model.pt").exists()
+
+
+def test_the_server_evaluates_on_all_of_its_own_held_out_folder(deployed):
+    served = deployed["handle"].log.read_text(errors="replace")  # the ServerApp's log, streamed by `flwr run`
+    assert "server evaluation on 357 held-out examples (all of data.eval-path" in served
 
 
 def test_round_one_trains_at_every_good_site(deployed):

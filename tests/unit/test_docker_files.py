@@ -152,6 +152,13 @@ def test_node_configs_partition_the_data_and_keep_ledgers_on_volumes(compose):
     assert seen == set(range(len(SITES)))
 
 
+def test_the_server_mounts_its_own_held_out_folder_read_only(compose):
+    """docker/README.md runs jobs with data.eval-path="/app/eval": the serverapp service mounts it."""
+    volumes = [_default(m) for m in compose["services"]["serverapp"]["volumes"]]
+    assert "./local/server/eval:/app/eval:ro" in volumes
+    assert 'data.eval-path="/app/eval"' in (DOCKER / "README.md").read_text()
+
+
 def test_named_volumes_are_declared_and_owned_by_the_image(compose):
     declared = set(compose["volumes"])
     for name, service in compose["services"].items():

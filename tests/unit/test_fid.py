@@ -140,9 +140,9 @@ def test_inception_fid_real_vs_real_far_below_real_vs_noise(digits, tmp_path):
     real_real, real_noise = scorer.score(b), scorer.score(torch.rand_like(b))
     assert real_real * 3 < real_noise, (real_real, real_noise)
 
-    # ... and through the server evaluator on the last round only (tiny N), named with its N.
+    # ... and through the server evaluator on the last round only (tiny N, allowed here), named with its N.
     cfg = quick_config(**{"eval.cache-dir": str(tmp_path), "eval.fid-domain-n": 50, "eval.fid-inception-n": 8,
-                          "run.num-rounds": 2})
+                          "eval.fid-min-reference": 8, "run.num-rounds": 2})
     ev = Evaluator(cfg)
     arrays = ev.initial_arrays()
     assert "fid-inception" not in ev.evaluate(arrays, server_round=1)

@@ -50,6 +50,8 @@ class ScriptedGrid(FakeGrid):
 
 
 class NoEval:
+    notes: list[str] = []
+
     def initial_arrays(self) -> ArrayRecord:
         return ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
 
