@@ -24,7 +24,7 @@ from client.privacy_state import BudgetExceeded, SitePrivacy, dataset_key, legac
 from common import atomic
 from common import privacy
 from common import records as R
-from common.config import RESUME_ONLY_RUN_FIELDS, AppConfig, SiteConfig
+from common.config import RESUME_ONLY_RUN_FIELDS, SERVER_ONLY_DATA_FIELDS, AppConfig, SiteConfig
 from common.data.site import site_dataset
 from common.tasks import build_task, pick_device
 from common.train import add_proximal_term, train_local
@@ -48,6 +48,11 @@ def request_digest(cfg: AppConfig, site: SiteConfig, *, key: str, run_name: str,
     settings = cfg.model_dump()
     for name in RESUME_ONLY_RUN_FIELDS:
         settings["run"].pop(name, None)
+    # The server's evaluation settings (eval.*, its held-out data) never reach a site's training:
+    # a run resumed with another evaluation is sent the updates already paid for, not charged again.
+    settings.pop("eval", None)
+    for name in SERVER_ONLY_DATA_FIELDS:
+        settings["data"].pop(name, None)
     request = {"run": run_name, "round": server_round, "mu": proximal_mu, "key": key, "cfg": settings,
                "site": site.model_dump(exclude={"privacy_budget", "ledger_path", "unsafe_memory_ledger"})}
     h = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode())

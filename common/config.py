@@ -37,6 +37,8 @@ class _Section(BaseModel):
 # run.* fields a resumed run may change that do not change what a site computes (so they stay out
 # of a site's request digest); run.num-rounds may change on resume too, but it sets the noise.
 RESUME_ONLY_RUN_FIELDS = ("resume", "resume_force", "round_timeout", "reply_poll_interval", "keep_checkpoints")
+# data.* fields only the server reads (its held-out data): they do not change what a site computes.
+SERVER_ONLY_DATA_FIELDS = ("eval_path", "eval_max_examples")
 
 
 class RunSection(_Section):

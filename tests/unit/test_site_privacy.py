@@ -203,6 +203,12 @@ def test_resume_only_settings_do_not_stop_a_replay(tmp_path):
     train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
     resumed = cfg_(**{"run.resume": "latest", "run.round-timeout": 30.0})
     assert train_round(resumed, s, arrays, 1, RecordDict(), run_name="run-a").metrics[R.REPLAYED] == 1.0
+    # The server's evaluation settings never reach a site's training either: a run resumed with
+    # another evaluation (its own held-out folder, another FID size) is not charged again.
+    evaluated = cfg_(**{"run.resume": "latest", "eval.fid-domain-n": 10, "eval.every": 3,
+                        "data.eval-max-examples": 100})
+    assert train_round(evaluated, s, arrays, 1, RecordDict(), run_name="run-a").metrics[R.REPLAYED] == 1.0
+    assert _rounds_in_ledger(cfg, s) == [1]
 
 
 def test_a_damaged_saved_update_is_ignored_and_the_round_trained(tmp_path):
