@@ -23,10 +23,8 @@ from server.runs_index import resolve_run
 if TYPE_CHECKING:
     from server.run_model import Batch
 
-__all__ = ["TEXT_SEPARATOR", "generate_cmd"]
+__all__ = ["generate_cmd"]
 
-# Between two text samples, as the server's per-round samples (server/evaluation.py: save_samples).
-TEXT_SEPARATOR = "\n\n---\n\n"
 # A PNG that `generate` writes: 00000.png, 00001.png, ... (more digits past 99,999 samples).
 _PNG_NAME = re.compile(r"\d{5,}\.png")
 
@@ -165,6 +163,8 @@ def generate_cmd(
         for batch in parts:
             _count(counts, batch)
         if fmt == "txt":
+            from server.evaluation import TEXT_SEPARATOR  # as the server's per-round samples
+
             data = TEXT_SEPARATOR.join(text for b in parts for text in b.samples).encode("utf-8")
         else:
             arrays: dict[str, Any] = {"images": np.concatenate([b.samples for b in parts])}

@@ -16,6 +16,9 @@ from common.data.site import eval_dataset
 from common.tasks import GenerativeTask, build_task, pick_device
 from server.fid import ImageFID
 
+#: Between two text samples in a samples file (the round's samples, and ``fedgen generate``'s .txt).
+TEXT_SEPARATOR = "\n\n---\n\n"
+
 log = logging.getLogger(__name__)
 
 SAMPLE_SEED = 1234  # the same latents every round, so sample grids are comparable
@@ -113,5 +116,5 @@ class Evaluator:
             img.save(path)
         else:
             path = path.with_suffix(".txt")
-            path.write_text("\n\n---\n\n".join(samples))
+            path.write_text(TEXT_SEPARATOR.join(samples))
         return path

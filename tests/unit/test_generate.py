@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.app import app
-from cli.generate_commands import TEXT_SEPARATOR
+from server.evaluation import TEXT_SEPARATOR
 from common import records as R
 from common.config import AppConfig
 from common.data.tokenizers import make_tokenizer
