@@ -139,13 +139,12 @@ class CanaryClients:
             template[KEY_NORM_BIT] = 0  # a canary's update is made at its norm: it never clipped it
         t0 = time.perf_counter()
         takes_part = [i for i in np.flatnonzero(self.inserted) if self._sampler.random() < sample_rate]
+        base = {k: a.numpy() for k, a in global_arrays.items()}  # decoded once, not once per canary
         msgs = []
         for i in takes_part:
             step = self._unflatten(self.norm * self.direction(i))
-            arrays = {}
-            for k, a in global_arrays.items():
-                ref = a.numpy()
-                arrays[k] = Array(np.asarray(ref + step[k], dtype=ref.dtype) if k in step else ref)
+            arrays = {k: Array(np.asarray(ref + step[k], dtype=ref.dtype) if k in step else ref)
+                      for k, ref in base.items()}
             content = RecordDict({R.ARRAYS: ArrayRecord(arrays), R.METRICS: MetricRecord(dict(template))})
             msgs.append(Message(content=content, dst_node_id=0, message_type="train"))
         self.participations += len(msgs)

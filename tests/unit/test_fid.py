@@ -131,17 +131,22 @@ def test_inception_preprocessing_matches_the_standard_model_input():
 
 
 @pytest.mark.slow
-def test_inception_fid_real_vs_real_far_below_real_vs_noise(digits, tmp_path):
+def test_inception_fid_real_vs_real_far_below_real_vs_noise(digits, cache_dir):
     images, labels = digits
-    a, b = _split(images, 64)
+    # 48 images a side (~0.3 s each on one core). Measured (2026-12-03): real_real 55.0 and
+    # real_noise 279-283 over three noise seeds (ratio 5.1); with 64 a side 47.5 and 276-280
+    # (5.8). real_real is fixed by the seeded split and the noise is seeded here.
+    a, b = _split(images, 48)
     scorer = FIDScorer(InceptionFeatures())
     assert scorer.metric.inception.num_features == 2048
     scorer.set_real(a)
-    real_real, real_noise = scorer.score(b), scorer.score(torch.rand_like(b))
+    noise = torch.rand(b.shape, generator=torch.Generator().manual_seed(1))
+    real_real, real_noise = scorer.score(b), scorer.score(noise)
     assert real_real * 3 < real_noise, (real_real, real_noise)
 
-    # ... and through the server evaluator on the last round only (tiny N, allowed here), named with its N.
-    cfg = quick_config(**{"eval.cache-dir": str(tmp_path), "eval.fid-domain-n": 50, "eval.fid-inception-n": 8,
+    # ... and through the server evaluator on the last round only (tiny N, allowed here), named with its N
+    # (beside the domain FID, whose extractor the tests above trained into this cache).
+    cfg = quick_config(**{"eval.cache-dir": str(cache_dir), "eval.fid-domain-n": 50, "eval.fid-inception-n": 8,
                           "eval.fid-min-reference": 8, "run.num-rounds": 2})
     ev = Evaluator(cfg)
     arrays = ev.initial_arrays()
