@@ -41,11 +41,11 @@ def reports_failures(handler):
         try:
             return handler(msg, context)
         except Exception as err:  # noqa: BLE001 - every failure becomes a reply, never a lost message
-            log.exception("site %s failed", _partition_of(context))
+            pid = _partition_of(context)
+            log.exception("site %s failed", pid)
             reason = f"{type(err).__name__}: {err}"
             if len(reason) > MAX_REASON_CHARS:
                 reason = reason[:MAX_REASON_CHARS - 3] + "..."
-            pid = _partition_of(context)
             metrics = MetricRecord({R.PARTITION: pid} if pid is not None else {})
             status = ConfigRecord({R.STATUS: R.FAILED, R.REASON: reason})
             return Message(content=RecordDict({R.METRICS: metrics, R.STATUS_RECORD: status}), reply_to=msg)
