@@ -100,3 +100,14 @@ def site_entry(cfg, site, state=None):
 
     data, _ = site_dataset(cfg, site)
     return SitePrivacy(cfg, site, dataset_key(cfg, data), state).load()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests (real Flower jobs, the Inception FID) run first, in their usual order.
+
+    ``scripts/test.sh`` hands whole files to two pytest-xdist workers in this order
+    (``--dist loadfile --no-loadscope-reorder``): the long files start at once, and the many
+    short ones fill in behind them, so that neither worker is left with a long file at the end.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group stays
