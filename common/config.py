@@ -60,7 +60,7 @@ class RunSection(_Section):
 
 #: The model families: each name is a module ``common/models/<name>.py`` with a ``build_task``
 #: (``common.tasks.build_task`` finds it by that name).
-Family = Literal["vae", "gan", "lm"]
+Family = Literal["vae", "gan", "lm", "merf"]
 
 
 class TaskSection(_Section):
@@ -123,6 +123,19 @@ class GANSection(_Section):
         if self.d_steps_per_g_step > 1 and self.g_steps_per_d_step > 1:
             raise ValueError("set at most one of d-steps-per-g-step and g-steps-per-d-step above 1")
         return self
+
+
+class MERFSection(_Section):
+    eval_metrics: ClassVar[tuple[EvalMetric, ...]] = ()  # its feature-distance is a diagnostic: FID is
+
+    feature_seed: int = Field(7, description="seed of the random convolutional feature map (the same at every "
+                              "site and the server; changing it changes what the sites release)")
+    latent_dim: int = Field(32, ge=1, description="generator's latent size")
+    width: int = Field(64, ge=4, description="generator's last hidden channels (common/models/gan.py)")
+    generator_steps: int = Field(2000, ge=0, description="generator steps the server trains after each round "
+                                 "(post-processing of the release: no privacy cost)")
+    generator_per_class: int = Field(50, ge=2, description="generated images per class in each generator step")
+    generator_lr: float = Field(1e-3, gt=0, description="generator's Adam learning rate (cosine-annealed per round)")
 
 
 class LMSection(_Section):
@@ -276,6 +289,7 @@ class AppConfig(_Section):
     vae: VAESection = VAESection()
     gan: GANSection = GANSection()
     lm: LMSection = LMSection()
+    merf: MERFSection = MERFSection()
     train: TrainSection = TrainSection()
     privacy: PrivacySection = PrivacySection()
     strategy: StrategySection = StrategySection()

@@ -83,6 +83,11 @@ class GenerativeTask(Protocol):
 
     canary_score: str  # what :meth:`canary_losses` measures, in words (the audit's method string)
 
+    # Optional, not part of the protocol check: ``server_update() -> dict[str, float]``, the
+    # family's own training at the server after each round's aggregation (server/evaluation.py),
+    # on the aggregated weights only (post-processing: it never sees private data). merf trains
+    # its generator there.
+
     @torch.no_grad()
     def canary_losses(self, canaries: torch.Tensor, seed: int) -> torch.Tensor:
         """Each canary record's loss under the current weights, the family's own loss (float64,

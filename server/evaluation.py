@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,19 @@ class Evaluator:
 
     def initial_arrays(self) -> ArrayRecord:
         return R.to_arrayrecord(self.task.modules)
+
+    def server_update(self, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
+        """The family's training at the server after a round's aggregation (its optional
+        ``server_update()``, e.g. merf's generator): post-processing of the sites' DP outputs,
+        no private data. Returns the weights the run continues from, and its metrics."""
+        update = getattr(self.task, "server_update", None)
+        if update is None:
+            return arrays, {}
+        R.load_arrayrecord(self.task.modules, arrays)
+        t = time.time()
+        metrics = dict(update())
+        metrics["server-train-seconds"] = time.time() - t
+        return R.to_arrayrecord(self.task.modules), metrics
 
     def evaluate(self, arrays: ArrayRecord, server_round: int | None = None) -> dict[str, float]:
         R.load_arrayrecord(self.task.modules, arrays)

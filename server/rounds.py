@@ -314,9 +314,13 @@ class RoundLoop:
         new_arrays, agg = strategy.aggregate_train(rnd, merged)
         if self.canaries is not None:  # the figures operators read are the real sites' own
             agg = aggregate_train_metrics([m.content for m in good], R.WEIGHT) if good else None
+        server_metrics: dict[str, float] = {}
+        if new_arrays is not None:  # the family's own step at the server, if it has one (post-processing)
+            new_arrays, server_metrics = self.evaluator.server_update(new_arrays)
         return _Merge(
             arrays=new_arrays if new_arrays is not None else arrays,
-            train_metrics={k: float(v) for k, v in (agg or {}).items() if not isinstance(v, list)},
+            train_metrics={**{k: float(v) for k, v in (agg or {}).items() if not isinstance(v, list)},
+                           **server_metrics},
             user_dp=dict(strategy.last_round) if self.user_level else None,  # bound, noise, noisy fraction
             canary_updates=len(extra),
         )

@@ -55,6 +55,9 @@ class NoEval:
     def initial_arrays(self) -> ArrayRecord:
         return ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
 
+    def server_update(self, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
+        return arrays, {}
+
     def evaluate(self, arrays: ArrayRecord, server_round: int | None = None) -> dict[str, float]:
         return {}
 

@@ -1,0 +1,146 @@
+"""merf's release (common/models/merf.py): the class means it carries, its sensitivity, its noise.
+
+The release is one DP-SGD step of the ``release`` module. These tests check the mechanism on
+neighbouring datasets: noise 0 shows what is released and how far one record moves it; noise
+z shows the Gaussian noise is there at the stated scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from client.dp import make_private
+from common import privacy
+from common.dp_step import unwrap
+from common.models import merf
+from common.tasks import DataSpec, build_task
+from tests.conftest import quick_config
+
+SPEC = DataSpec(kind="image", image_size=8, channels=1, num_classes=3)
+
+
+def task_and_data(n: int = 60, seed: int = 0):
+    cfg = quick_config(**{"task.family": "merf", "merf.width": 8})
+    g = torch.Generator().manual_seed(seed)
+    data = TensorDataset(torch.rand(n, 1, 8, 8, generator=g), torch.arange(n) % 3)
+    return build_task(cfg, SPEC), data
+
+
+def release(task, data, *, noise: float, clip: float = 1.0, mode: str = "hooks") -> torch.Tensor:
+    """theta after one full-batch private step (sample rate 1) from zero, times the expected
+    batch size: the noised sum of clipped psi per class, as the mechanism releases it."""
+    optimizers = task.make_optimizers()
+    loader = torch.utils.data.DataLoader(data, batch_size=len(data))
+    dp = make_private(task, optimizers, loader, plan=privacy.DPPlan(noise, 1.0, 1, 1e-5, "rdp", clip),
+                      history=[], grad_sample_mode=mode)
+    batch = next(iter(dp.loader))
+    assert len(batch[0]) == len(data)  # sample rate 1: every record, every time
+    task.train_step(batch, optimizers)
+    assert sum(s for _, _, s in dp.engine.accountant.history) == 1
+    return unwrap(task.modules["release"]).theta.weight.detach().clone() * optimizers["release"].expected_batch_size
+
+
+def test_every_record_has_a_gradient_of_norm_one():
+    task, data = task_and_data()
+    psi = unwrap(task.modules["release"]).psi(data.tensors[0])
+    assert torch.allclose(psi.norm(dim=1), torch.ones(len(data)), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_without_noise_the_release_is_each_class_mean_of_the_features(mode):
+    task, data = task_and_data()
+    torch.manual_seed(0)
+    release(task, data, noise=0.0, mode=mode)
+    means, shares = unwrap(task.modules["release"]).class_means()
+    x, y = data.tensors
+    phi = unwrap(task.modules["release"]).features(x)
+    for c in range(3):
+        assert torch.allclose(means[c], phi[y == c].mean(0), atol=1e-5)
+    assert torch.allclose(shares, torch.full((3,), 1 / 3), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_one_record_moves_the_release_by_at_most_the_clipping_bound(mode, monkeypatch):
+    """Neighbouring datasets (one record added). Features scaled to norm 3 (a broken feature
+    map): the clipping bound C still caps the record's influence; without clipping it is 3."""
+    monkeypatch.setattr(merf.Features, "forward", lambda self, x: 3 * self._blocks(x)[0])
+    task, data = task_and_data()
+    extra = TensorDataset(torch.ones(1, 1, 8, 8), torch.tensor([1]))
+    neighbour = torch.utils.data.ConcatDataset([data, extra])
+    clip = 0.5
+    torch.manual_seed(0)
+    a = release(task, data, noise=0.0, clip=clip, mode=mode)
+    task, _ = task_and_data()
+    b = release(task, neighbour, noise=0.0, clip=clip, mode=mode)
+    moved = (b - a).norm()
+    assert moved == pytest.approx(clip, rel=1e-4)  # every record is clipped (norm 3 > C): exactly C
+    assert (b - a)[[0, 2]].abs().max() < 1e-5  # and only its own class's row moves
+
+
+def test_the_noise_is_gaussian_with_std_z_times_c():
+    task, data = task_and_data()
+    torch.manual_seed(0)
+    exact = release(task, data, noise=0.0, clip=0.7)
+    task, _ = task_and_data()
+    torch.manual_seed(1)
+    noisy = release(task, data, noise=1.3, clip=0.7)
+    err = (noisy - exact).flatten()
+    assert err.mean().abs() < 0.05
+    assert err.std().item() == pytest.approx(1.3 * 0.7, rel=0.03)  # about 10,000 entries
+
+
+def test_the_server_step_trains_the_generator_towards_the_release():
+    """Post-processing: the generator's features move towards the released class means."""
+    cfg = quick_config(**{"task.family": "merf", "merf.width": 8, "merf.generator-steps": 150,
+                          "merf.generator-per-class": 16})
+    task = build_task(cfg, SPEC)
+    _, data = task_and_data()
+    torch.manual_seed(0)
+    release(task, data, noise=0.0)
+    rel = unwrap(task.modules["release"])
+    means, _ = rel.class_means()
+
+    def distance() -> float:
+        y = torch.arange(3).repeat_interleave(32)
+        got = torch.zeros_like(means).index_add(0, y, rel.features(task.sample(len(y), 5, y))) / 32
+        return float(((got - means) ** 2).sum())
+
+    before = distance()
+    out = task.server_update()
+    assert math.isfinite(out["generator-match"])
+    assert distance() < 0.5 * before
+
+
+def test_the_server_step_does_nothing_before_any_release():
+    task, _ = task_and_data()
+    before = [p.clone() for p in task.modules["generator"].parameters()]
+    assert task.server_update() == {}
+    assert all(torch.equal(a, b) for a, b in zip(before, task.modules["generator"].parameters()))
+
+
+def test_the_server_evaluator_runs_the_family_step_on_the_merged_weights():
+    """The round loop hands every merged model to ``Evaluator.server_update``: for merf the
+    generator changes and the release does not; a family without the step is left as it is."""
+    from common import records as R
+    from server.evaluation import Evaluator
+
+    cfg = quick_config(**{"task.family": "merf", "merf.width": 8, "merf.generator-steps": 5,
+                          "eval.fid-domain-n": 0})
+    ev = Evaluator(cfg)
+    spec_task = build_task(cfg, ev.spec)
+    rel = unwrap(spec_task.modules["release"])
+    with torch.no_grad():
+        rel.theta.weight.normal_()
+    merged = R.to_arrayrecord(spec_task.modules)
+    out, metrics = ev.server_update(merged)
+    assert set(metrics) == {"generator-match", "server-train-seconds"}
+    for key in merged:
+        same = (out[key].numpy() == merged[key].numpy()).all()
+        assert same == (not key.startswith("generator.")), key
+    vae = Evaluator(quick_config(**{"eval.fid-domain-n": 0}))
+    arrays = vae.initial_arrays()
+    assert vae.server_update(arrays) == (arrays, {})
