@@ -32,7 +32,9 @@ each block normalised so that their concatenation has norm 1.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,8 @@ from common.config import AppConfig
 from common.dp_step import backward_mean, empty_batch_grads, unwrap
 from common.models.gan import GANConfig, Generator
 from common.tasks import DataSpec, evaluating, sample_labels
+
+log = logging.getLogger(__name__)
 
 #: Weight ``a`` of the count coordinate in ``psi``: the release carries each class's (noised)
 #: share of records beside its feature sum, at 1% of the unit norm.
@@ -194,7 +198,8 @@ class MERFTask:
         g = torch.Generator(device="cpu").manual_seed(self.seed)
         loss = torch.zeros(())
         gen.train()
-        for _ in range(self.server.steps):
+        start = time.time()
+        for step in range(self.server.steps):
             z = torch.randn(len(y), self.latent_dim, generator=g).to(self.device)
             phi = release.features(self._generate(z, y))
             got = torch.zeros_like(means).index_add(0, y, phi) / self.server.per_class
@@ -203,6 +208,9 @@ class MERFTask:
             loss.backward()
             opt.step()
             sched.step()
+            if (step + 1) % 500 == 0 or step + 1 == self.server.steps:
+                log.info("merf generator step %d/%d: feature match %.4g (%.0fs)", step + 1, self.server.steps,
+                         float(loss.detach()), time.time() - start)
         return {"generator-match": float(loss.detach())}
 
     @torch.no_grad()
