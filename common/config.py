@@ -130,11 +130,13 @@ class MERFSection(_Section):
 
     feature_seed: int = Field(7, description="seed of the random convolutional feature map (the same at every "
                               "site and the server; changing it changes what the sites release)")
+    second_moments: bool = Field(False, description="release the pooled squares of the conv features too "
+                                 "(their means: the features' second moments)")
     latent_dim: int = Field(32, ge=1, description="generator's latent size")
-    width: int = Field(64, ge=4, description="generator's last hidden channels (common/models/gan.py)")
+    width: int = Field(32, ge=4, description="generator's last hidden channels (common/models/gan.py)")
     generator_steps: int = Field(2000, ge=0, description="generator steps the server trains after each round "
                                  "(post-processing of the release: no privacy cost)")
-    generator_per_class: int = Field(50, ge=2, description="generated images per class in each generator step")
+    generator_per_class: int = Field(20, ge=2, description="generated images per class in each generator step")
     generator_lr: float = Field(1e-3, gt=0, description="generator's Adam learning rate (cosine-annealed per round)")
 
 
@@ -302,6 +304,14 @@ class AppConfig(_Section):
         if self.audit.user_canaries and self.run.resume:
             raise ValueError("run.resume: an audit run (audit.user-canaries > 0) keeps no checkpoints and cannot "
                              "be resumed; start it again")
+        return self
+
+    @model_validator(mode="after")
+    def _merf_needs_an_averaging_strategy(self) -> AppConfig:
+        if self.task.family == "merf" and self.strategy.name in ("fedadam", "fedyogi"):
+            raise ValueError(f"strategy.name = {self.strategy.name!r}: merf's release is a sum of feature vectors and "
+                             "the server reads class means from it; an adaptive server optimizer rescales every "
+                             "coordinate on its own and would distort them: use fedavg (or a robust rule)")
         return self
 
     def to_flat(self) -> dict[str, Any]:

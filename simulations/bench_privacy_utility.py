@@ -3,6 +3,7 @@
     python -m simulations.bench_privacy_utility                       # images: VAE and GAN, iid and dirichlet
     python -m simulations.bench_privacy_utility --only lm             # Shakespeare LM at epsilon 3, 8, inf
     python -m simulations.bench_privacy_utility --families vae --partitioners iid --epsilons 10 inf
+    python -m simulations.bench_privacy_utility --families merf --rounds 1 --max-steps 1   # one release per site
 
 Images: Fashion-MNIST over ``--sites`` sites (IID, or Dirichlet with ``data.dirichlet-alpha``),
 site-level DP-SGD calibrated to each target epsilon at delta = 1e-5 (``inf`` = DP off), then
@@ -36,7 +37,7 @@ from simulations.benchlib import MACHINE, as_sets, load_note, parse_sets, save_p
 from simulations.launch import ROOT
 
 PUBLISHED_FID_EPS10 = {"GS-WGAN": 131.3, "DP-MERF": 132.6, "DP-Sinkhorn": 128.3, "DPDM": 18.6}
-IMAGE_PRESETS = {"vae": None, "gan": "gan-fashion"}  # None = the pyproject defaults (the default job)
+IMAGE_PRESETS = {"vae": None, "gan": "gan-fashion", "merf": "merf-fashion"}  # None = the pyproject defaults
 
 
 def _eps(text: str) -> float:
@@ -186,8 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="fedgen-pu-") as tmp:
         for i, (fam, part, eps, preset, sites) in enumerate(jobs):
             ov = job_overrides(fam, part, eps, args)
-            if fam == "gan" and args.image_preset:
-                ov["task.family"] = "gan"
+            if fam != "vae" and args.image_preset:  # the image preset replaces the family's own
+                ov["task.family"] = fam
             print(f"[{i + 1}/{len(jobs)}] {fam} {part or 'roles'} eps={eps:g}: {as_sets(ov)}", flush=True)
             res = run_job(preset, ov, sites, Path(tmp) / f"job-{i}", args.transport, args.threads)
             loads.append(os.getloadavg()[0])

@@ -57,11 +57,13 @@ class Features(nn.Module):
     """A fixed feature map: pixels and three random conv layers, pooled; norm 1 per image.
 
     Data-independent (drawn from ``seed``, identical at every site and the server) and
-    never trained. Each of the four blocks is scaled to unit norm, the whole by 1/2.
+    never trained. Each block (pixels, the three layers' pooled activations and, with
+    ``squares``, their pooled squares) is scaled to unit norm, the whole by 1/sqrt(blocks).
     """
 
-    def __init__(self, channels: int, image_size: int, seed: int, width: int = 32) -> None:
+    def __init__(self, channels: int, image_size: int, seed: int, width: int = 32, squares: bool = False) -> None:
         super().__init__()
+        self.squares = squares
         g = torch.Generator().manual_seed(seed)
         self.c1 = nn.Conv2d(channels, width, 3, padding=1)
         self.c2 = nn.Conv2d(width, 2 * width, 3, padding=1)
@@ -81,6 +83,9 @@ class Features(nn.Module):
         h3 = F.relu(self.c3(F.avg_pool2d(h2, 2)))
         blocks = [x.flatten(1), F.avg_pool2d(h1, self.pool1).flatten(1),
                   F.avg_pool2d(h2, max(self.pool1 // 2, 1)).flatten(1), h3.mean((2, 3))]
+        if self.squares:  # second moments too: their means are the features' (uncentred) variances
+            blocks += [F.avg_pool2d(h1 * h1, self.pool1).flatten(1), F.avg_pool2d(h2 * h2, max(self.pool1 // 2, 1)).flatten(1),
+                       (h3 * h3).mean((2, 3))]
         blocks = [b / (b.norm(dim=1, keepdim=True) + 1e-8) for b in blocks]
         return torch.cat(blocks, 1) / math.sqrt(len(blocks)), blocks
 
@@ -147,7 +152,7 @@ class MERFTask:
         m = cfg.merf
         self.spec, self.device = spec, device
         self.num_classes = spec.num_classes or 0  # unlabelled images: one class, unconditional sampling
-        features = Features(spec.channels, spec.image_size, m.feature_seed)
+        features = Features(spec.channels, spec.image_size, m.feature_seed, squares=m.second_moments)
         self.latent_dim = m.latent_dim
         gen_cfg = GANConfig(image_size=spec.image_size, channels=spec.channels, latent_dim=m.latent_dim,
                             width=m.width, num_classes=self.num_classes)
@@ -227,8 +232,8 @@ class MERFTask:
             counts += torch.bincount(y, minlength=classes).float()
         real = sums / counts.clamp(min=1)[:, None]
         y = torch.arange(classes).repeat_interleave(50)
-        fake = torch.zeros_like(real).index_add(0, y, release.features(self.sample(len(y), 0, y if self.num_classes
-                                                                                          else None)))
+        fake_images = self.sample(len(y), 0, y if self.num_classes else None).to(self.device)
+        fake = torch.zeros_like(real).index_add(0, y, release.features(fake_images).cpu())
         return {"feature-distance": float(((fake / 50 - real)[counts > 0] ** 2).sum())}
 
     @torch.no_grad()

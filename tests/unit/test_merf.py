@@ -23,8 +23,8 @@ from tests.conftest import quick_config
 SPEC = DataSpec(kind="image", image_size=8, channels=1, num_classes=3)
 
 
-def task_and_data(n: int = 60, seed: int = 0):
-    cfg = quick_config(**{"task.family": "merf", "merf.width": 8})
+def task_and_data(n: int = 60, seed: int = 0, **overrides):
+    cfg = quick_config(**{"task.family": "merf", "merf.width": 8, **overrides})
     g = torch.Generator().manual_seed(seed)
     data = TensorDataset(torch.rand(n, 1, 8, 8, generator=g), torch.arange(n) % 3)
     return build_task(cfg, SPEC), data
@@ -44,8 +44,9 @@ def release(task, data, *, noise: float, clip: float = 1.0, mode: str = "hooks")
     return unwrap(task.modules["release"]).theta.weight.detach().clone() * optimizers["release"].expected_batch_size
 
 
-def test_every_record_has_a_gradient_of_norm_one():
-    task, data = task_and_data()
+@pytest.mark.parametrize("squares", [False, True])
+def test_every_record_has_a_gradient_of_norm_one(squares):
+    task, data = task_and_data(**{"merf.second-moments": squares})
     psi = unwrap(task.modules["release"]).psi(data.tensors[0])
     assert torch.allclose(psi.norm(dim=1), torch.ones(len(data)), atol=1e-5)
 
@@ -144,3 +145,12 @@ def test_the_server_evaluator_runs_the_family_step_on_the_merged_weights():
     vae = Evaluator(quick_config(**{"eval.fid-domain-n": 0}))
     arrays = vae.initial_arrays()
     assert vae.server_update(arrays) == (arrays, {})
+
+
+def test_an_adaptive_server_optimizer_is_refused_with_the_fix():
+    from common.config import ConfigError
+
+    for name in ("fedadam", "fedyogi"):
+        with pytest.raises(ConfigError, match="use fedavg"):
+            quick_config(**{"task.family": "merf", "strategy.name": name})
+    quick_config(**{"task.family": "merf", "strategy.name": "median"})  # a robust rule is fine
