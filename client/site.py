@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
@@ -207,8 +208,14 @@ def _train_private(cfg: AppConfig, task, data, optimizers, loader, *, plan, sp: 
         return RoundResult(status="budget-exhausted", metrics=metrics, reason=str(err))
     dp = make_private(task, optimizers, loader, plan=plan, history=entry.history,
                       grad_sample_mode=cfg.privacy.grad_sample_mode)
-    result, wall, cpu = _train(task, dp.loader, optimizers, plan.steps_per_round, proximal_mu)
+    result, wall, cpu = _train(task, dp.loader, optimizers, plan.steps_per_round, proximal_mu, check_loss=False)
     arrays = R.to_arrayrecord(task.modules)
+    # Whether the site fails may depend only on the DP output, never on the exact loss: a server
+    # that picks the weights could make the loss overflow exactly when a record is there (and a
+    # failure reply says so). The update is checked instead; the charge stays (pending) on failure.
+    bad = [name for name, arr in arrays.items() if not np.isfinite(arr.numpy()).all()]
+    if bad:
+        raise FloatingPointError(f"the DP update has non-finite values in {bad[:3]}; lower train.lr")
     metrics.update({R.STEPS: float(plan.steps_per_round), R.REPLAYED: 0.0, R.TRAIN_SECONDS: wall,
                     R.TRAIN_CPU_SECONDS: cpu, R.EPSILON: reservation.would})
     if diag:  # the one loss a DP site may send: noised and charged (client/diagnostics.py)
@@ -220,15 +227,17 @@ def _train_private(cfg: AppConfig, task, data, optimizers, loader, *, plan, sp: 
     return RoundResult(status="ok", metrics=metrics, arrays=_with_fault(arrays, fault, global_arrays))
 
 
-def _train(task, loader, optimizers, steps: int, proximal_mu: float):
-    """The local loop (with FedProx's term when asked); (result, wall seconds, CPU seconds)."""
+def _train(task, loader, optimizers, steps: int, proximal_mu: float, *, check_loss: bool = True):
+    """The local loop (with FedProx's term when asked); (result, wall seconds, CPU seconds).
+    ``check_loss``: fail on a non-finite mean loss (without DP only: under DP the exact loss must
+    decide nothing the server learns)."""
     hooks = add_proximal_term(optimizers, task.modules, proximal_mu) if proximal_mu > 0 else []
     wall, cpu = time.perf_counter(), time.process_time()
     result = train_local(task, loader, optimizers, steps)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     for h in hooks:
         h.remove()
-    if not math.isfinite(result.mean_loss):
+    if check_loss and not math.isfinite(result.mean_loss):
         raise FloatingPointError(f"local training diverged (loss {result.mean_loss}); lower train.lr")
     return result, wall, cpu
 

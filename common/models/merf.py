@@ -12,11 +12,12 @@ ledger, budget refusal and audits treat it like any other family's training):
   (:class:`Features`) and one trainable matrix ``theta`` (classes x (features + 1)), zero at
   round 1. A record (x, y) has the loss ``-<theta[y], psi(x)>`` with
   ``psi(x) = [sqrt(1 - a^2) phi(x), a]``, ``||phi(x)|| = 1``; its gradient is ``-psi(x)`` in row
-  y and zero elsewhere, so its norm is exactly 1 whatever ``theta`` is.
+  y and zero elsewhere, so its norm is at most 1 (1 unless a feature block is all zero)
+  whatever ``theta`` is.
 - Adjacency: add/remove one record at a site (the sample-level DP every family has).
   Sensitivity: Opacus clips each record's gradient to ``privacy.max-grad-norm`` = C (a no-op at
-  C >= 1; below, every record is scaled by the same factor), so the noised sum changes by at
-  most C between neighbours; Opacus adds N(0, (z C)^2) per entry: the Gaussian mechanism,
+  C >= 1), so the noised sum changes by at most C between neighbours whatever the features
+  are; Opacus adds N(0, (z C)^2) per entry: the Gaussian mechanism,
   subsampled at ``q`` (q = 1 with ``train.batch-size`` >= the site's records: one full-batch
   step, the plain Gaussian mechanism). Accounted by Opacus' accountant as (z, q, steps) like
   any DP-SGD step; nothing else about the records leaves the site.
@@ -65,22 +66,22 @@ class Features(nn.Module):
         super().__init__()
         self.squares = squares
         g = torch.Generator().manual_seed(seed)
-        self.c1 = nn.Conv2d(channels, width, 3, padding=1)
-        self.c2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.c3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
-        for conv in (self.c1, self.c2, self.c3):
-            nn.init.kaiming_normal_(conv.weight, generator=g)
-            nn.init.zeros_(conv.bias)
-        self.requires_grad_(False)
+        # Non-persistent buffers, not parameters: never trained, never in the state dict, so never
+        # in the arrays a site receives or sends (nothing the server or a strategy's noise could
+        # change): every party rebuilds the same map from the seed.
+        for i, (c_in, c_out) in enumerate([(channels, width), (width, 2 * width), (2 * width, 4 * width)], 1):
+            weight = torch.empty(c_out, c_in, 3, 3)
+            nn.init.kaiming_normal_(weight, generator=g)
+            self.register_buffer(f"w{i}", weight, persistent=False)
         self.pool1 = max(image_size // 7, 1)  # the first block pooled to about 7x7
         with torch.no_grad():
             self.dim = int(self._blocks(torch.zeros(1, channels, image_size, image_size))[0].shape[1])
 
     def _blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = x * 2 - 1
-        h1 = F.relu(self.c1(x))
-        h2 = F.relu(self.c2(F.avg_pool2d(h1, 2)))
-        h3 = F.relu(self.c3(F.avg_pool2d(h2, 2)))
+        h1 = F.relu(F.conv2d(x, self.w1, padding=1))
+        h2 = F.relu(F.conv2d(F.avg_pool2d(h1, 2), self.w2, padding=1))
+        h3 = F.relu(F.conv2d(F.avg_pool2d(h2, 2), self.w3, padding=1))
         blocks = [x.flatten(1), F.avg_pool2d(h1, self.pool1).flatten(1),
                   F.avg_pool2d(h2, max(self.pool1 // 2, 1)).flatten(1), h3.mean((2, 3))]
         if self.squares:  # second moments too: their means are the features' (uncentred) variances
@@ -90,7 +91,8 @@ class Features(nn.Module):
         return torch.cat(blocks, 1) / math.sqrt(len(blocks)), blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, dim) features of images in [0, 1], each row of norm 1 (0 for a blank block)."""
+        """(N, dim) features of images in [0, 1], each row of norm at most 1 (1 unless a block is all
+        zero, e.g. a layer that no filter responds to)."""
         return self._blocks(x)[0]
 
 

@@ -82,13 +82,14 @@ def test_one_record_moves_the_release_by_at_most_the_clipping_bound(mode, monkey
     assert (b - a)[[0, 2]].abs().max() < 1e-5  # and only its own class's row moves
 
 
-def test_the_noise_is_gaussian_with_std_z_times_c():
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])  # ghost and bk add the noise in code of their own
+def test_the_noise_is_gaussian_with_std_z_times_c(mode):
     task, data = task_and_data()
     torch.manual_seed(0)
-    exact = release(task, data, noise=0.0, clip=0.7)
+    exact = release(task, data, noise=0.0, clip=0.7, mode=mode)
     task, _ = task_and_data()
     torch.manual_seed(1)
-    noisy = release(task, data, noise=1.3, clip=0.7)
+    noisy = release(task, data, noise=1.3, clip=0.7, mode=mode)
     err = (noisy - exact).flatten()
     assert err.mean().abs() < 0.05
     assert err.std().item() == pytest.approx(1.3 * 0.7, rel=0.03)  # about 10,000 entries
@@ -154,3 +155,55 @@ def test_an_adaptive_server_optimizer_is_refused_with_the_fix():
         with pytest.raises(ConfigError, match="use fedavg"):
             quick_config(**{"task.family": "merf", "strategy.name": name})
     quick_config(**{"task.family": "merf", "strategy.name": "median"})  # a robust rule is fine
+
+
+def _site_round(global_theta: torch.Tensor):
+    """One DP round of the merf-digits preset at site 0 (in-memory ledger) from a global model
+    whose theta is ``global_theta``; (global arrays, reply)."""
+    import tomllib
+
+    from flwr.app import RecordDict
+
+    from client.site import train_round
+    from common import records as R
+    from common.config import parse_node_config
+    from common.data.site import site_dataset
+    from tests.conftest import ROOT
+
+    preset = tomllib.loads((ROOT / "simulations" / "merf-digits.toml").read_text())
+    cfg = quick_config(**preset)
+    site = parse_node_config({"partition-id": 0, "num-partitions": 3, "unsafe-memory-ledger": True})
+    _, spec = site_dataset(cfg, site)
+    task = build_task(cfg, spec)
+    with torch.no_grad():
+        unwrap(task.modules["release"]).theta.weight.copy_(global_theta)
+    arrays = R.to_arrayrecord(task.modules)
+    return arrays, train_round(cfg, site, arrays, 1, RecordDict())
+
+
+def test_a_site_sends_back_only_theta_changed_and_no_feature_map():
+    """Whatever the global weights, the reply differs from them in release.theta alone (the DP
+    output); the feature map is not in the arrays at all (rebuilt from merf.feature-seed)."""
+    theta = torch.randn(10, unwrap(build_task(quick_config(**{"task.family": "merf"}),
+                                              DataSpec(kind="image", image_size=8, channels=1, num_classes=10)
+                                              ).modules["release"]).theta.weight.shape[1])
+    sent, reply = _site_round(theta)
+    assert reply.status == "ok"
+    assert not any(".features." in key for key in sent)
+    for key in sent:
+        same = (reply.arrays[key].numpy() == sent[key].numpy()).all()
+        assert same == (key != "release.theta.weight"), key
+
+
+def test_an_overflowing_loss_the_server_chose_does_not_make_a_dp_site_fail():
+    """The server picks theta so that each class-0 record's loss is 1e37: the exact mean loss
+    overflows (float32) exactly when class 0 has enough records. A site that failed on it would
+    tell the server about its records; under DP it checks only the update it releases."""
+    shape = (10, unwrap(build_task(quick_config(**{"task.family": "merf"}),
+                                   DataSpec(kind="image", image_size=8, channels=1, num_classes=10)
+                                   ).modules["release"]).theta.weight.shape[1])
+    theta = torch.zeros(shape)
+    theta[0, -1] = -1e38  # loss of a class-0 record: -theta[0, -1] * 0.1 = 1e37; 35 of them overflow
+    _, reply = _site_round(theta)
+    assert reply.status == "ok"
+    assert torch.isfinite(torch.from_numpy(reply.arrays["release.theta.weight"].numpy())).all()
