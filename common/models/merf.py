@@ -50,12 +50,12 @@ from common.tasks import DataSpec, evaluating, sample_labels
 log = logging.getLogger(__name__)
 
 #: Weight ``a`` of the count coordinate in ``psi``: the release carries each class's (noised)
-#: share of records beside its feature sum, at 1% of the unit norm.
+#: share of records beside its feature sum; a^2 = 1% of a record's squared norm.
 COUNT_WEIGHT = 0.1
 
 
 class Features(nn.Module):
-    """A fixed feature map: pixels and three random conv layers, pooled; norm 1 per image.
+    """A fixed feature map: pixels and three random conv layers, pooled; norm at most 1 per image.
 
     Data-independent (drawn from ``seed``, identical at every site and the server) and
     never trained. Each block (pixels, the three layers' pooled activations and, with
@@ -85,8 +85,8 @@ class Features(nn.Module):
         blocks = [x.flatten(1), F.avg_pool2d(h1, self.pool1).flatten(1),
                   F.avg_pool2d(h2, max(self.pool1 // 2, 1)).flatten(1), h3.mean((2, 3))]
         if self.squares:  # second moments too: their means are the features' (uncentred) variances
-            blocks += [F.avg_pool2d(h1 * h1, self.pool1).flatten(1), F.avg_pool2d(h2 * h2, max(self.pool1 // 2, 1)).flatten(1),
-                       (h3 * h3).mean((2, 3))]
+            blocks += [F.avg_pool2d(h1 * h1, self.pool1).flatten(1),
+                       F.avg_pool2d(h2 * h2, max(self.pool1 // 2, 1)).flatten(1), (h3 * h3).mean((2, 3))]
         blocks = [b / (b.norm(dim=1, keepdim=True) + 1e-8) for b in blocks]
         return torch.cat(blocks, 1) / math.sqrt(len(blocks)), blocks
 
