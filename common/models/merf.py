@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 #: share of records beside its feature sum; a^2 = 1% of a record's squared norm.
 COUNT_WEIGHT = 0.1
 
+EVAL_PER_CLASS = 50  # generated images per class in evaluate()'s feature-distance
+
 
 class Features(nn.Module):
     """A fixed feature map: pixels and three random conv layers, pooled; norm at most 1 per image.
@@ -233,10 +235,10 @@ class MERFTask:
             sums.index_add_(0, y, release.features(x).cpu())
             counts += torch.bincount(y, minlength=classes).float()
         real = sums / counts.clamp(min=1)[:, None]
-        y = torch.arange(classes).repeat_interleave(50)
+        y = torch.arange(classes).repeat_interleave(EVAL_PER_CLASS)
         fake_images = self.sample(len(y), 0, y if self.num_classes else None).to(self.device)
-        fake = torch.zeros_like(real).index_add(0, y, release.features(fake_images).cpu())
-        return {"feature-distance": float(((fake / 50 - real)[counts > 0] ** 2).sum())}
+        fake = torch.zeros_like(real).index_add(0, y, release.features(fake_images).cpu()) / EVAL_PER_CLASS
+        return {"feature-distance": float(((fake - real)[counts > 0] ** 2).sum())}
 
     @torch.no_grad()
     def canary_losses(self, canaries: torch.Tensor, seed: int) -> torch.Tensor:

@@ -157,6 +157,10 @@ def test_an_adaptive_server_optimizer_is_refused_with_the_fix():
     quick_config(**{"task.family": "merf", "strategy.name": "median"})  # a robust rule is fine
 
 
+# theta's shape for the digits preset: 10 classes x (feature dim + the count coordinate)
+DIGITS_THETA = (10, merf.Features(1, 8, seed=7).dim + 1)
+
+
 def _site_round(global_theta: torch.Tensor):
     """One DP round of the merf-digits preset at site 0 (in-memory ledger) from a global model
     whose theta is ``global_theta``; (global arrays, reply)."""
@@ -184,9 +188,7 @@ def _site_round(global_theta: torch.Tensor):
 def test_a_site_sends_back_only_theta_changed_and_no_feature_map():
     """Whatever the global weights, the reply differs from them in release.theta alone (the DP
     output); the feature map is not in the arrays at all (rebuilt from merf.feature-seed)."""
-    theta = torch.randn(10, unwrap(build_task(quick_config(**{"task.family": "merf"}),
-                                              DataSpec(kind="image", image_size=8, channels=1, num_classes=10)
-                                              ).modules["release"]).theta.weight.shape[1])
+    theta = torch.randn(DIGITS_THETA)
     sent, reply = _site_round(theta)
     assert reply.status == "ok"
     assert not any(".features." in key for key in sent)
@@ -199,10 +201,7 @@ def test_an_overflowing_loss_the_server_chose_does_not_make_a_dp_site_fail():
     """The server picks theta so that each class-0 record's loss is 1e37: the exact mean loss
     overflows (float32) exactly when class 0 has enough records. A site that failed on it would
     tell the server about its records; under DP it checks only the update it releases."""
-    shape = (10, unwrap(build_task(quick_config(**{"task.family": "merf"}),
-                                   DataSpec(kind="image", image_size=8, channels=1, num_classes=10)
-                                   ).modules["release"]).theta.weight.shape[1])
-    theta = torch.zeros(shape)
+    theta = torch.zeros(DIGITS_THETA)
     theta[0, -1] = -1e38  # loss of a class-0 record: -theta[0, -1] * 0.1 = 1e37; 35 of them overflow
     _, reply = _site_round(theta)
     assert reply.status == "ok"
