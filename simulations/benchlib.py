@@ -174,6 +174,19 @@ def median(xs: Iterable[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def failed_rounds_summary(runs_dir: Path) -> str:
+    """The recorded rounds of a failed run with each site's status and reason, for its error message."""
+    try:
+        _, recs = run_records(runs_dir, newest=True)
+    except (OSError, ValueError) as err:
+        return f"unreadable ({err})"
+    if not recs:
+        return "none recorded"
+    return "; ".join(f"round {r['round']}: " + (", ".join(f"{s.get('status')} {s.get('reason') or ''}".strip()
+                                                        for s in r.get("sites", [])) or "no site replies")
+                     for r in recs)
+
+
 def run_flower(preset: str | None, overrides: dict, num_sites: int, work: Path, interval: float = 0.5,
                quiet: bool = True, env: dict[str, str] | None = None) -> dict:
     """One ``flwr run`` simulation through the launcher, timed, with the memory of all it started.
@@ -193,7 +206,8 @@ def run_flower(preset: str | None, overrides: dict, num_sites: int, work: Path, 
                       phases=phases, extra_env=env)
     t_end = time.time()
     if code != 0:
-        raise RuntimeError(f"the flwr run failed (see {flwr_home / 'superlink.log'})")
+        raise RuntimeError(f"the flwr run failed (see {flwr_home / 'superlink.log'}; the launcher printed the end "
+                           f"of its logs above); its rounds: {failed_rounds_summary(runs_dir)}")
     run_dir, recs = run_records(runs_dir)
     return {"t0": t0, "t_end": t_end, "records": recs, "run_dir": run_dir, "phases": phases, "mem": mem,
             "load": os.getloadavg()[0]}

@@ -213,19 +213,36 @@ def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: P
             )
             cmd = ["flwr", "run", str(app_dir), "local", "--stream", "--run-config", str(config_file),
                    "--federation-config", f"num-supernodes={num_sites}"]
-            out = None if not quiet else subprocess.DEVNULL
             phases["run-submitted"] = time.time()
-            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=out).returncode
+            with (flwr_home / "run.log").open("w") as run_log:
+                # Quiet: the run's stream goes to a file, whose end is printed if the run fails.
+                out = None if not quiet else run_log
+                code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=out).returncode
             phases["run-returned"] = time.time()
             status = run_status(env)
         finally:
             stop(proc, flwr_home)
             phases["stopped"] = time.time()
-    state = str(status.get("status", "?"))  # e.g. finished:completed, finished:failed
-    ok = code == 0 and state == "finished:completed"
+        state = str(status.get("status", "?"))  # e.g. finished:completed, finished:failed
+        ok = code == 0 and state == "finished:completed"
+        if not ok and quiet:  # the folder may be temporary: say why now
+            print(failure_tail(flwr_home), file=sys.stderr)
     print(f"fedgen: flwr run exited {code}; run {status.get('run-id', '?')} status: {state}"
           f"{'' if ok else ' -- FAILED'}; records under {runs_dir}", file=sys.stderr)
     return 0 if ok else 1
+
+
+def failure_tail(flwr_home: Path, lines: int = 40) -> str:
+    """The end of a failed quiet run's stream and the SuperLink's error lines, for the error report."""
+    parts = []
+    for name, keep in (("run.log", lambda line: True), ("superlink.log", lambda line: "ERROR" in line)):
+        path = flwr_home / name
+        text = path.read_text(errors="replace").splitlines() if path.exists() else []
+        chosen = [line for line in text if keep(line)][-lines:]
+        if chosen:
+            parts.append(f"--- {path} (last {len(chosen)} lines{'' if name == 'run.log' else ' with ERROR'}):")
+            parts.extend(chosen)
+    return "\n".join(parts) or f"(no log under {flwr_home})"
 
 
 def main(argv: list[str] | None = None) -> int:

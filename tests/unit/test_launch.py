@@ -30,3 +30,14 @@ def test_a_signal_while_the_superlink_starts_leaves_no_process_behind(tmp_path, 
     with pytest.raises(SystemExit):
         L.start_superlink(tmp_path, env)
     assert L.processes_with_env("FLWR_HOME", str(tmp_path)) == []
+
+
+def test_a_failed_quiet_run_reports_the_end_of_its_stream_and_the_superlinks_errors(tmp_path):
+    from simulations.launch import failure_tail
+
+    (tmp_path / "run.log").write_text("".join(f"line {i}\n" for i in range(100)) + "ValueError: the cause\n")
+    (tmp_path / "superlink.log").write_text("INFO ok\nERROR the simulation failed\nINFO bye\n")
+    text = failure_tail(tmp_path, lines=5)
+    assert "ValueError: the cause" in text and "line 96" in text and "line 94" not in text
+    assert "ERROR the simulation failed" in text and "INFO ok" not in text
+    assert "no log" in failure_tail(tmp_path / "absent")
