@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from simulations.launch import ROOT
-from simulations.procs import processes_with_env, tree_pids
+from simulations.procs import processes_with_env, tree_pids, trees
 from simulations.runs import read_rounds, run_records
 
 MACHINE = f"{os.cpu_count()}-core CPU"
@@ -157,8 +157,9 @@ class MemorySampler:
 
 
 def flower_pids(flwr_home: Path):
-    """Every process a launch started (they all inherit its private FLWR_HOME)."""
-    return lambda: processes_with_env("FLWR_HOME", str(flwr_home))
+    """Every process a launch started: those showing its private FLWR_HOME and every process below
+    one (some Ray agents overwrite their environment with their title: launch.kill_started_under)."""
+    return lambda: trees(processes_with_env("FLWR_HOME", str(flwr_home)))
 
 
 # ---------------------------------------------------------------- runs

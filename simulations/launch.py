@@ -29,7 +29,7 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
-from simulations.procs import kill_all, processes_with_env
+from simulations.procs import kill_all, processes_with_env, trees
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,11 +155,21 @@ def stop(proc: subprocess.Popen, flwr_home: Path | None = None) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-    if flwr_home is None:
-        return
-    deadline = time.monotonic() + 20
+    if flwr_home is not None:
+        kill_started_under(flwr_home)
+
+
+def kill_started_under(flwr_home: Path, patience: float = 20.0) -> None:
+    """SIGKILL every process that inherited ``FLWR_HOME=flwr_home`` and every process below one.
+
+    The children count too: Ray's agents rewrite their process title over their environment
+    (seen here: some ``ray::DashboardAgent`` processes no longer show ``FLWR_HOME``), and killing
+    their raylet first would orphan them. So each round of kills takes the whole trees, found
+    while their roots are still alive.
+    """
+    deadline = time.monotonic() + patience
     while (left := processes_with_env("FLWR_HOME", str(flwr_home))) and time.monotonic() < deadline:
-        kill_all(left)
+        kill_all([pid for pid in trees(left) if pid != os.getpid()])
         time.sleep(0.2)
 
 

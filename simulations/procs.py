@@ -60,6 +60,18 @@ def descendants(pid: int, *, include_zombies: bool = False) -> list[tuple[int, i
     return out
 
 
+def trees(roots: list[int]) -> list[int]:
+    """``roots`` and every live process below any of them, sorted (one pass over /proc)."""
+    children = _children(include_zombies=False)
+    out, todo = set(roots), list(roots)
+    while todo:
+        for pid, _ in children.get(todo.pop(), []):
+            if pid not in out:
+                out.add(pid)
+                todo.append(pid)
+    return sorted(out)
+
+
 def tree_pids(root: int) -> list[int]:
     """``root`` and every process below it (zombies included: the memory sampler skips what it cannot read)."""
     return [root, *(pid for pid, _ in descendants(root, include_zombies=True))]

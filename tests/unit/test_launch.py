@@ -41,3 +41,33 @@ def test_a_failed_quiet_run_reports_the_end_of_its_stream_and_the_superlinks_err
     assert "ValueError: the cause" in text and "line 96" in text and "line 94" not in text
     assert "ERROR the simulation failed" in text and "INFO ok" not in text
     assert "no log" in failure_tail(tmp_path / "absent")
+
+
+def test_a_child_that_no_longer_shows_flwr_home_is_stopped_with_its_parent(tmp_path):
+    """Ray's agents overwrite their environment with their title; the launcher must still stop them."""
+    import subprocess
+    import sys
+    import time
+
+    from simulations.launch import kill_started_under
+    from simulations.procs import descendants, live_stat
+
+    # The parent carries FLWR_HOME; its child is started with an empty environment.
+    code = ("import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], env={}); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], env={"FLWR_HOME": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 10
+        while not (kids := descendants(parent.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert kids, "the child never started"
+        kill_started_under(tmp_path, patience=5)
+        parent.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while live_stat(kids[0][0]) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert live_stat(kids[0][0]) is None, "the child without FLWR_HOME outlived the stop"
+    finally:
+        parent.kill()
+        for pid, _ in descendants(parent.pid):
+            subprocess.run(["kill", "-9", str(pid)], check=False)
