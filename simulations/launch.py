@@ -237,7 +237,8 @@ def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: P
         ok = code == 0 and state == "finished:completed"
         if not ok and quiet:  # the folder may be temporary: say why now
             print(failure_tail(flwr_home), file=sys.stderr)
-    print(f"fedgen: flwr run exited {code}; run {status.get('run-id', '?')} status: {state}"
+    details = "" if ok or not status.get("status-details") else f" ({status['status-details']})"
+    print(f"fedgen: flwr run exited {code}; run {status.get('run-id', '?')} status: {state}{details}"
           f"{'' if ok else ' -- FAILED'}; records under {runs_dir}", file=sys.stderr)
     return 0 if ok else 1
 
