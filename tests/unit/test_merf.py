@@ -44,11 +44,38 @@ def release(task, data, *, noise: float, clip: float = 1.0, mode: str = "hooks")
     return unwrap(task.modules["release"]).theta.weight.detach().clone() * optimizers["release"].expected_batch_size
 
 
-@pytest.mark.parametrize("squares", [False, True])
-def test_every_record_has_a_gradient_of_norm_one(squares):
-    task, data = task_and_data(**{"merf.second-moments": squares})
+@pytest.mark.parametrize("squares, features", [(False, "random"), (True, "random"), (False, "public-mnist")])
+def test_every_record_has_a_gradient_of_norm_one(squares, features, tmp_path):
+    task, data = task_and_data(**{"merf.second-moments": squares, "merf.features": features,
+                                  "eval.cache-dir": str(tmp_path)})
     psi = unwrap(task.modules["release"]).psi(data.tensors[0])
     assert torch.allclose(psi.norm(dim=1), torch.ones(len(data)), atol=1e-5)
+
+
+def test_the_public_feature_map_is_the_same_in_every_process_and_learned_the_digits(tmp_path, monkeypatch):
+    """Two parties fit the same weights from the seed and the public digits (one thread, fixed
+    order); a third loads them from its cache instead of refitting. The fit moved the map away
+    from its random start and classifies the public digits far above chance (1/10)."""
+    from common.models import merf_public
+
+    a, b, start = (merf.Features(1, 8, seed=7, width=8) for _ in range(3))
+    merf_public.fit_to_public_digits(a, 7, str(tmp_path / "a"))
+    merf_public.fit_to_public_digits(b, 7, str(tmp_path / "b"))
+    assert all(torch.equal(u, v) for u, v in zip(a.conv_weights(), b.conv_weights()))
+    assert all(not torch.equal(u, v) for u, v in zip(a.conv_weights()[::2], start.conv_weights()[::2]))
+    (cached,) = (tmp_path / "a").glob("merf-public-mnist-*.pt")
+    assert torch.load(cached, weights_only=True)["accuracy"] > 0.5
+
+    def refit(*args, **kwargs):
+        raise AssertionError("refitted although the cache holds the map")
+
+    monkeypatch.setattr(merf_public, "_train", refit)
+    c = merf.Features(1, 8, seed=7, width=8)
+    merf_public.fit_to_public_digits(c, 7, str(tmp_path / "a"))
+    assert all(torch.equal(u, v) for u, v in zip(a.conv_weights(), c.conv_weights()))
+    other_seed = merf.Features(1, 8, seed=8, width=8)  # a different start is a different cache entry
+    with pytest.raises(AssertionError, match="refitted"):
+        merf_public.fit_to_public_digits(other_seed, 8, str(tmp_path / "a"))
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
