@@ -21,6 +21,7 @@ it depends on, so a process pays for it once (about 30 s at 28x28 on this machin
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import time
@@ -91,23 +92,39 @@ def fit_to_public_digits(features: Features, seed: int, cache_dir: str, fit: Pub
     channels, image_size = features.w1.shape[1], features.image_size
     images = resized(digits, image_size).images.expand(-1, channels, -1, -1).contiguous()
     path = _cache_path(features, seed, images, fit, cache_dir)
-    if path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            with torch.no_grad():
-                for buffer, cached in zip(features.conv_weights(), state["weights"], strict=True):
-                    buffer.copy_(cached)
-            log.info("merf: feature map trained on public digits (training accuracy %.3f) loaded from %s",
-                     float(state["accuracy"]), path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Parties sharing a cache folder (a simulation's sites) fit one at a time: the first fits,
+    # the others wait and load its file.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _load(features, path):
             return
-        except (OSError, RuntimeError, ValueError, KeyError) as err:
-            log.warning("merf: public feature map cache %s is unusable (%s); refitting", path, err)
-    start, threads = time.time(), torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread, one order of float sums: every party fits the same weights
-    try:
-        accuracy = _train(features, images, digits.labels, seed, fit)
-    finally:
-        torch.set_num_threads(threads)
-    atomic.torch_save({"weights": [w.detach().clone() for w in features.conv_weights()], "accuracy": accuracy}, path)
+        start, threads = time.time(), torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread, one order of float sums: every party fits the same weights
+        try:
+            accuracy = _train(features, images, digits.labels, seed, fit)
+        finally:
+            torch.set_num_threads(threads)
+        atomic.torch_save({"weights": [w.detach().clone() for w in features.conv_weights()], "accuracy": accuracy},
+                          path)
     log.info("merf: feature map trained on %d public MNIST digits (%dx%d) in %.0fs, training accuracy %.3f; "
              "cached at %s", len(images), image_size, image_size, time.time() - start, accuracy, path)
+
+
+def _load(features: Features, path: Path) -> bool:
+    """Copy the cached weights at ``path`` into ``features``; False when there are none usable."""
+    if not path.is_file():
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        weights, accuracy = list(state["weights"]), float(state["accuracy"])
+        if [tuple(w.shape) for w in weights] != [tuple(b.shape) for b in features.conv_weights()]:
+            raise ValueError("its weights have other shapes")
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
+        log.warning("merf: public feature map cache %s is unusable (%s); refitting", path, err)
+        return False
+    with torch.no_grad():  # all or nothing: a refit starts from the seeded random weights
+        for buffer, cached in zip(features.conv_weights(), weights):
+            buffer.copy_(cached)
+    log.info("merf: feature map trained on public digits (training accuracy %.3f) loaded from %s", accuracy, path)
+    return True

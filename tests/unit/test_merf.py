@@ -54,7 +54,8 @@ def test_every_record_has_a_gradient_of_norm_one(squares, features, tmp_path):
 
 def test_the_public_feature_map_is_the_same_in_every_process_and_learned_the_digits(tmp_path, monkeypatch):
     """Two parties fit the same weights from the seed and the public digits (one thread, fixed
-    order); a third loads them from its cache instead of refitting. The fit moved the map away
+    order); an unusable cache file is refitted to the same; a third loads them from its cache
+    instead of refitting. The fit moved the map away
     from its random start and classifies the public digits far above chance (1/10)."""
     from common.models import merf_public
 
@@ -65,6 +66,11 @@ def test_the_public_feature_map_is_the_same_in_every_process_and_learned_the_dig
     assert all(not torch.equal(u, v) for u, v in zip(a.conv_weights()[::2], start.conv_weights()[::2]))
     (cached,) = (tmp_path / "a").glob("merf-public-mnist-*.pt")
     assert torch.load(cached, weights_only=True)["accuracy"] > 0.5
+    (broken,) = (tmp_path / "b").glob("merf-public-mnist-*.pt")
+    torch.save({"weights": [torch.zeros(3)], "accuracy": 1.0}, broken)  # another map's file: refitted, the same
+    d = merf.Features(1, 8, seed=7, width=8)
+    merf_public.fit_to_public_digits(d, 7, str(tmp_path / "b"))
+    assert all(torch.equal(u, v) for u, v in zip(a.conv_weights(), d.conv_weights()))
 
     def refit(*args, **kwargs):
         raise AssertionError("refitted although the cache holds the map")
