@@ -62,8 +62,10 @@ class Features(nn.Module):
     """A fixed feature map: pixels and three conv layers, pooled; norm at most 1 per image.
 
     Data-independent: the conv weights are drawn from ``seed`` and either kept random or trained
-    (:func:`common.models.merf_public.fit_to_public_digits`) on public digits that no site holds;
-    identical at every site and the server, never trained on anyone's records. Each block
+    (:func:`common.models.merf_public.fit_to_public_digits`) on public digits, a fixed function
+    of public data whatever any site holds; never trained on anyone's records. Every party builds
+    it from the run config (the same at the sites and the server up to the float rounding of the
+    public fit on another CPU or torch build: a mismatch would cost quality, never privacy). Each block
     (pixels, the three layers' pooled activations and, with ``squares``, their pooled squares)
     is scaled to unit norm, the whole by 1/sqrt(blocks).
     """
@@ -73,8 +75,9 @@ class Features(nn.Module):
         self.squares, self.image_size = squares, image_size
         g = torch.Generator().manual_seed(seed)
         # Non-persistent buffers, not parameters: never trained by the rounds, never in the state
-        # dict, so never in the arrays a site receives or sends (nothing the server or a strategy's
-        # noise could change): every party rebuilds the same map from the seed.
+        # dict, so never in the arrays a site receives or sends (the server chooses the map only
+        # through the run config: merf.feature-seed and merf.features, never its weights; a
+        # strategy's noise cannot touch it): every party rebuilds it from the seed.
         for i, (c_in, c_out) in enumerate([(channels, width), (width, 2 * width), (2 * width, 4 * width)], 1):
             weight = torch.empty(c_out, c_in, 3, 3)
             nn.init.kaiming_normal_(weight, generator=g)

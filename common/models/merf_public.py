@@ -14,9 +14,12 @@ feature norm stays at most 1 whatever the weights are). The evaluator's networks
 the domain classifier trained on held-out Fashion-MNIST) are different networks on different
 data: no gaming of FID.
 
-Every party (each site and the server) fits the same map: the fit is seeded, runs on one CPU
-thread in a fixed order, and its result is cached under ``eval.cache-dir`` keyed by everything
-it depends on, so a process pays for it once (about 30 s at 28x28 on this machine's CPU).
+Every party (each site and the server) fits the map itself: the fit is seeded, runs on one CPU
+thread in a fixed order (bit-identical on one machine and torch build; another CPU may round
+differently: the server's generator would then match slightly different features than the
+sites released, a loss of quality, never of privacy), and its result is cached under
+``eval.cache-dir`` keyed by everything it depends on, so a process pays for it once (about
+30 s at 28x28 on this machine's CPU).
 """
 
 from __future__ import annotations
@@ -49,11 +52,16 @@ class PublicFit:
     version: int = 1  # bump when the procedure changes: old cache files are then ignored
 
 
-def _cache_path(features: Features, seed: int, images: torch.Tensor, fit: PublicFit, cache_dir: str) -> Path:
+def _cache_path(features: Features, seed: int, images: torch.Tensor, labels: torch.Tensor, fit: PublicFit,
+                cache_dir: str) -> Path:
+    """Keyed by everything the fit depends on: its recipe, the seed, the starting weights (so
+    their shapes and the map's layout), the public images at the task's size and channels, their
+    labels, and the full torch version (another build may sum floats in another order)."""
     h = hashlib.sha256()
-    h.update(repr((asdict(fit), seed, features.squares, [tuple(w.shape) for w in features.conv_weights()],
-                   torch.__version__.split("+")[0])).encode())
-    h.update(images.numpy().tobytes())
+    h.update(repr((asdict(fit), seed, torch.__version__)).encode())
+    for t in (*features.conv_weights(), images, labels):
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return Path(cache_dir) / f"merf-public-mnist-{h.hexdigest()[:16]}.pt"
 
 
@@ -91,7 +99,7 @@ def fit_to_public_digits(features: Features, seed: int, cache_dir: str, fit: Pub
     digits = load_public_mnist()
     channels, image_size = features.w1.shape[1], features.image_size
     images = resized(digits, image_size).images.expand(-1, channels, -1, -1).contiguous()
-    path = _cache_path(features, seed, images, fit, cache_dir)
+    path = _cache_path(features, seed, images, digits.labels, fit, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Parties sharing a cache folder (a simulation's sites) fit one at a time: the first fits,
     # the others wait and load its file.
@@ -102,7 +110,8 @@ def fit_to_public_digits(features: Features, seed: int, cache_dir: str, fit: Pub
         start, threads = time.time(), torch.get_num_threads()
         torch.set_num_threads(1)  # one thread, one order of float sums: every party fits the same weights
         try:
-            accuracy = _train(features, images, digits.labels, seed, fit)
+            with torch.random.fork_rng(devices=[]):  # a cold cache must not move the caller's random stream
+                accuracy = _train(features, images, digits.labels, seed, fit)
         finally:
             torch.set_num_threads(threads)
         atomic.torch_save({"weights": [w.detach().clone() for w in features.conv_weights()], "accuracy": accuracy},
@@ -118,9 +127,11 @@ def _load(features: Features, path: Path) -> bool:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         weights, accuracy = list(state["weights"]), float(state["accuracy"])
-        if [tuple(w.shape) for w in weights] != [tuple(b.shape) for b in features.conv_weights()]:
-            raise ValueError("its weights have other shapes")
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
+        if [(w.shape, w.dtype) for w in weights] != [(b.shape, b.dtype) for b in features.conv_weights()]:
+            raise ValueError("its weights have other shapes or types")
+        if not all(bool(torch.isfinite(w).all()) for w in weights):
+            raise ValueError("its weights are not all finite")
+    except Exception as err:  # noqa: BLE001 - whatever is wrong with the file (empty, truncated, foreign), refit
         log.warning("merf: public feature map cache %s is unusable (%s); refitting", path, err)
         return False
     with torch.no_grad():  # all or nothing: a refit starts from the seeded random weights

@@ -54,34 +54,45 @@ def test_every_record_has_a_gradient_of_norm_one(squares, features, tmp_path):
 
 def test_the_public_feature_map_is_the_same_in_every_process_and_learned_the_digits(tmp_path, monkeypatch):
     """Two parties fit the same weights from the seed and the public digits (one thread, fixed
-    order); an unusable cache file is refitted to the same; a third loads them from its cache
-    instead of refitting. The fit moved the map away
-    from its random start and classifies the public digits far above chance (1/10)."""
+    order) without moving the caller's random stream; an unusable cache file (empty, not
+    finite, another map's) is refitted to the same; a third party loads them from its cache
+    instead of refitting, but never another size's or seed's entry. The fit moved every weight
+    and bias away from the random start and classifies the public digits far above chance."""
     from common.models import merf_public
 
     a, b, start = (merf.Features(1, 8, seed=7, width=8) for _ in range(3))
+    rng = torch.get_rng_state()
     merf_public.fit_to_public_digits(a, 7, str(tmp_path / "a"))
+    assert torch.equal(rng, torch.get_rng_state())
     merf_public.fit_to_public_digits(b, 7, str(tmp_path / "b"))
     assert all(torch.equal(u, v) for u, v in zip(a.conv_weights(), b.conv_weights()))
-    assert all(not torch.equal(u, v) for u, v in zip(a.conv_weights()[::2], start.conv_weights()[::2]))
+    assert all(not torch.equal(u, v) for u, v in zip(a.conv_weights(), start.conv_weights()))
     (cached,) = (tmp_path / "a").glob("merf-public-mnist-*.pt")
     assert torch.load(cached, weights_only=True)["accuracy"] > 0.5
+
     (broken,) = (tmp_path / "b").glob("merf-public-mnist-*.pt")
-    torch.save({"weights": [torch.zeros(3)], "accuracy": 1.0}, broken)  # another map's file: refitted, the same
-    d = merf.Features(1, 8, seed=7, width=8)
-    merf_public.fit_to_public_digits(d, 7, str(tmp_path / "b"))
-    assert all(torch.equal(u, v) for u, v in zip(a.conv_weights(), d.conv_weights()))
+    not_finite = [w.clone() for w in a.conv_weights()]
+    not_finite[0][0, 0, 0, 0] = float("nan")
+    for content in ([torch.zeros(3)], not_finite, None):
+        if content is None:
+            broken.write_bytes(b"")
+        else:
+            torch.save({"weights": content, "accuracy": 1.0}, broken)
+        d = merf.Features(1, 8, seed=7, width=8)
+        merf_public.fit_to_public_digits(d, 7, str(tmp_path / "b"))
+        assert all(torch.equal(u, v) for u, v in zip(a.conv_weights(), d.conv_weights()))
 
     def refit(*args, **kwargs):
-        raise AssertionError("refitted although the cache holds the map")
+        raise AssertionError("refitted")
 
     monkeypatch.setattr(merf_public, "_train", refit)
     c = merf.Features(1, 8, seed=7, width=8)
     merf_public.fit_to_public_digits(c, 7, str(tmp_path / "a"))
     assert all(torch.equal(u, v) for u, v in zip(a.conv_weights(), c.conv_weights()))
-    other_seed = merf.Features(1, 8, seed=8, width=8)  # a different start is a different cache entry
-    with pytest.raises(AssertionError, match="refitted"):
-        merf_public.fit_to_public_digits(other_seed, 8, str(tmp_path / "a"))
+    # Another seed or image size (the same weight shapes) is another cache entry: fitted anew.
+    for other, seed in ((merf.Features(1, 8, seed=8, width=8), 8), (merf.Features(1, 10, seed=7, width=8), 7)):
+        with pytest.raises(AssertionError, match="refitted"):
+            merf_public.fit_to_public_digits(other, seed, str(tmp_path / "a"))
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
