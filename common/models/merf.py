@@ -9,8 +9,8 @@ How the release is a DP-SGD step (so that Opacus clips, noises and accounts for 
 ledger, budget refusal and audits treat it like any other family's training):
 
 - the private module is :class:`Release`: a frozen, data-independent feature map ``phi``
-  (:class:`common.models.merf_features.Features`) and one trainable matrix ``theta`` (classes x (features + 1)), zero at
-  round 1. A record (x, y) has the loss ``-<theta[y], psi(x)>`` with
+  (:class:`common.models.merf_features.Features`) and one trainable matrix ``theta``
+  (classes x (features + 1)), zero at round 1. A record (x, y) has the loss ``-<theta[y], psi(x)>`` with
   ``psi(x) = [sqrt(1 - a^2) phi(x), a]``, ``||phi(x)|| = 1``; its gradient is ``-psi(x)`` in row
   y and zero elsewhere, so its norm is at most 1 (1 unless a feature block is all zero)
   whatever ``theta`` is.
