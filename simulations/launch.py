@@ -1,8 +1,8 @@
 """Run a fedgen job as a real `flwr run` simulation, and exit non-zero if it failed.
 
-    python -m simulations.launch                      # the default job (pyproject settings)
+    python -m simulations.launch                      # the default job (--preset default)
     python -m simulations.launch --preset digits-quick --num-sites 3
-    python -m simulations.launch --set run.num-rounds=2 --set privacy.enabled=false
+    python -m simulations.launch --set privacy.enabled=false        # the default job without DP
 
 What it does, so that nothing outlives it and a failed run is never reported as a
 success (``flwr run --stream`` exits 0 even when the run failed):
@@ -258,7 +258,9 @@ def failure_tail(flwr_home: Path, lines: int = 40) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", help="a simulations/<name>.toml preset (or a path to a TOML file)")
+    ap.add_argument("--preset", default="default",
+                    help="a simulations/<name>.toml preset or a path to a TOML file (default: 'default', the "
+                         "default job; 'vae-fashion': pyproject.toml's settings alone)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one run-config key (repeatable)")
     ap.add_argument("--num-sites", type=int, default=10, help="simulated SuperNodes (default 10)")

@@ -71,3 +71,17 @@ def test_a_child_that_no_longer_shows_flwr_home_is_stopped_with_its_parent(tmp_p
         parent.kill()
         for pid, _ in descendants(parent.pid):
             subprocess.run(["kill", "-9", str(pid)], check=False)
+
+
+def test_the_launcher_without_a_preset_runs_the_default_job_and_vae_fashion_is_the_base_config(tmp_path, monkeypatch):
+    """`python -m simulations.launch` (= scripts/run.sh) runs simulations/default.toml, the job the
+    README describes; --preset vae-fashion adds nothing to pyproject.toml's settings."""
+    from simulations import launch as L
+
+    seen = {}
+    monkeypatch.setattr(L, "launch", lambda preset, overrides, num_sites, runs_dir: seen.update(preset=preset) or 0)
+    assert L.main([]) == 0 and seen["preset"] == "default"
+    job = merged_run_config(seen["preset"], [], tmp_path)
+    assert (job["task.family"], job["data.dataset"], job["privacy.target-epsilon"]) == ("merf", "fashion-mnist", 8.0)
+    base = merged_run_config("vae-fashion", [], tmp_path)
+    assert set(base) == {"run.runs-dir", "privacy.ledger-dir"}, "vae-fashion must stay pyproject.toml's settings alone"
