@@ -28,7 +28,7 @@ from common import records as R
 from common.config import RESUME_ONLY_RUN_FIELDS, SERVER_ONLY_DATA_FIELDS, AppConfig, SiteConfig
 from common.data.site import site_dataset
 from common.tasks import build_task, pick_device
-from common.train import add_proximal_term, train_local
+from common.train import add_proximal_term, freeze_except, train_local
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ def _train_round(
     n = len(data)
     task = build_task(cfg, spec, device)
     R.load_arrayrecord(task.modules, global_arrays)
+    freeze_except(task, cfg.train.trainable_prefixes)  # before the optimizers and Opacus see the parameters
     optimizers = task.make_optimizers()
     # Under DP the Poisson sample (the loader's generator) and the noise (torch's generator)
     # must be secret: seeded from OS entropy (common.privacy.noise_seed), not from the config.

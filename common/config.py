@@ -65,6 +65,10 @@ Family = Literal["vae", "gan", "lm", "merf"]
 
 class TaskSection(_Section):
     family: Family = Field("vae", description="model family: common/models/<family>.py")
+    init_from: str = Field(
+        "", description="a fedgen model file (python -m simulations.pretrain's output, or a run's final_model.pt) "
+        "the federation starts from instead of fresh weights: read by the server only, checked before round 1 "
+        "(same family, architecture, tokenizer and data shape); empty = fresh weights from run.seed")
 
 
 #: Data sets shipped with a package, and the held-out part the server evaluates on.
@@ -86,6 +90,16 @@ class DataSection(_Section):
     eval_max_examples: int = Field(2000, ge=1, description="held-out examples the server evaluates on")
     heldout_plays: int = Field(4, ge=1, description="shakespeare: whole plays held out for the server")
     min_chars: int = Field(2000, ge=1, description="shakespeare: a (play, role) needs this many chars to be a client")
+    public_plays: int = Field(
+        0, ge=0, description="shakespeare: whole plays, neither held out nor any site's, reserved as public text "
+        "to pretrain on without privacy (python -m simulations.pretrain); 0 = none, every other play is the sites'")
+
+    @model_validator(mode="after")
+    def _public_plays_are_plays(self) -> DataSection:
+        if self.public_plays and self.dataset != "shakespeare":
+            raise ValueError(f"data.public-plays = {self.public_plays} reserves whole Shakespeare plays as public "
+                             f"text, but data.dataset = {self.dataset!r}: remove data.public-plays or set it to 0")
+        return self
 
     @model_validator(mode="after")
     def _eval_path_needs_a_folder_dataset(self) -> DataSection:
@@ -101,6 +115,8 @@ class DataSection(_Section):
 class VAESection(_Section):
     # A family's own held-out metrics, as its task's evaluate() names them (common/metrics.py).
     eval_metrics: ClassVar[tuple[EvalMetric, ...]] = (EvalMetric("neg-elbo", "Negative ELBO", "−ELBO"),)
+    # The keys that fix the weights' meaning: a model file (task.init-from) must agree on them.
+    architecture: ClassVar[tuple[str, ...]] = ("latent_dim", "width")
 
     latent_dim: int = Field(16, ge=1)
     width: int = Field(32, ge=4, description="channels of the first conv layer")
@@ -108,6 +124,7 @@ class VAESection(_Section):
 
 class GANSection(_Section):
     eval_metrics: ClassVar[tuple[EvalMetric, ...]] = ()  # the discriminator's scores are not quality: FID is
+    architecture: ClassVar[tuple[str, ...]] = ("latent_dim", "width", "conditional")
 
     latent_dim: int = Field(64, ge=1)
     width: int = Field(32, ge=4, description="discriminator's first conv channels (generator mirrors it)")
@@ -127,6 +144,7 @@ class GANSection(_Section):
 
 class MERFSection(_Section):
     eval_metrics: ClassVar[tuple[EvalMetric, ...]] = ()  # its feature-distance is a diagnostic: FID is
+    architecture: ClassVar[tuple[str, ...]] = ("feature_seed", "features", "second_moments", "latent_dim", "width")
 
     feature_seed: int = Field(7, description="seed of the random convolutional feature map (the same at every "
                               "site and the server; changing it changes what the sites release)")
@@ -145,7 +163,10 @@ class MERFSection(_Section):
 
 
 class LMSection(_Section):
-    eval_metrics: ClassVar[tuple[EvalMetric, ...]] = (EvalMetric("perplexity", "Perplexity", "perplexity"),)
+    eval_metrics: ClassVar[tuple[EvalMetric, ...]] = (
+        EvalMetric("perplexity", "Perplexity", "perplexity"),
+        EvalMetric("next-token-accuracy", "Next-token accuracy", "accuracy", lower_is_better=False))
+    architecture: ClassVar[tuple[str, ...]] = ("tokenizer", "context", "layers", "heads", "width")
 
     layers: int = Field(2, ge=1, description="Transformer blocks")
     heads: int = Field(4, ge=1, description="attention heads (must divide width)")
@@ -169,6 +190,23 @@ class TrainSection(_Section):
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "sgd"] = "adam"
     max_steps: int = Field(0, ge=0, description="cap on local steps per round; 0 = whole epochs")
+    trainable: str = Field(
+        "", description="comma-separated prefixes of the parameters a site trains, as '<module>.<parameter "
+        "path>' (e.g. 'lm.blocks.1,lm.ln_f,lm.head'); the others stay frozen at the global model's values. "
+        "Empty = all. Privacy is the same either way (common/train.py, freeze_except)")
+
+    @field_validator("trainable")
+    @classmethod
+    def _prefixes_are_names(cls, value: str) -> str:
+        parts = [p.strip() for p in value.split(",")] if value.strip() else []
+        if any(not p or " " in p for p in parts):
+            raise ValueError("list parameter-name prefixes separated by commas, e.g. 'lm.blocks.1,lm.head', "
+                             "or leave it empty to train all parameters")
+        return ",".join(parts)
+
+    @property
+    def trainable_prefixes(self) -> tuple[str, ...]:
+        return tuple(self.trainable.split(",")) if self.trainable else ()
 
 
 class PrivacySection(_Section):

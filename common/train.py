@@ -53,6 +53,45 @@ def add_proximal_term(
     return handles
 
 
+def freeze_except(task: GenerativeTask, prefixes: tuple[str, ...]) -> list[str]:
+    """Train only the parameters whose name ``<module>.<parameter path>`` (e.g. ``lm.blocks.1.mlp.0.weight``)
+    starts with one of ``prefixes`` (``train.trainable``; empty: train everything). The others
+    get ``requires_grad = False``: their gradient is never computed, clipped or noised (Opacus
+    skips them), and they leave the round at the global model's values. The trained names, sorted.
+
+    Privacy does not depend on the choice: DP-SGD's guarantee is per step, for the clipped
+    gradient of whatever parameters are trained (the noise is calibrated to the clipping
+    bound, not to the number of coordinates), so the plan and the ledger's charge are the
+    same; fewer coordinates only mean less noise in total. A prefix that names no parameter is
+    refused (ValueError listing the module's top-level names): a typo must not train nothing."""
+    named = _named_parameters(task)
+    trained = check_trainable(task, prefixes)
+    if prefixes:
+        for name, p in named.items():
+            p.requires_grad_(name in trained)
+    return trained
+
+
+def _named_parameters(task: GenerativeTask) -> dict[str, nn.Parameter]:
+    return {f"{m}.{n}": p for m, module in task.modules.items() for n, p in unwrap(module).named_parameters()}
+
+
+def _matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix.rstrip(".") + ".")
+
+
+def check_trainable(task: GenerativeTask, prefixes: tuple[str, ...]) -> list[str]:
+    """The parameter names ``prefixes`` select (all when empty), sorted; ValueError for a prefix
+    that selects nothing. Changes nothing (the server checks the config with it before round 1)."""
+    named = _named_parameters(task)
+    unknown = [pre for pre in prefixes if not any(_matches(name, pre) for name in named)]
+    if unknown:
+        tops = sorted({".".join(name.split(".")[:2]) for name in named})
+        raise ValueError(f"train.trainable = {','.join(prefixes)!r}: {unknown} match no parameter of the "
+                         f"{task.family} model; its parameter names start with {tops}")
+    return sorted(name for name in named if not prefixes or any(_matches(name, pre) for pre in prefixes))
+
+
 def train_local(
     task: GenerativeTask,
     loader: torch.utils.data.DataLoader,

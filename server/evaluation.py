@@ -12,10 +12,12 @@ from flwr.app import ArrayRecord
 from PIL import Image
 
 from common import records as R
-from common.config import AppConfig
+from common.config import AppConfig, ConfigError
 from common.data.site import eval_dataset
 from common.tasks import GenerativeTask, build_task, pick_device
+from common.train import check_trainable
 from server.fid import ImageFID
+from server.run_model import load_init_model
 
 #: Between two text samples in a samples file (the round's samples, and ``fedgen generate``'s .txt).
 TEXT_SEPARATOR = "\n\n---\n\n"
@@ -60,6 +62,13 @@ class Evaluator:
         data, self.spec = eval_dataset(cfg)
         self.loader = torch.utils.data.DataLoader(data, batch_size=cfg.eval.batch_size)
         self.task: GenerativeTask = build_task(cfg, self.spec, self.device)
+        try:  # a prefix that selects nothing is refused here, before round 1, not at every site
+            check_trainable(self.task, cfg.train.trainable_prefixes)
+        except ValueError as err:
+            raise ConfigError([str(err)]) from None
+        if cfg.task.init_from:  # round 1 starts from the model file (checked: ConfigError otherwise)
+            digest = load_init_model(cfg, self.task, self.spec)
+            log.info("initial model: %s (sha256 %s)", cfg.task.init_from, digest)
         self._baseline_done = False
         self.fid = self._image_fid(data) if self.spec.kind == "image" else None
         self._evaluations = 0

@@ -29,7 +29,8 @@ from common.tasks import DataSpec, GenerativeTask, build_task, pick_device
 from server.checkpoints import CheckpointError, Checkpointer, config_differences
 from server.store import RunStore, StoreError
 
-__all__ = ["FINAL_MODEL", "Batch", "RunModel", "draw", "load_run_model", "save_model"]
+__all__ = ["FINAL_MODEL", "Batch", "RunModel", "architecture_differences", "draw", "load_init_model", "load_run_model",
+           "save_model"]
 
 FINAL_MODEL = "final_model.pt"
 
@@ -47,6 +48,47 @@ def save_model(path: Path, arrays_state: dict[str, torch.Tensor], cfg: AppConfig
     if cfg.task.family == "lm":
         meta["tokenizer"] = cfg.lm.tokenizer
     atomic.torch_save({"state_dict": arrays_state, **meta}, path)
+
+
+def architecture_differences(saved_config: dict[str, Any], cfg: AppConfig) -> list[str]:
+    """The family and the architecture keys (its config section's ``architecture``) on which a
+    saved model's config and ``cfg`` differ, as 'key: saved X, this run Y'."""
+    family = cfg.task.family
+    keys = ["task.family"] + [f"{family}.{k.replace('_', '-')}" for k in getattr(cfg, family).architecture]
+    flat = cfg.to_flat()
+    return [f"{k}: the model file has {saved_config.get(k)!r}, this run {flat[k]!r}"
+            for k in keys if saved_config.get(k) != flat[k]]
+
+
+def load_init_model(cfg: AppConfig, task: GenerativeTask, spec: DataSpec) -> str:
+    """Load ``task.init-from`` (a fedgen model file) into ``task``; its sha256 (for the log).
+
+    Refused with a :class:`ConfigError` naming ``task.init-from`` (before round 1, nothing
+    trained or spent) when the file is missing or not a fedgen model, or its family,
+    architecture, tokenizer or data shape differ from this run's (weights that load by shape
+    could still mean something else: another tokenizer maps the same ids to other characters)."""
+    import hashlib
+
+    key, path = "task.init-from", Path(cfg.task.init_from).expanduser()
+    if not path.is_file():
+        raise ConfigError([f"{key} = {cfg.task.init_from!r}: no such file; give a model file written by "
+                           "python -m simulations.pretrain or a run's final_model.pt, or leave it empty"])
+    try:
+        saved = _read_final(path)
+    except StoreError as err:
+        raise ConfigError([f"{key} = {cfg.task.init_from!r}: {err}"]) from None
+    problems = architecture_differences(saved["config"], cfg)
+    if saved.get("data_spec") != dataclasses.asdict(spec):
+        problems.append(f"data shape: the model file was made for {saved.get('data_spec')}, this run's data is "
+                        f"{dataclasses.asdict(spec)}")
+    if problems:
+        raise ConfigError([f"{key} = {cfg.task.init_from!r} does not fit this run; set these as the model file "
+                           f"has them, or pretrain again with this run's settings: {p}" for p in problems])
+    try:
+        R.load_arrayrecord(task.modules, ArrayRecord(torch_state_dict=saved["state_dict"]))
+    except ValueError as err:
+        raise ConfigError([f"{key} = {cfg.task.init_from!r}: its weights do not fit this run's model: {err}"]) from None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass

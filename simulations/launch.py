@@ -82,6 +82,10 @@ def merged_run_config(preset: str | None, overrides: list[str], runs_dir: Path) 
         config.update(tomllib.loads(path.read_text()))
     config.update(_parse_override(o) for o in overrides)
     config.setdefault("run.runs-dir", str(runs_dir))
+    init_from = str(config.get("task.init-from") or "")
+    if init_from and not Path(init_from).expanduser().is_absolute():
+        # Flower runs the ServerApp in another folder: a preset's relative path means the project's.
+        config["task.init-from"] = str(ROOT / init_from)
     if not config.get("privacy.ledger-dir"):
         # Beside the runs the job writes (a run.runs-dir from the preset or --set wins over --runs-dir).
         config["privacy.ledger-dir"] = site_ledger_dir(Path(str(config["run.runs-dir"])).resolve(),

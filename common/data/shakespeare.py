@@ -219,18 +219,19 @@ class RoleCorpus:
 
 @lru_cache(maxsize=16)
 def _split_cached(
-    heldout_plays: int, seed: int, min_chars: int
+    heldout_plays: int, seed: int, min_chars: int, public_plays: int = 0
 ) -> tuple[tuple[RoleCorpus, ...], str, tuple[str, ...]]:
     plays = dict(_load_shakespeare_cached())
     names = sorted(plays)
     heldout = _choose_heldout(names, heldout_plays, seed)
+    public = _choose_public(names, heldout, public_plays, seed)
     if min_chars < 1:
         raise TextDataError(f"min_chars={min_chars}; use a positive number of characters per role")
     eval_text = "\n".join(s.text for play in heldout for s in plays[play])
 
     by_role: dict[tuple[str, str], list[str]] = {}
     for play in names:
-        if play in heldout:
+        if play in heldout or play in public:
             continue
         for speech in plays[play]:
             by_role.setdefault((play, speech.role), []).append(speech.text)
@@ -242,13 +243,13 @@ def _split_cached(
     )
     log.info(
         "Shakespeare split (seed=%d): %d role clients with >= %d chars from %d plays; held out %s (%d chars)",
-        seed, len(clients), min_chars, len(names) - heldout_plays, ", ".join(heldout), len(eval_text),
+        seed, len(clients), min_chars, len(names) - heldout_plays - len(public), ", ".join(heldout), len(eval_text),
     )
     return clients, eval_text, tuple(heldout)
 
 
 def shakespeare_split(
-    heldout_plays: int = 4, seed: int = 0, min_chars: int = 2000
+    heldout_plays: int = 4, seed: int = 0, min_chars: int = 2000, public_plays: int = 0
 ) -> tuple[list[RoleCorpus], str]:
     """LEAF-style Shakespeare: ``(clients, eval_text)``.
 
@@ -256,15 +257,46 @@ def shakespeare_split(
     (play, role) and numbered from 0. ``heldout_plays`` whole plays, drawn with
     ``random.Random(seed)`` from the sorted play ids, are held out: all their speeches (joined by
     ``"\\n"``) form the server's evaluation text and none of their roles is a client.
-    Use :func:`shakespeare_heldout_plays` to see which plays were held out.
+    Use :func:`shakespeare_heldout_plays` to see which plays were held out. ``public_plays``
+    further whole plays (:func:`shakespeare_public_plays`) belong to no client either: they are
+    the public text (:func:`shakespeare_public_text`); the held-out plays do not depend on it.
     """
-    clients, eval_text, _ = _split_cached(heldout_plays, seed, min_chars)
+    clients, eval_text, _ = _split_cached(heldout_plays, seed, min_chars, public_plays)
     return list(clients), eval_text
 
 
 def shakespeare_heldout_plays(heldout_plays: int = 4, seed: int = 0) -> list[str]:
     """The play ids :func:`shakespeare_split` holds out for these settings (sorted)."""
     return _choose_heldout([play for play, _ in _load_shakespeare_cached()], heldout_plays, seed)
+
+
+def shakespeare_public_plays(heldout_plays: int = 4, public_plays: int = 0, seed: int = 0) -> list[str]:
+    """The play ids reserved as public text for these settings (sorted; empty when ``public_plays`` is 0)."""
+    names = [play for play, _ in _load_shakespeare_cached()]
+    return _choose_public(names, _choose_heldout(names, heldout_plays, seed), public_plays, seed)
+
+
+def shakespeare_public_text(heldout_plays: int = 4, public_plays: int = 0, seed: int = 0) -> str:
+    """Every speech of the public plays (whatever its role's length), joined by ``"\\n"``: the text
+    a model may be pretrained on without privacy. No site holds a line of it and the server never
+    evaluates on it (the plays are neither a client's nor held out)."""
+    if public_plays < 1:
+        raise TextDataError("there is no public text: set data.public-plays to the number of whole plays to "
+                            "reserve for it (e.g. 8)")
+    plays = dict(_load_shakespeare_cached())
+    return "\n".join(s.text for play in shakespeare_public_plays(heldout_plays, public_plays, seed)
+                     for s in plays[play])
+
+
+def _choose_public(names: list[str], heldout: list[str], public_plays: int, seed: int) -> list[str]:
+    """``public_plays`` whole plays drawn (seeded, apart from the held-out draw) from those not held out."""
+    rest = sorted(set(names) - set(heldout))
+    if not 0 <= public_plays < len(rest):
+        raise TextDataError(
+            f"public_plays={public_plays} but {len(rest)} plays are not held out; reserve between 0 and "
+            f"{len(rest) - 1} of them as public text (some must remain for the sites)"
+        )
+    return sorted(random.Random(f"public-plays-{seed}").sample(rest, public_plays))
 
 
 def _choose_heldout(names: list[str], heldout_plays: int, seed: int) -> list[str]:
@@ -277,7 +309,8 @@ def _choose_heldout(names: list[str], heldout_plays: int, seed: int) -> list[str
     return sorted(random.Random(seed).sample(names, heldout_plays))
 
 
-def site_text(partition_id: int, num_partitions: int, *, heldout_plays: int, seed: int, min_chars: int) -> str:
+def site_text(partition_id: int, num_partitions: int, *, heldout_plays: int, seed: int, min_chars: int,
+              public_plays: int = 0) -> str:
     """The training text of simulated partition ``partition_id``: whole role corpora, round-robin.
 
     Client ``i`` of :func:`shakespeare_split` goes to partition ``i % num_partitions``, so each
@@ -291,7 +324,7 @@ def site_text(partition_id: int, num_partitions: int, *, heldout_plays: int, see
             f"partition_id={partition_id} is outside 0..{num_partitions - 1}; "
             f"it must be below num-partitions={num_partitions}"
         )
-    clients, _ = shakespeare_split(heldout_plays, seed, min_chars)
+    clients, _ = shakespeare_split(heldout_plays, seed, min_chars, public_plays)
     if len(clients) < num_partitions:
         raise TextDataError(
             f"only {len(clients)} Shakespeare roles have >= {min_chars} characters (with {heldout_plays} "

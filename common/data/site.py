@@ -2,7 +2,8 @@
 
 Sites get their partition of the training split (or their own folder); the server
 gets the held-out split, which no site ever sees, or the whole of its own folder
-(``data.eval-path``).
+(``data.eval-path``). Public text (:func:`public_dataset`, ``data.public-plays``) is
+neither: whole plays no site holds and the server never scores, to pretrain on.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from common.config import AppConfig, SiteConfig
 from common.data.images import DataError, ImageDataset, load_image_folder, load_images
 from common.data.partition import partition_for_site
-from common.data.shakespeare import shakespeare_split, site_text
+from common.data.shakespeare import shakespeare_public_text, shakespeare_split, site_text
 from common.data.text import TextDataError, TokenBlocks, load_text_folder
 from common.data.tokenizers import make_tokenizer
 from common.tasks import DataSpec
@@ -74,10 +75,20 @@ def _site_text(cfg: AppConfig, site: SiteConfig) -> str:
         raise ValueError(f"partition-id {site.partition_id} is not below data.num-partitions {num_partitions}")
     if d.dataset == "shakespeare":
         return site_text(site.partition_id, num_partitions, heldout_plays=d.heldout_plays, seed=cfg.run.seed,
-                         min_chars=d.min_chars)
+                         min_chars=d.min_chars, public_plays=d.public_plays)
     train, _ = _text_folder_corpus(cfg)
     size = len(train) // num_partitions
     return train[site.partition_id * size:(site.partition_id + 1) * size]
+
+
+def public_dataset(cfg: AppConfig) -> tuple[TokenBlocks, DataSpec]:
+    """The public text (shakespeare with data.public-plays > 0) as lm.context windows: what a
+    model may be pretrained on without privacy, disjoint from every site's text and the server's."""
+    d = cfg.data
+    if d.dataset != "shakespeare" or not d.public_plays:
+        raise TextDataError("pretraining needs public text: data.dataset = 'shakespeare' with data.public-plays "
+                            f"> 0 (got data.dataset = {d.dataset!r}, data.public-plays = {d.public_plays})")
+    return _text_blocks(cfg, shakespeare_public_text(d.heldout_plays, d.public_plays, cfg.run.seed))
 
 
 def site_dataset(cfg: AppConfig, site: SiteConfig) -> tuple[Dataset, DataSpec]:
@@ -155,7 +166,7 @@ def _capped_eval_dataset(cfg: AppConfig) -> tuple[Dataset, DataSpec]:
         if d.eval_path:
             text = load_text_folder(d.eval_path, EVAL_PATH)
         elif d.dataset == "shakespeare":
-            text = shakespeare_split(d.heldout_plays, cfg.run.seed, d.min_chars)[1]
+            text = shakespeare_split(d.heldout_plays, cfg.run.seed, d.min_chars, d.public_plays)[1]
         else:
             text = _text_folder_corpus(cfg)[1]
         blocks, spec = _text_blocks(cfg, text)

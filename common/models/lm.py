@@ -237,16 +237,19 @@ class LMTask:
 
     @torch.no_grad()
     def evaluate(self, loader: torch.utils.data.DataLoader) -> dict[str, float]:
-        """exp(mean NLL) over every target token of the loader, batched; per character."""
+        """exp(mean NLL) over every target token of the loader, batched; per character. And the share
+        of target tokens that are the model's most likely next token (per character with the char
+        tokenizer)."""
         model = unwrap(self.modules["lm"])
         was_training = model.training
         model.eval()
         nll = 0.0
-        tokens = chars = 0
+        tokens = chars = correct = 0
         for x, y in self._targets(loader):
             logits = model(x)
             nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), y.reshape(-1),
                                          reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
             tokens += y.numel()
             chars += _char_counts(y, self.byte_level)
         model.train(was_training)
@@ -256,6 +259,7 @@ class LMTask:
             "perplexity": math.exp(nll / chars),
             "bits-per-char": nll / chars / math.log(2),
             "eval-loss": nll / tokens,
+            "next-token-accuracy": correct / tokens,  # the most likely next token is the right one
             "eval-n": float(tokens),
         }
 
