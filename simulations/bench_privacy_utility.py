@@ -2,6 +2,7 @@
 
     python -m simulations.bench_privacy_utility                       # images: VAE and GAN, iid and dirichlet
     python -m simulations.bench_privacy_utility --only lm             # Shakespeare LM at epsilon 3, 8, inf
+    python -m simulations.bench_privacy_utility --only lm --lm-preset lm-pretrained   # from public pretraining
     python -m simulations.bench_privacy_utility --families vae --partitioners iid --epsilons 10 inf
     python -m simulations.bench_privacy_utility --families merf --rounds 1 --max-steps 1   # one release per site
 
@@ -99,9 +100,15 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['family']:<7}{r['partition']:<10}{r['epsilon']:>11g}"
               f"{'-' if r['epsilon_reached'] is None else format(r['epsilon_reached'], '.2f'):>9}"
-              f"{r['metric']:>15}{'-' if r['value'] is None else format(r['value'], '.1f'):>10}"
+              f"{r['metric']:>15}{'-' if r['value'] is None else format(r['value'], _value_format(r)):>10}"
               f"{'-' if r['n'] is None else int(r['n']):>7}{_num(r.get('cpu_min')):>9}{_num(r.get('wall_min')):>9}"
-              f"  {r['sites']} x {r['rounds']} x {r['max_steps']}{'  ' + r['note'] if r.get('note') else ''}")
+              f"  {r['sites']} x {r['rounds']} x {r['max_steps']}{'  ' + r['note'] if r.get('note') else ''}"
+              f"{'  next-token accuracy ' + format(r['accuracy'], '.4f') if r.get('accuracy') is not None else ''}"
+              f"{'  preset ' + r['preset'] if r.get('preset') else ''}")
+
+
+def _value_format(row: dict) -> str:
+    return ".3f" if row["metric"] == "perplexity" else ".1f"
 
 
 def _num(x: float | None) -> str:
@@ -153,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-steps", type=int, default=40, help="local DP-SGD steps per site and round")
     ap.add_argument("--lm-rounds", type=int, default=10, help="the LM's rounds (its preset's)")
     ap.add_argument("--lm-max-steps", type=int, default=100, help="the LM's local steps per site and round")
+    ap.add_argument("--lm-preset", default="lm-shakespeare",
+                    help="the LM's preset (lm-pretrained: DP fine-tuning from public pretraining, README)")
     ap.add_argument("--fid-n", type=int, default=2000, help="Inception FID samples (and real images)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--transport", choices=["local", "flwr"], default="local")
@@ -181,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
                     jobs.append((fam, part, eps, args.image_preset or IMAGE_PRESETS[fam], args.sites))
     if args.only in ("lm", "all"):
         for eps in args.lm_epsilons:
-            jobs.append(("lm", None, eps, "lm-shakespeare", args.lm_sites))
+            jobs.append(("lm", None, eps, args.lm_preset, args.lm_sites))
 
     rows, loads = [], []
     with tempfile.TemporaryDirectory(prefix="fedgen-pu-") as tmp:
@@ -194,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
             loads.append(os.getloadavg()[0])
             key, value, n = quality(res["final"])
             rows.append({"family": fam, "partition": part or "roles", "epsilon": eps, "metric": key, "value": value,
-                         "n": n, "epsilon_reached": res["final"].get("epsilon_max"),
+                         "n": n, "epsilon_reached": res["final"].get("epsilon_max"), "preset": preset,
+                         "accuracy": (res["final"].get("eval") or {}).get("next-token-accuracy"),
                          "cpu_min": res["cpu_s"] / 60, "wall_min": res["wall_s"] / 60, "sites": sites,
                          "rounds": ov["run.num-rounds"], "max_steps": ov["train.max-steps"]})
 

@@ -64,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-path", action="append", default=[], metavar="PATH",
                     help="a site's own data folder (node config data-path); repeat once per site")
     ap.add_argument("--privacy-budget", type=float, default=0.0, help="every site's epsilon budget (0 = the run's)")
+    ap.add_argument("--site-worker", choices=("warm", "stock"), default="warm",
+                    help="warm (default): each SuperNode in process isolation with fedgen's warm worker beside "
+                         "it (python -m client.worker: one long-lived ClientApp process); stock: Flower's own "
+                         "launch of a new ClientApp process for every message (--isolation)")
     ap.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
-                    help="SuperNode isolation: the SuperNode launches ClientApps (subprocess) or a separate "
+                    help="with --site-worker stock: the SuperNode launches ClientApps (subprocess) or a separate "
                          "flower-superexec does (process)")
     ap.add_argument("--server-isolation", choices=("subprocess", "process"), default="process",
                     help="SuperLink isolation: a separate ServerApp runner authenticated with a shared secret "
@@ -89,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         with Deployment(work, app_dir=args.app, insecure=args.insecure, isolation=args.isolation,
-                        server_isolation=args.server_isolation, task_poll_interval=args.task_poll_interval) as dep:
+                        server_isolation=args.server_isolation, task_poll_interval=args.task_poll_interval,
+                        site_worker=args.site_worker) as dep:
             dep.start_superlink()
             configs: list[dict[str, Any]] = []
             for i in range(args.sites):
@@ -103,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             dep.wait_online(args.sites)
             online_s = time.time() - t0
             print(f"deploy: SuperLink {dep.address} ({'INSECURE' if args.insecure else 'TLS + node auth'}), "
-                  f"{args.sites} SuperNodes online after {online_s:.1f}s; work dir {work}", file=sys.stderr)
+                  f"{args.sites} SuperNodes online after {online_s:.1f}s, site worker {args.site_worker}; "
+                  f"work dir {work}", file=sys.stderr)
             if args.serve:
                 print(f"deploy: run jobs with\n  FLWR_HOME={dep.operator_home} flwr run . {CONNECTION} "
                       f"--run-config simulations/digits-quick.toml --stream\nCtrl-C stops everything.", file=sys.stderr)

@@ -16,6 +16,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -33,6 +34,12 @@ LOOPBACK = "127.0.0.1"
 #: Flower's default 1 s). The SuperNode's 3 s idle poll of the SuperLink and the ServerApp's
 #: 3 s poll for replies are fixed in Flower 1.41.
 DEFAULT_TASK_POLL_INTERVAL = 0.2
+#: How a site runs its ClientApp: "warm" (one long-lived process, ``python -m client.worker``) or
+#: "stock" (Flower's: a fresh flwr-clientapp process per message, ``isolation``).
+SITE_WORKERS = {"warm": "fedgen's warm worker beside the SuperNode (client/worker.py)",
+                "stock": "Flower's own: a new ClientApp process for every message"}
+#: How often a supervisor (here a thread; compose `restart:` or systemd in production) looks for a dead worker.
+SUPERVISE_INTERVAL = 0.5
 INSECURE_WARNING = ("WARNING: --insecure: no TLS and no SuperNode authentication; anyone who can reach "
                     "the port can read the traffic and join as a site. Use it only to debug on loopback.")
 
@@ -59,10 +66,17 @@ class Site:
     registered: bool = True
     procs: list[subprocess.Popen] = field(default_factory=list)
     node_id: int | None = None
+    worker: subprocess.Popen | None = None  # the warm worker, when the deployment uses one
+    worker_cmd: list[str] = field(default_factory=list)
+    worker_restarts: int = 0
 
     @property
     def log(self) -> Path:
         return self.dir / "supernode.log"
+
+    @property
+    def worker_log(self) -> Path:
+        return self.dir / "worker.log"
 
 
 def node_config_arg(config: dict[str, Any]) -> str:
@@ -83,10 +97,17 @@ class Deployment:
 
     def __init__(self, work_dir: Path, *, app_dir: Path = ROOT, insecure: bool = False,
                  isolation: str = "subprocess", server_isolation: str = "process",
-                 task_poll_interval: float | None = DEFAULT_TASK_POLL_INTERVAL) -> None:
+                 task_poll_interval: float | None = DEFAULT_TASK_POLL_INTERVAL, site_worker: str = "warm",
+                 extra_env: dict[str, str] | None = None) -> None:
         for what, value in (("isolation", isolation), ("server_isolation", server_isolation)):
             if value not in ("subprocess", "process"):
                 raise ValueError(f"{what} must be 'subprocess' or 'process', got {value!r}")
+        if site_worker not in SITE_WORKERS:
+            raise ValueError(f"site_worker must be one of {sorted(SITE_WORKERS)}, got {site_worker!r}")
+        # warm: each site's SuperNode in process isolation with fedgen's worker beside it
+        # (client/worker.py); stock: Flower's own launch of a ClientApp process per message.
+        self.site_worker = site_worker
+        self.extra_env = dict(extra_env or {})  # e.g. client.faults' FEDGEN_INJECT_FAULTS for drills and tests
         self.work_dir, self.app_dir = work_dir.resolve(), app_dir.resolve()
         if self.app_dir == self.work_dir or self.app_dir in self.work_dir.parents:
             # `flwr run` packs *.json/*.toml of the app folder into the FAB: keys, ledgers and
@@ -102,12 +123,14 @@ class Deployment:
         self.operator_home = self.work_dir / "operator"
         self.started_at = time.time()
         self._procs: list[subprocess.Popen] = []
+        self._closing = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     # ---- environment and commands
 
     def env(self, home: Path) -> dict[str, str]:
         home.mkdir(parents=True, exist_ok=True)
-        env = flower_env(home)
+        env = {**flower_env(home), **self.extra_env}
         if self.task_poll_interval is not None:
             env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(self.task_poll_interval)
         return env
@@ -237,8 +260,10 @@ class Deployment:
 
     def start_site(self, site: Site, *, max_retries: int | None = None) -> Site:
         home = site.dir / "home"
-        cmd = ["flower-supernode", "--superlink", self.address, "--host", LOOPBACK, "--port", str(site.port),
-               "--isolation", self.isolation, "--node-config", node_config_arg(site.node_config)]
+        warm = self.site_worker == "warm"
+        supernode = [sys.executable, "-m", "client.worker", "supernode"] if warm else ["flower-supernode"]
+        cmd = [*supernode, "--superlink", self.address, "--host", LOOPBACK, "--port", str(site.port),
+               "--isolation", "process" if warm else self.isolation, "--node-config", node_config_arg(site.node_config)]
         if self.insecure:
             cmd.append("--insecure")
         else:
@@ -246,7 +271,15 @@ class Deployment:
         if max_retries is not None:
             cmd += ["--max-retries", str(max_retries)]
         site.procs.append(self._spawn(cmd, home, site.log))
-        if self.isolation == "process":
+        if warm:
+            # The worker runs beside the SuperNode (a second container in Docker) and speaks to
+            # its Runtime API on loopback; a supervisor starts it again if it dies.
+            site.worker_cmd = [sys.executable, "-m", "client.worker", "run", "--runtime-api-address",
+                               f"{LOOPBACK}:{site.port}", "--insecure"]
+            site.worker = self._spawn(site.worker_cmd, home, site.worker_log)
+            site.procs.append(site.worker)
+            self._supervise()
+        elif self.isolation == "process":
             # The ClientApp launcher runs beside the SuperNode, not under it (what a second
             # container does in Docker); the Runtime API stays on loopback.
             cmd = ["flower-superexec", "--runtime-api-address", f"{LOOPBACK}:{site.port}", "--insecure"]
@@ -279,8 +312,29 @@ class Deployment:
 
     def kill_site(self, site: Site, sig: int = signal.SIGKILL) -> None:
         """Stop a site the hard way (SIGKILL: a crash) or gracefully (SIGTERM)."""
+        site.worker_cmd = []  # a stopped site is not restarted by the supervisor
         for proc in site.procs:
             stop_process(proc, grace=5, sig=sig)
+
+    def _supervise(self) -> None:
+        """Start (once) the thread that restarts a site's warm worker when it exits, as compose's
+        ``restart: unless-stopped`` or systemd's ``Restart=always`` do in a real deployment."""
+        if self._supervisor is not None:
+            return
+
+        def loop() -> None:
+            while not self._closing.wait(SUPERVISE_INTERVAL):
+                for site in list(self.sites):
+                    if site.worker is not None and site.worker_cmd and site.worker.poll() is not None:
+                        site.worker_restarts += 1
+                        with site.worker_log.open("a") as fh:
+                            fh.write(f"supervisor: worker exited {site.worker.returncode}; restart "
+                                     f"{site.worker_restarts}\n")
+                        site.worker = self._spawn(site.worker_cmd, site.dir / "home", site.worker_log)
+                        site.procs.append(site.worker)
+
+        self._supervisor = threading.Thread(target=loop, name="worker-supervisor", daemon=True)
+        self._supervisor.start()
 
     # ---- runs
 
@@ -338,6 +392,9 @@ class Deployment:
         Then a last sweep: every process still running whose FLWR_HOME lies in our work dir
         (they all inherit it, however detached) is killed.
         """
+        self._closing.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
         for proc in reversed(self._procs):
             stop_process(proc)
         self._procs.clear()

@@ -1,0 +1,190 @@
+"""The one module that reaches into Flower's internals: a site's ClientApp run in-process, and the SuperNode's polls.
+
+Pinned to the exact flwr version in pyproject.toml (:data:`FLWR_VERSION`);
+``tests/unit/test_flwr_runtime.py`` fails with a clear message when the names or signatures
+used here change. Everything else in fedgen uses Flower's public API only.
+
+What Flower 1.41 does on a SuperNode for every message (``flwr.supernode.runtime.run_clientapp``):
+a fresh ``flwr-clientapp`` process pulls the task's input (message, context, run, FAB) from the
+SuperNode's Runtime API with the task's token, installs the FAB, imports the ClientApp, runs it
+once, pushes the reply and the task's status, and exits. :class:`TaskRunner` does the same steps
+in a long-lived process (``client.worker``) and keeps the imported ClientApp (and so torch,
+opacus and whatever the app caches) per FAB hash. :func:`acquire_task` is the SuperExec's
+``AcquireTask`` call (signed with the SuperExec's shared secret when one is set).
+
+:func:`fast_polls` shortens the SuperNode's fixed waits (3 s after an empty pull from the
+SuperLink, 0.5 s between checks for a ClientApp's reply) for ``python -m client.worker
+supernode``, which then starts Flower's own ``flower-supernode`` entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import types
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.client_app import ClientApp, LoadClientAppError
+from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.config import get_project_dir
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode import start_client_internal
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+log = logging.getLogger(__name__)
+
+#: The flwr release this module was written against (pyproject.toml pins the same).
+FLWR_VERSION = "1.41.0"
+#: The Runtime API method the SuperExec's secret protects (flwr.supercore.superexec.run_superexec).
+ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
+
+
+def check_flwr_version() -> None:
+    """Refuse to run on another flwr than :data:`FLWR_VERSION`: these internals are not API."""
+    installed = version("flwr")
+    if installed != FLWR_VERSION:
+        raise RuntimeError(f"client/flwr_runtime.py uses Flower internals of flwr {FLWR_VERSION}, but flwr "
+                           f"{installed} is installed: install flwr=={FLWR_VERSION} (pyproject.toml), or port "
+                           "this module to the new release and run tests/unit/test_flwr_runtime.py")
+
+
+def runtime_client(address: str, *, insecure: bool, root_certificates: bytes | None,
+                   token: str | None = None, secret: bytes | None = None) -> RuntimeHttpClient:
+    """A client of a SuperNode's Runtime API: as a task (``token``) or as the SuperExec (``secret``)."""
+    interceptors: list = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
+    if token:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    if secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset({ACQUIRE_TASK})))
+    return RuntimeHttpClient.from_server_address(server_address=address, insecure=insecure,
+                                                 root_certificates=root_certificates, interceptors=interceptors,
+                                                 retry_invoker=make_simple_http_retry_invoker())
+
+
+def acquire_task(client: RuntimeHttpClient) -> str | None:
+    """The token of a ClientApp task waiting at the SuperNode, or None when there is none."""
+    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+    return res.token if res.HasField("task") and res.token else None
+
+
+@dataclass
+class TaskOutcome:
+    status: str  # flwr's SubStatus: completed or failed
+    details: str
+    run_id: int | None
+    fab_hash: str | None
+    loaded: bool  # the ClientApp was imported for this task (not already warm)
+
+
+class TaskRunner:
+    """Runs ClientApp tasks in this process; the imported ClientApp is kept per FAB hash.
+
+    A FAB with another hash (another version of the app) replaces the loaded one: the previous
+    app's modules are dropped from ``sys.modules`` first, so its code never runs again. Modules
+    outside the app's folder (torch, opacus, flwr) stay loaded: that is the point."""
+
+    def __init__(self, address: str, *, insecure: bool, root_certificates: bytes | None) -> None:
+        self.address, self.insecure, self.root_certificates = address, insecure, root_certificates
+        self._fab_hash: str | None = None
+        self._app: ClientApp | None = None
+        self._app_dir: Path | None = None
+
+    def _load(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> bool:
+        if self._app is not None and fab_hash == self._fab_hash:
+            return False
+        install_from_fab(fab_content, skip_prompt=True)
+        app_dir = Path(get_project_dir(fab_id, fab_version, fab_hash)).resolve()
+        _drop_app_modules(app_dir, self._app_dir)
+        self._app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
+            fab_id, fab_version, fab_hash)
+        self._fab_hash, self._app_dir = fab_hash, app_dir
+        return True
+
+    def run(self, token: str) -> TaskOutcome:
+        """Pull the task's input, run the ClientApp, push its reply and status. Never raises for
+        what the ClientApp does: an exception becomes an error reply, as in ``flwr-clientapp``."""
+        client = runtime_client(self.address, insecure=self.insecure, root_certificates=self.root_certificates,
+                                token=token)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        message = reply = context = run = fab = None
+        status, details, loaded = SubStatus.FAILED, "ClientApp task failed due to unknown reason", False
+        try:
+            message, context, run, fab = pull_task_input(client)
+            loaded = self._load(run.fab_id, run.fab_version, fab.hash_str, fab.content)
+            reply = self._app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as ex:  # noqa: BLE001 - the ClientApp's failure is the reply, not the worker's
+            code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) \
+                else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            details = f"{type(ex)}:<'{ex}'>"
+            log.error("ClientApp raised an exception", exc_info=ex)
+            if isinstance(ex, LoadClientAppError):
+                self._app = self._fab_hash = None  # load again next time
+            if message is not None:
+                reply = Message(Error(code=code, reason=details), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+            finally:
+                heartbeat.stop()
+                client.close()
+        return TaskOutcome(status, details, getattr(run, "run_id", None), getattr(fab, "hash_str", None), loaded)
+
+
+def _drop_app_modules(app_dir: Path, previous: Path | None) -> None:
+    """Forget the modules of an app's top-level packages that were imported from anywhere but
+    ``app_dir`` (the previous FAB, or this project's own copy that the worker itself was
+    started from), so that importing the ClientApp takes ``app_dir``'s code."""
+    names = {p.name for p in app_dir.iterdir() if (p / "__init__.py").is_file()}
+    names |= {p.stem for p in app_dir.glob("*.py")}
+    for name in list(sys.modules):
+        if name.split(".")[0] not in names:
+            continue
+        file = getattr(sys.modules[name], "__file__", None)
+        if file is None or app_dir not in Path(file).resolve().parents:
+            del sys.modules[name]
+    if previous is not None and str(previous) in sys.path:
+        sys.path.remove(str(previous))
+
+
+class _FastTime(types.ModuleType):
+    """``time`` with ``sleep`` capped: what ``flwr.supernode.start_client_internal`` sees."""
+
+    def __init__(self, idle: float, reply: float) -> None:
+        super().__init__("time")
+        self._idle, self._reply = idle, reply
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        # 3 s: after an empty pull from the SuperLink (a request over TLS, signed: keep it >= 0.1 s);
+        # 0.5 s: between checks of the node's own state for a ClientApp's reply (in-process, cheap).
+        time.sleep(self._idle if seconds >= 1 else min(seconds, self._reply))
+
+
+def fast_polls(idle: float = 0.2, reply: float = 0.05) -> None:
+    """Shorten the SuperNode's fixed waits in this process (before ``flower_supernode()`` runs)."""
+    if not hasattr(start_client_internal, "time") or start_client_internal.time is not time:
+        raise RuntimeError("flwr.supernode.start_client_internal no longer waits with the time module; "
+                           f"client/flwr_runtime.py was written for flwr {FLWR_VERSION}: port fast_polls")
+    start_client_internal.time = _FastTime(idle, reply)

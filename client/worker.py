@@ -1,0 +1,123 @@
+"""A site's warm worker: runs its ClientApp tasks in one long-lived process (issue 21).
+
+    python -m client.worker run --runtime-api-address 127.0.0.1:9094 --insecure     # beside the SuperNode
+    python -m client.worker supernode --superlink HOST:9092 --isolation process ...  # the SuperNode itself
+
+Stock Flower starts a fresh ``flwr-clientapp`` process for every message a site receives
+(about 5 s of imports on this machine before any work), in either isolation mode. With the
+SuperNode in ``--isolation process``, this worker takes the place of ``flower-superexec``: it
+asks the SuperNode's Runtime API for a task every ``--poll-interval`` seconds and runs each
+one here (``client.flwr_runtime.TaskRunner``), keeping the ClientApp imported per app
+package (FAB hash): torch, opacus and what the app caches stay warm across rounds and runs.
+
+- A ClientApp exception becomes an error reply (as ``flwr-clientapp`` sends); the worker goes on.
+- Runs do not share state: the app is rebuilt from each message's run config, its caches are
+  keyed by what they depend on, and a new app package replaces the old one's code.
+- Privacy state is the site's ledger on disk, written before the reply is pushed, as always;
+  nothing about a site's spend lives in the worker's memory. A worker killed mid-task loses
+  that reply only: the round goes on without the site, the supervisor (compose ``restart:``,
+  a systemd unit: docker/README.md) starts it again for the next one.
+- Security is Flower's: the worker speaks to its own SuperNode's Runtime API on loopback
+  (with the SuperExec's shared secret when the SuperNode sets one); TLS and node
+  authentication stay on the SuperNode's link to the SuperLink.
+
+``supernode`` starts Flower's own ``flower-supernode`` with shorter fixed waits
+(``client.flwr_runtime.fast_polls``: 0.2 s after an empty pull instead of 3 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger("fedgen.worker")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from client.flwr_runtime import TaskRunner, acquire_task, check_flwr_version, runtime_client
+
+    check_flwr_version()
+    certificates = args.root_certificates.read_bytes() if args.root_certificates else None
+    secret = args.superexec_auth_secret_file.read_bytes().strip() if args.superexec_auth_secret_file else None
+    client = runtime_client(args.runtime_api_address, insecure=args.insecure, root_certificates=certificates,
+                            secret=secret)
+    runner = TaskRunner(args.runtime_api_address, insecure=args.insecure, root_certificates=certificates)
+    stopping = []
+
+    def stop(signum: int, _frame: object) -> None:  # finish the task in hand, then exit
+        log.info("signal %d: stopping after the current task", signum)
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("warm worker on %s (poll every %gs)", args.runtime_api_address, args.poll_interval)
+    served = 0
+    while not stopping:
+        try:
+            token = acquire_task(client)
+        except httpx.HTTPError as err:  # the SuperNode is (re)starting: wait for it
+            log.warning("runtime API at %s: %s", args.runtime_api_address, err)
+            time.sleep(max(args.poll_interval, 1.0))
+            continue
+        if token is None:
+            time.sleep(args.poll_interval)
+            continue
+        start = time.perf_counter()
+        log.info("task %d: acquired", served + 1)
+        outcome = runner.run(token)
+        served += 1
+        log.info("task %d of run %s: %s in %.2fs%s%s", served, outcome.run_id, outcome.status,
+                 time.perf_counter() - start, " (app loaded)" if outcome.loaded else "",
+                 f": {outcome.details}" if outcome.details else "")
+        if args.max_tasks and served >= args.max_tasks:
+            break
+    client.close()
+    return 0
+
+
+def _supernode(argv: list[str]) -> int:
+    from flwr.supernode.cli import flower_supernode
+
+    from client.flwr_runtime import check_flwr_version, fast_polls
+
+    check_flwr_version()
+    fast_polls()
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["supernode"]:  # every other argument is flower-supernode's own
+        return _supernode(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve the SuperNode's ClientApp tasks in this process")
+    run.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (its --port), loopback")
+    tls = run.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--insecure", action="store_true", help="plain HTTP to the SuperNode (loopback only)")
+    tls.add_argument("--root-certificates", type=Path, help="CA certificate of the Runtime API's TLS")
+    run.add_argument("--superexec-auth-secret-file", type=Path, help="the SuperNode's SuperExec secret, if it sets one")
+    run.add_argument("--poll-interval", type=float, default=0.1, help="seconds between asks for a task (default 0.1)")
+    run.add_argument("--max-tasks", type=int, default=0, help="exit after this many tasks (0 = never; tests)")
+    run.add_argument("--preload", default="torch,opacus",
+                     help="modules to import at start, before the first task (default torch,opacus)")
+    sub.add_parser("supernode", help="flower-supernode with short polls; pass flower-supernode's arguments")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per poll
+    for name in filter(None, args.preload.split(",")):
+        __import__(name)  # paid once at start, not in the first round
+    return _serve(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""client/flwr_runtime.py reaches into Flower's internals: this fails, naming what moved, when they change."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+import tomllib
+import types
+
+import pytest
+from packaging.requirements import Requirement
+
+from client import flwr_runtime as FR
+from tests.conftest import ROOT
+
+
+def test_pyproject_pins_exactly_the_flwr_this_module_was_written_for():
+    deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    (flwr,) = [d for d in deps if d.name == "flwr"]
+    assert str(flwr.specifier) == f"=={FR.FLWR_VERSION}", \
+        f"pyproject pins {flwr.specifier}; client/flwr_runtime.py needs flwr=={FR.FLWR_VERSION} exactly"
+    FR.check_flwr_version()  # the installed one
+
+
+def test_another_flwr_is_refused_with_what_to_do(monkeypatch):
+    monkeypatch.setattr(FR, "version", lambda _name: "9.9.9")
+    with pytest.raises(RuntimeError, match=r"flwr 9\.9\.9 is installed: install flwr==1\.41\.0"):
+        FR.check_flwr_version()
+
+
+@pytest.mark.parametrize("func, params", [
+    (FR.pull_task_input, ["client"]),
+    (FR.push_message, ["client", "message", "context"]),
+    (FR.push_task_output, ["client", "context", "sub_status", "details"]),
+    (FR.get_load_client_app_fn, ["default_app_ref", "app_path", "multi_app"]),
+    (FR.get_project_dir, ["fab_id", "fab_version", "fab_hash"]),
+    (FR.make_task_heartbeat_fn_http, ["client"]),
+])
+def test_the_flower_functions_the_worker_calls_keep_their_parameters(func, params):
+    got = list(inspect.signature(func).parameters)
+    assert got[:len(params)] == params, (f"{func.__module__}.{func.__name__}{inspect.signature(func)} changed; "
+                                         f"client/flwr_runtime.py calls it with {params}: port it")
+
+
+def test_the_flower_classes_and_constants_the_worker_uses_are_there():
+    assert "skip_prompt" in inspect.signature(FR.install_from_fab).parameters
+    assert {"server_address", "insecure", "root_certificates", "interceptors", "retry_invoker"} <= set(
+        inspect.signature(FR.RuntimeHttpClient.from_server_address).parameters)
+    for method in ("AcquireTask", "PullTaskInput", "PullMessages", "PushMessages", "PushTaskOutput", "close"):
+        assert hasattr(FR.RuntimeHttpClient, method), f"RuntimeHttpClient.{method} is gone: port client/flwr_runtime.py"
+    assert FR.TaskType.CLIENT_APP.value == "flwr-clientapp"
+    assert {"master_secret", "protected_methods"} <= set(inspect.signature(FR.SuperExecAuthHttpInterceptor).parameters)
+    assert FR.SubStatus.COMPLETED and FR.SubStatus.FAILED and FR.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+def test_the_supernode_still_waits_three_seconds_and_half_a_second_with_the_time_module():
+    source = inspect.getsource(FR.start_client_internal)
+    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source, \
+        "flwr.supernode.start_client_internal's fixed waits changed: port client/flwr_runtime.fast_polls"
+
+
+def test_fast_polls_caps_the_supernodes_waits(monkeypatch):
+    slept = []
+    monkeypatch.setattr(FR.start_client_internal, "time", time)
+    monkeypatch.setattr(time, "sleep", slept.append)
+    FR.fast_polls(idle=0.2, reply=0.05)
+    patched = FR.start_client_internal.time
+    patched.sleep(3)
+    patched.sleep(0.5)
+    patched.sleep(0.01)
+    assert slept == [0.2, 0.05, 0.01]
+    assert patched.monotonic is time.monotonic  # everything else is the real time module
+    with pytest.raises(RuntimeError, match="port fast_polls"):
+        FR.fast_polls()  # already patched: not the time module any more
+
+
+def test_a_new_app_package_replaces_the_modules_of_the_old_one(tmp_path, monkeypatch):
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in (old, new):
+        (d / "fgpkg").mkdir(parents=True)
+        (d / "fgpkg" / "__init__.py").write_text("")
+    stale = types.ModuleType("fgpkg.mod")
+    stale.__file__ = str(old / "fgpkg" / "mod.py")
+    current = types.ModuleType("fgpkg.cur")
+    current.__file__ = str(new / "fgpkg" / "cur.py")
+    other = types.ModuleType("fgother")
+    other.__file__ = str(old / "fgother.py")
+    for m in (stale, current, other):
+        monkeypatch.setitem(sys.modules, m.__name__, m)
+    monkeypatch.setattr(sys, "path", [str(old), *sys.path])
+    FR._drop_app_modules(new.resolve(), old.resolve())
+    assert "fgpkg.mod" not in sys.modules  # the old package's code never runs again
+    assert sys.modules["fgpkg.cur"] is current  # already the new package's
+    assert sys.modules["fgother"] is other  # not a package of the new app: left alone
+    assert str(old.resolve()) not in sys.path
