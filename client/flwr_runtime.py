@@ -10,7 +10,8 @@ SuperNode's Runtime API with the task's token, installs the FAB, imports the Cli
 once, pushes the reply and the task's status, and exits. :class:`TaskRunner` does the same steps
 in a long-lived process (``client.worker``) and keeps the imported ClientApp (and so torch,
 opacus and whatever the app caches) per FAB hash. :func:`acquire_task` is the SuperExec's
-``AcquireTask`` call (signed with the SuperExec's shared secret when one is set).
+``AcquireTask`` call (signed with the SuperExec's shared secret when one is set). In this
+process the task's message is pulled with short retries (:data:`PULL_INITIAL_BACKOFF`).
 
 :func:`fast_polls` shortens the SuperNode's fixed waits (3 s after an empty pull from the
 SuperLink, 0.5 s between checks for a ClientApp's reply) for ``python -m client.worker
@@ -19,6 +20,7 @@ supernode``, which then starts Flower's own ``flower-supernode`` entry point.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -45,6 +47,7 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode import start_client_internal
+from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,20 @@ class TaskOutcome:
     run_id: int | None
     fab_hash: str | None
     loaded: bool  # the ClientApp was imported for this task (not already warm)
+    phases: dict[str, float]  # seconds: pull (the task's input), load, app, push (the reply), status, close
+
+
+#: How a task's message objects are pulled from the SuperNode when they are not there yet (the
+#: SuperNode hands out the task as soon as the message arrives, while it still fetches its
+#: arrays from the SuperLink): Flower's retry starts at 1 s and doubles (1 + 2 = 3 s lost on
+#: most rounds, measured); on loopback we retry sooner.
+PULL_INITIAL_BACKOFF, PULL_BACKOFF_CAP = 0.02, 0.5
+
+
+def _quick_pulls() -> None:
+    """``pull_task_input`` pulls the message with these backoffs in this process."""
+    run_clientapp.pull_and_inflate_object_from_tree = _with_backoff(run_clientapp.pull_and_inflate_object_from_tree,
+                                                                    PULL_INITIAL_BACKOFF, PULL_BACKOFF_CAP)
 
 
 class TaskRunner:
@@ -104,6 +121,7 @@ class TaskRunner:
         self._fab_hash: str | None = None
         self._app: ClientApp | None = None
         self._app_dir: Path | None = None
+        _quick_pulls()
 
     def _load(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> bool:
         if self._app is not None and fab_hash == self._fab_hash:
@@ -125,10 +143,15 @@ class TaskRunner:
         heartbeat.start()
         message = reply = context = run = fab = None
         status, details, loaded = SubStatus.FAILED, "ClientApp task failed due to unknown reason", False
+        phases: dict[str, float] = {}
+        t = time.perf_counter()
         try:
             message, context, run, fab = pull_task_input(client)
+            phases["pull"], t = time.perf_counter() - t, time.perf_counter()
             loaded = self._load(run.fab_id, run.fab_version, fab.hash_str, fab.content)
+            phases["load"], t = time.perf_counter() - t, time.perf_counter()
             reply = self._app(message=message, context=context)
+            phases["app"], t = time.perf_counter() - t, time.perf_counter()
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # noqa: BLE001 - the ClientApp's failure is the reply, not the worker's
             code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) \
@@ -140,14 +163,19 @@ class TaskRunner:
             if message is not None:
                 reply = Message(Error(code=code, reason=details), reply_to=message)
         finally:
+            t = time.perf_counter()
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
+                phases["push"], t = time.perf_counter() - t, time.perf_counter()
                 push_task_output(client=client, context=context, sub_status=status, details=details)
+                phases["status"], t = time.perf_counter() - t, time.perf_counter()
             finally:
                 heartbeat.stop()
                 client.close()
-        return TaskOutcome(status, details, getattr(run, "run_id", None), getattr(fab, "hash_str", None), loaded)
+                phases["close"] = time.perf_counter() - t
+        return TaskOutcome(status, details, getattr(run, "run_id", None), getattr(fab, "hash_str", None), loaded,
+                           phases)
 
 
 def _drop_app_modules(app_dir: Path, previous: Path | None) -> None:
@@ -182,9 +210,26 @@ class _FastTime(types.ModuleType):
         time.sleep(self._idle if seconds >= 1 else min(seconds, self._reply))
 
 
-def fast_polls(idle: float = 0.2, reply: float = 0.05) -> None:
-    """Shorten the SuperNode's fixed waits in this process (before ``flower_supernode()`` runs)."""
+def _with_backoff(func, initial: float, cap: float):
+    original = getattr(func, "__wrapped__", func)
+
+    @functools.wraps(original)
+    def call(*args, **kwargs):
+        kwargs.setdefault("initial_backoff", initial)
+        kwargs.setdefault("backoff_cap", cap)
+        return original(*args, **kwargs)
+
+    return call
+
+
+def fast_polls(idle: float = 0.2, reply: float = 0.05, pull_backoff: float = 0.05) -> None:
+    """Shorten the SuperNode's fixed waits in this process (before ``flower_supernode()`` runs):
+    ``idle`` after an empty pull from the SuperLink (Flower: 3 s), ``reply`` between checks for a
+    ClientApp's reply (0.5 s), and the first retry of a message's arrays that the SuperLink does
+    not have yet (1 s, doubling: the ServerApp pushes them right after the message)."""
     if not hasattr(start_client_internal, "time") or start_client_internal.time is not time:
         raise RuntimeError("flwr.supernode.start_client_internal no longer waits with the time module; "
                            f"client/flwr_runtime.py was written for flwr {FLWR_VERSION}: port fast_polls")
     start_client_internal.time = _FastTime(idle, reply)
+    start_client_internal.pull_objects = _with_backoff(start_client_internal.pull_objects, pull_backoff,
+                                                       PULL_BACKOFF_CAP)

@@ -72,8 +72,9 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("task %d: acquired", served + 1)
         outcome = runner.run(token)
         served += 1
-        log.info("task %d of run %s: %s in %.2fs%s%s", served, outcome.run_id, outcome.status,
+        log.info("task %d of run %s: %s in %.2fs%s (%s)%s", served, outcome.run_id, outcome.status,
                  time.perf_counter() - start, " (app loaded)" if outcome.loaded else "",
+                 " ".join(f"{k} {v:.2f}" for k, v in outcome.phases.items()),
                  f": {outcome.details}" if outcome.details else "")
         if args.max_tasks and served >= args.max_tasks:
             break

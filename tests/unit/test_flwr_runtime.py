@@ -54,6 +54,20 @@ def test_the_flower_classes_and_constants_the_worker_uses_are_there():
     assert FR.SubStatus.COMPLETED and FR.SubStatus.FAILED and FR.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
+def test_the_task_input_is_pulled_with_short_retries(monkeypatch):
+    from flwr.supernode.runtime import run_clientapp
+
+    assert "pull_and_inflate_object_from_tree(" in inspect.getsource(run_clientapp.pull_task_input), \
+        "pull_task_input no longer pulls through pull_and_inflate_object_from_tree: port client/flwr_runtime._quick_pulls"
+    params = inspect.signature(run_clientapp.pull_and_inflate_object_from_tree).parameters
+    assert {"initial_backoff", "backoff_cap"} <= set(params), "the pull's backoff parameters changed: port _quick_pulls"
+    seen = {}
+    monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", lambda *a, **kw: seen.update(kw))
+    FR._quick_pulls()
+    run_clientapp.pull_and_inflate_object_from_tree("tree", "pull", "confirm", return_type=object)
+    assert seen == {"return_type": object, "initial_backoff": FR.PULL_INITIAL_BACKOFF, "backoff_cap": FR.PULL_BACKOFF_CAP}
+
+
 def test_the_supernode_still_waits_three_seconds_and_half_a_second_with_the_time_module():
     source = inspect.getsource(FR.start_client_internal)
     assert "time.sleep(3)" in source and "time.sleep(0.5)" in source, \
@@ -61,8 +75,12 @@ def test_the_supernode_still_waits_three_seconds_and_half_a_second_with_the_time
 
 
 def test_fast_polls_caps_the_supernodes_waits(monkeypatch):
-    slept = []
+    slept, pulled = [], {}
     monkeypatch.setattr(FR.start_client_internal, "time", time)
+    assert "pull_objects(" in inspect.getsource(FR.start_client_internal), \
+        "the SuperNode no longer pulls a message's arrays with pull_objects: port fast_polls"
+    assert {"initial_backoff", "backoff_cap"} <= set(inspect.signature(FR.start_client_internal.pull_objects).parameters)
+    monkeypatch.setattr(FR.start_client_internal, "pull_objects", lambda *a, **kw: pulled.update(kw))
     monkeypatch.setattr(time, "sleep", slept.append)
     FR.fast_polls(idle=0.2, reply=0.05)
     patched = FR.start_client_internal.time
@@ -70,6 +88,8 @@ def test_fast_polls_caps_the_supernodes_waits(monkeypatch):
     patched.sleep(0.5)
     patched.sleep(0.01)
     assert slept == [0.2, 0.05, 0.01]
+    FR.start_client_internal.pull_objects(["id"], pull_object_fn=print)
+    assert pulled == {"pull_object_fn": print, "initial_backoff": 0.05, "backoff_cap": FR.PULL_BACKOFF_CAP}
     assert patched.monotonic is time.monotonic  # everything else is the real time module
     with pytest.raises(RuntimeError, match="port fast_polls"):
         FR.fast_polls()  # already patched: not the time module any more

@@ -1,0 +1,120 @@
+"""Deployed rounds against simulated ones: Flower's stock site path and fedgen's warm worker.
+
+    python -m simulations.bench_deploy                                  # digits-quick, 3 sites
+    python -m simulations.bench_deploy --preset vae-fashion --rounds 5 --stock-rounds 3
+
+One invocation runs the same job three ways on this machine, one after the other, and prints
+them side by side (the machine is shared: only ratios measured in one run are compared):
+
+1. ``simulation``: ``simulations.launch`` (Flower's simulation engine, Ray actors);
+2. ``warm``: a real deployment on loopback (TLS, node auth; ``simulations.deployment``) whose
+   sites run fedgen's warm worker (``client/worker.py``) beside a SuperNode in process isolation;
+3. ``stock``: the same deployment with Flower's own site path (a new ClientApp process for
+   every message, ``--isolation subprocess``).
+
+For each: the first round's wall time, the median of the steady rounds (2..R), and their
+ratios to the simulation's. For the warm workers, each one's PSS (proportional set size,
+``/proc/PID/smaps_rollup``) after every round: flat means no growth from round to round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from simulations.deployment import Deployment
+from simulations.launch import launch
+from simulations.runs import round_seconds, run_records
+
+
+def pss_mib(pid: int) -> float | None:
+    """A process's proportional set size in MiB (None once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def deployed(mode: str, preset: str | None, overrides: list[str], sites: int, work: Path) -> dict:
+    """One deployed job; its round seconds and, for warm workers, PSS per site after each round."""
+    runs = work / "runs"
+    with Deployment(work / "dep", site_worker=mode) as dep:
+        dep.start_superlink()
+        dep.add_sites([{"partition-id": i, "num-partitions": sites} for i in range(sites)])
+        dep.wait_online(sites)
+        handle = dep.submit(dep.write_run_config(preset, [f"strategy.min-available-nodes={sites}", *overrides], runs))
+        pss: dict[int, list[float | None]] = {}
+        while handle.proc.poll() is None:
+            _, recs = run_records(runs, newest=True) if runs.exists() else (None, [])
+            for rnd in {r["round"] for r in recs if r["round"] >= 1} - set(pss):
+                pss[rnd] = [pss_mib(s.worker.pid) if s.worker else None for s in dep.sites]
+            time.sleep(0.2)
+        status = dep.wait(handle)
+        _, recs = run_records(runs, newest=True)
+    return {"status": status.get("status"), "rounds": round_seconds(recs), "pss": [pss[r] for r in sorted(pss)]}
+
+
+def simulated(preset: str | None, overrides: list[str], sites: int, work: Path) -> dict:
+    runs = work / "runs"
+    code = launch(preset, overrides, sites, runs, quiet=True)
+    _, recs = run_records(runs, newest=True)
+    return {"status": "finished:completed" if code == 0 else f"exit {code}", "rounds": round_seconds(recs), "pss": []}
+
+
+def summary(rounds: list[float]) -> tuple[float, float]:
+    """(first round, median of the steady rounds 2..R)."""
+    return rounds[0], statistics.median(rounds[1:]) if len(rounds) > 1 else float("nan")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="digits-quick")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10, help="rounds of the simulated and warm jobs (default 10)")
+    ap.add_argument("--stock-rounds", type=int, default=4, help="rounds of the stock job (slow; default 4)")
+    ap.add_argument("--modes", nargs="+", default=["simulation", "warm", "stock"],
+                    choices=["simulation", "warm", "stock"])
+    ap.add_argument("--json", type=Path, help="write the results here too")
+    args = ap.parse_args(argv)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="fedgen-bench-deploy-") as tmp:
+        for mode in args.modes:
+            rounds = args.stock_rounds if mode == "stock" else args.rounds
+            overrides = [*args.overrides, f"run.num-rounds={rounds}", "eval.fid-inception-n=0"]
+            work = Path(tmp) / mode
+            t0 = time.time()
+            if mode == "simulation":
+                results[mode] = simulated(args.preset, overrides, args.sites, work)
+            else:
+                results[mode] = deployed(mode, args.preset, overrides, args.sites, work)
+            results[mode]["wall_s"] = time.time() - t0
+            print(f"{mode}: {results[mode]['status']}, round seconds "
+                  f"{', '.join(f'{s:.2f}' for s in results[mode]['rounds'])}", flush=True)
+    sim_steady = summary(results["simulation"]["rounds"])[1] if "simulation" in results else float("nan")
+    print(f"\nbench_deploy: {args.preset}, {args.sites} sites, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    print(f"{'mode':<11}{'rounds':>7}{'first s':>9}{'steady s':>10}{'steady / sim':>14}{'first / steady':>16}")
+    for mode, res in results.items():
+        first, steady = summary(res["rounds"])
+        print(f"{mode:<11}{len(res['rounds']):>7}{first:>9.2f}{steady:>10.2f}{steady / sim_steady:>14.2f}"
+              f"{first / steady:>16.2f}")
+    warm = results.get("warm", {}).get("pss") or []
+    if warm:
+        print("warm workers' PSS (MiB) after each round, per site: "
+              + "; ".join(f"site {i + 1}: " + " ".join("-" if r[i] is None else f"{r[i]:.0f}" for r in warm)
+                          for i in range(len(warm[0]))))
+    if args.json:
+        args.json.write_text(json.dumps({"preset": args.preset, "sites": args.sites, "results": results}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
