@@ -166,7 +166,11 @@ class TaskRunner:
             t = time.perf_counter()
             try:
                 if reply is not None and context is not None:
-                    push_message(client, reply, context)
+                    try:
+                        push_message(client, reply, context)
+                    except Exception as ex:  # noqa: BLE001 - the SuperNode answers for a lost reply
+                        log.error("failed to push the reply", exc_info=ex)
+                        status, details = SubStatus.FAILED, f"pushing the reply failed: {ex}"
                 phases["push"], t = time.perf_counter() - t, time.perf_counter()
                 push_task_output(client=client, context=context, sub_status=status, details=details)
                 phases["status"], t = time.perf_counter() - t, time.perf_counter()

@@ -70,8 +70,12 @@ def _serve(args: argparse.Namespace) -> int:
             continue
         start = time.perf_counter()
         log.info("task %d: acquired", served + 1)
-        outcome = runner.run(token)
         served += 1
+        try:
+            outcome = runner.run(token)
+        except Exception:  # noqa: BLE001 - talking to the SuperNode failed; its own expiry answers the task
+            log.exception("task %d: the SuperNode's Runtime API failed", served)
+            continue
         log.info("task %d of run %s: %s in %.2fs%s (%s)%s", served, outcome.run_id, outcome.status,
                  time.perf_counter() - start, " (app loaded)" if outcome.loaded else "",
                  " ".join(f"{k} {v:.2f}" for k, v in outcome.phases.items()),
