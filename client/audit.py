@@ -53,7 +53,7 @@ from common.audit import default_guess_counts, one_run_audit
 from common.config import AppConfig, SiteConfig
 from common.data.site import site_dataset
 from common.tasks import DataSpec, GenerativeTask, build_task, pick_device
-from common.train import train_local
+from common.train import freeze_except, train_local
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,7 @@ def run_sample_audit(
     # come from secret entropy (common.privacy.noise_seed), not from that seed.
     rng_seed = privacy.noise_seed(train_seed) if cfg.privacy.enabled else train_seed
     torch.manual_seed(rng_seed)
+    freeze_except(task, cfg.train.trainable_prefixes)  # the parameters the run's sites train
     optimizers = task.make_optimizers()
     loader = DataLoader(audit_data, batch_size=cfg.train.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(rng_seed))
