@@ -28,6 +28,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "img" / "privacy_utility.png")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--keep-runs", type=Path, default=None, metavar="DIR",
+                    help="copy every job's run folder (records, text samples or image grids, final model) here")
     ap.add_argument("--replot", nargs="+", type=Path, default=None, metavar="JSON",
                     help="run nothing: merge the rows of earlier --json files into one table and PNG")
     args = ap.parse_args(argv)
@@ -201,6 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{i + 1}/{len(jobs)}] {fam} {part or 'roles'} eps={eps:g}: {as_sets(ov)}", flush=True)
             res = run_job(preset, ov, sites, Path(tmp) / f"job-{i}", args.transport, args.threads)
             loads.append(os.getloadavg()[0])
+            if args.keep_runs:  # the run folder (records, samples, final model) outlives the temporary one
+                kept = args.keep_runs / f"job-{i}-{fam}-{part or 'roles'}-eps{eps:g}"
+                shutil.copytree(Path(tmp) / f"job-{i}", kept, dirs_exist_ok=True)
+                print(f"kept: {kept}", flush=True)
             key, value, n = quality(res["final"])
             rows.append({"family": fam, "partition": part or "roles", "epsilon": eps, "metric": key, "value": value,
                          "n": n, "epsilon_reached": res["final"].get("epsilon_max"), "preset": preset,
