@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one run-config key (repeatable)")
     ap.add_argument("--steps", type=int, default=4000, help="training steps of train.batch-size windows (default 4000)")
+    ap.add_argument("--lr", type=float, default=0.002, help="pretraining's learning rate (default 0.002; the "
+                    "preset's train.lr is the fine-tuning's)")
+    ap.add_argument("--batch-size", type=int, default=32, help="pretraining's batch of windows (default 32)")
     ap.add_argument("--out", type=Path, help="the model file to write (default: the preset's task.init-from)")
     args = ap.parse_args(argv)
     setup_logging()
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if not out.is_absolute():
         out = ROOT / out
     raw["task.init-from"] = ""  # pretraining starts from fresh weights; the output is what init-from will name
+    raw.update({"train.lr": args.lr, "train.batch-size": args.batch_size})  # the run config's are the fine-tuning's
     try:
         cfg = parse_run_config(raw)
     except ConfigError as err:
