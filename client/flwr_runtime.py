@@ -126,12 +126,15 @@ class TaskRunner:
     def _load(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> bool:
         if self._app is not None and fab_hash == self._fab_hash:
             return False
+        previous = self._app_dir
+        # Forget the old app before touching anything: if this load fails (an import error in
+        # the new version), no later task may run an app whose modules were half replaced.
+        self._app = self._fab_hash = self._app_dir = None
         install_from_fab(fab_content, skip_prompt=True)
         app_dir = Path(get_project_dir(fab_id, fab_version, fab_hash)).resolve()
-        _drop_app_modules(app_dir, self._app_dir)
-        self._app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
-            fab_id, fab_version, fab_hash)
-        self._fab_hash, self._app_dir = fab_hash, app_dir
+        _drop_app_modules(app_dir, previous)
+        app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(fab_id, fab_version, fab_hash)
+        self._app, self._fab_hash, self._app_dir = app, fab_hash, app_dir
         return True
 
     def run(self, token: str) -> TaskOutcome:
@@ -158,8 +161,6 @@ class TaskRunner:
                 else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
             details = f"{type(ex)}:<'{ex}'>"
             log.error("ClientApp raised an exception", exc_info=ex)
-            if isinstance(ex, LoadClientAppError):
-                self._app = self._fab_hash = None  # load again next time
             if message is not None:
                 reply = Message(Error(code=code, reason=details), reply_to=message)
         finally:
@@ -175,8 +176,11 @@ class TaskRunner:
                 push_task_output(client=client, context=context, sub_status=status, details=details)
                 phases["status"], t = time.perf_counter() - t, time.perf_counter()
             finally:
-                heartbeat.stop()
-                client.close()
+                try:
+                    if heartbeat.is_running:  # a heartbeat thread that died on an HTTP error raises in stop()
+                        heartbeat.stop()
+                finally:
+                    client.close()
                 phases["close"] = time.perf_counter() - t
         return TaskOutcome(status, details, getattr(run, "run_id", None), getattr(fab, "hash_str", None), loaded,
                            phases)
@@ -194,8 +198,8 @@ def _drop_app_modules(app_dir: Path, previous: Path | None) -> None:
         file = getattr(sys.modules[name], "__file__", None)
         if file is None or app_dir not in Path(file).resolve().parents:
             del sys.modules[name]
-    if previous is not None and str(previous) in sys.path:
-        sys.path.remove(str(previous))
+    if previous is not None:  # Flower inserts the folder as it gets it, maybe not resolved (a symlink)
+        sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != previous]
 
 
 class _FastTime(types.ModuleType):
@@ -221,6 +225,9 @@ def _with_backoff(func, initial: float, cap: float):
     def call(*args, **kwargs):
         kwargs.setdefault("initial_backoff", initial)
         kwargs.setdefault("backoff_cap", cap)
+        # Flower bounds a pull by its tries (500) and its time (2 h); shorter waits would spend
+        # the tries in minutes: keep only the time bound.
+        kwargs.setdefault("max_tries_per_object", None)
         return original(*args, **kwargs)
 
     return call

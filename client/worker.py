@@ -48,14 +48,25 @@ def _serve(args: argparse.Namespace) -> int:
     client = runtime_client(args.runtime_api_address, insecure=args.insecure, root_certificates=certificates,
                             secret=secret)
     runner = TaskRunner(args.runtime_api_address, insecure=args.insecure, root_certificates=certificates)
-    stopping = []
+    stopping, busy = [], []
 
-    def stop(signum: int, _frame: object) -> None:  # finish the task in hand, then exit
+    def stop(signum: int, _frame: object) -> None:  # SIGTERM: finish the task in hand, then exit
         log.info("signal %d: stopping after the current task", signum)
         stopping.append(signum)
 
+    def interrupt(signum: int, frame: object) -> None:
+        # Flower's own code raises SIGINT in the process that runs a task when the task is no
+        # longer valid (its heartbeat is refused, a request gets 401: the run was stopped or the
+        # SuperNode restarted): in flwr-clientapp that ends the one-task process. Here it ends
+        # nothing: the task's remaining requests fail and the worker serves the next one. Idle,
+        # SIGINT is an operator's Ctrl-C: stop.
+        if busy:
+            log.warning("task %d: Flower cancelled it (SIGINT while running it); serving on", busy[-1])
+        else:
+            stop(signum, frame)
+
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGINT, interrupt)
     log.info("warm worker on %s (poll every %gs)", args.runtime_api_address, args.poll_interval)
     served = 0
     while not stopping:
@@ -71,11 +82,17 @@ def _serve(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         log.info("task %d: acquired", served + 1)
         served += 1
+        busy.append(served)
         try:
             outcome = runner.run(token)
-        except Exception:  # noqa: BLE001 - talking to the SuperNode failed; its own expiry answers the task
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # noqa: BLE001 - e.g. flwr's RunNotRunningException (a BaseException):
+            # talking to the SuperNode failed; the SuperNode answers the task when its token expires.
             log.exception("task %d: the SuperNode's Runtime API failed", served)
             continue
+        finally:
+            busy.clear()
         log.info("task %d of run %s: %s in %.2fs%s (%s)%s", served, outcome.run_id, outcome.status,
                  time.perf_counter() - start, " (app loaded)" if outcome.loaded else "",
                  " ".join(f"{k} {v:.2f}" for k, v in outcome.phases.items()),

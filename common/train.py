@@ -89,7 +89,12 @@ def check_trainable(task: GenerativeTask, prefixes: tuple[str, ...]) -> list[str
         tops = sorted({".".join(name.split(".")[:2]) for name in named})
         raise ValueError(f"train.trainable = {','.join(prefixes)!r}: {unknown} match no parameter of the "
                          f"{task.family} model; its parameter names start with {tops}")
-    return sorted(name for name in named if not prefixes or any(_matches(name, pre) for pre in prefixes))
+    trained = sorted(name for name in named if not prefixes or any(_matches(name, pre) for pre in prefixes))
+    idle = [m for m in task.private_modules if not any(name.startswith(f"{m}.") for name in trained)]
+    if idle:  # DP-SGD would clip and noise nothing: Opacus fails in the backward pass, after the charge
+        raise ValueError(f"train.trainable = {','.join(prefixes)!r} trains nothing of the private module(s) {idle} "
+                         f"(the ones DP-SGD trains at the sites); add a prefix under {idle[0]}.")
+    return trained
 
 
 def train_local(

@@ -17,7 +17,7 @@ from common.data.site import eval_dataset
 from common.tasks import GenerativeTask, build_task, pick_device
 from common.train import check_trainable
 from server.fid import ImageFID
-from server.run_model import load_init_model
+from server.init_model import load_init_model
 
 #: Between two text samples in a samples file (the round's samples, and ``fedgen generate``'s .txt).
 TEXT_SEPARATOR = "\n\n---\n\n"

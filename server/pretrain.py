@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from common import records as R
-from common.config import AppConfig
+from common.config import AppConfig, parse_run_config
 from common.data.site import eval_dataset, public_dataset
 from common.tasks import build_task, pick_device
 from common.train import train_local
+from server.init_model import pretraining_provenance
 from server.run_model import save_model
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,14 @@ def pretrain(cfg: AppConfig, steps: int, out: Path) -> dict[str, float]:
     metrics = task.evaluate(torch.utils.data.DataLoader(held_out, batch_size=cfg.eval.batch_size))
     metrics.update({"pretrain-steps": float(result.steps), "pretrain-loss": result.mean_loss,
                     "pretrain-seconds": wall, "pretrain-cpu-seconds": cpu, "public-windows": float(len(data))})
+    state = R.state_dict_of(task.modules)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FloatingPointError(f"pretraining diverged: {bad[:3]} are not finite; lower --lr")
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(out, R.state_dict_of(task.modules), cfg, spec)
+    # Saved as what it is: trained without DP, on these public plays (server.init_model checks
+    # both before a run may start from it).
+    saved_cfg = parse_run_config({**cfg.to_flat(), "privacy.enabled": False, "central-dp.enabled": False})
+    save_model(out, state, saved_cfg, spec, extra=pretraining_provenance(cfg))
     log.info("pretrained model written to %s: %s", out, {k: round(v, 4) for k, v in metrics.items()})
     return metrics

@@ -29,17 +29,18 @@ from common.tasks import DataSpec, GenerativeTask, build_task, pick_device
 from server.checkpoints import CheckpointError, Checkpointer, config_differences
 from server.store import RunStore, StoreError
 
-__all__ = ["FINAL_MODEL", "Batch", "RunModel", "architecture_differences", "draw", "load_init_model", "load_run_model",
-           "save_model"]
+__all__ = ["FINAL_MODEL", "Batch", "RunModel", "draw", "load_run_model", "read_model_file", "save_model"]
 
 FINAL_MODEL = "final_model.pt"
 
 
-def save_model(path: Path, arrays_state: dict[str, torch.Tensor], cfg: AppConfig, spec: DataSpec) -> None:
+def save_model(path: Path, arrays_state: dict[str, torch.Tensor], cfg: AppConfig, spec: DataSpec,
+               extra: dict[str, Any] | None = None) -> None:
     """The final model, self-describing: weights, the resolved config and the data's shape
     (together they fix the architecture: ``build_task(parse_run_config(config),
     DataSpec(**data_spec))``), the tokenizer's name for the LM, and the library versions. Plain
-    tensors and scalars only (``torch.load(..., weights_only=True)``), written atomically."""
+    tensors and scalars only (``torch.load(..., weights_only=True)``), written atomically.
+    ``extra``: more plain entries (a pretrained model's provenance, ``server.init_model``)."""
     from importlib.metadata import version  # opacus' version without importing it (seconds)
 
     meta = {"family": cfg.task.family, "config_hash": cfg.config_hash(), "config": cfg.to_flat(),
@@ -47,48 +48,7 @@ def save_model(path: Path, arrays_state: dict[str, torch.Tensor], cfg: AppConfig
             "versions": {name: version(name) for name in ("torch", "flwr", "opacus", "fedgen")}}
     if cfg.task.family == "lm":
         meta["tokenizer"] = cfg.lm.tokenizer
-    atomic.torch_save({"state_dict": arrays_state, **meta}, path)
-
-
-def architecture_differences(saved_config: dict[str, Any], cfg: AppConfig) -> list[str]:
-    """The family and the architecture keys (its config section's ``architecture``) on which a
-    saved model's config and ``cfg`` differ, as 'key: saved X, this run Y'."""
-    family = cfg.task.family
-    keys = ["task.family"] + [f"{family}.{k.replace('_', '-')}" for k in getattr(cfg, family).architecture]
-    flat = cfg.to_flat()
-    return [f"{k}: the model file has {saved_config.get(k)!r}, this run {flat[k]!r}"
-            for k in keys if saved_config.get(k) != flat[k]]
-
-
-def load_init_model(cfg: AppConfig, task: GenerativeTask, spec: DataSpec) -> str:
-    """Load ``task.init-from`` (a fedgen model file) into ``task``; its sha256 (for the log).
-
-    Refused with a :class:`ConfigError` naming ``task.init-from`` (before round 1, nothing
-    trained or spent) when the file is missing or not a fedgen model, or its family,
-    architecture, tokenizer or data shape differ from this run's (weights that load by shape
-    could still mean something else: another tokenizer maps the same ids to other characters)."""
-    import hashlib
-
-    key, path = "task.init-from", Path(cfg.task.init_from).expanduser()
-    if not path.is_file():
-        raise ConfigError([f"{key} = {cfg.task.init_from!r}: no such file; give a model file written by "
-                           "python -m simulations.pretrain or a run's final_model.pt, or leave it empty"])
-    try:
-        saved = _read_final(path)
-    except StoreError as err:
-        raise ConfigError([f"{key} = {cfg.task.init_from!r}: {err}"]) from None
-    problems = architecture_differences(saved["config"], cfg)
-    if saved.get("data_spec") != dataclasses.asdict(spec):
-        problems.append(f"data shape: the model file was made for {saved.get('data_spec')}, this run's data is "
-                        f"{dataclasses.asdict(spec)}")
-    if problems:
-        raise ConfigError([f"{key} = {cfg.task.init_from!r} does not fit this run; set these as the model file "
-                           f"has them, or pretrain again with this run's settings: {p}" for p in problems])
-    try:
-        R.load_arrayrecord(task.modules, ArrayRecord(torch_state_dict=saved["state_dict"]))
-    except ValueError as err:
-        raise ConfigError([f"{key} = {cfg.task.init_from!r}: its weights do not fit this run's model: {err}"]) from None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    atomic.torch_save({"state_dict": arrays_state, **meta, **(extra or {})}, path)
 
 
 @dataclass
@@ -105,7 +65,8 @@ class RunModel:
         return "final model" if self.round is None else f"round {self.round}"
 
 
-def _read_final(path: Path) -> dict[str, Any]:
+def read_model_file(path: Path) -> dict[str, Any]:
+    """A fedgen model file's contents (``save_model``), checked for its parts and their types."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged or foreign file: torch raises several kinds
@@ -113,7 +74,11 @@ def _read_final(path: Path) -> dict[str, Any]:
     missing = [k for k in ("state_dict", "config", "data_spec") if not isinstance(saved, dict) or k not in saved]
     if missing:
         raise StoreError(f"{path} is not a fedgen final model (no {', '.join(missing)})")
+    bad = [k for k in ("state_dict", "config", "data_spec") if not isinstance(saved[k], dict)]
+    if bad or not all(isinstance(v, torch.Tensor) for v in saved["state_dict"].values()):
+        raise StoreError(f"{path} is not a fedgen final model ({', '.join(bad) or 'state_dict'} malformed)")
     return saved
+
 
 
 def _no_final_model(run_dir: Path, checkpoints: list[int]) -> StoreError:
@@ -149,7 +114,7 @@ def _checkpoint_spec(run_dir: Path, config: dict[str, Any], cfg: AppConfig) -> D
     when it was made with the same settings, else the run's held-out data's, as the server had it."""
     final = run_dir / FINAL_MODEL
     if final.is_file():
-        model = _read_final(final)
+        model = read_model_file(final)
         if not config_differences(model["config"], config):
             return DataSpec(**model["data_spec"])
     from common.data.site import eval_dataset  # reads the dataset the run was evaluated on
@@ -167,7 +132,7 @@ def load_run_model(run_dir: Path, round_: int | None = None, device: torch.devic
         path = run_dir / FINAL_MODEL
         if not path.is_file():
             raise _no_final_model(run_dir, checkpointer.rounds())
-        saved = _read_final(path)
+        saved = read_model_file(path)
         cfg, spec = _parse(saved["config"], path), DataSpec(**saved["data_spec"])
         arrays = ArrayRecord(torch_state_dict=saved["state_dict"])
     else:

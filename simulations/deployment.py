@@ -125,6 +125,7 @@ class Deployment:
         self._procs: list[subprocess.Popen] = []
         self._closing = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._supervising = threading.Lock()
 
     # ---- environment and commands
 
@@ -312,7 +313,8 @@ class Deployment:
 
     def kill_site(self, site: Site, sig: int = signal.SIGKILL) -> None:
         """Stop a site the hard way (SIGKILL: a crash) or gracefully (SIGTERM)."""
-        site.worker_cmd = []  # a stopped site is not restarted by the supervisor
+        with self._supervising:  # a stopped site is not restarted by the supervisor
+            site.worker_cmd = []
         for proc in site.procs:
             stop_process(proc, grace=5, sig=sig)
 
@@ -325,13 +327,19 @@ class Deployment:
         def loop() -> None:
             while not self._closing.wait(SUPERVISE_INTERVAL):
                 for site in list(self.sites):
-                    if site.worker is not None and site.worker_cmd and site.worker.poll() is not None:
+                    with self._supervising:  # kill_site() and close() cannot interleave with a restart
+                        cmd = list(site.worker_cmd)
+                        if self._closing.is_set() or not cmd or site.worker is None or site.worker.poll() is None:
+                            continue
                         site.worker_restarts += 1
-                        with site.worker_log.open("a") as fh:
-                            fh.write(f"supervisor: worker exited {site.worker.returncode}; restart "
-                                     f"{site.worker_restarts}\n")
-                        site.worker = self._spawn(site.worker_cmd, site.dir / "home", site.worker_log)
-                        site.procs.append(site.worker)
+                        try:
+                            with site.worker_log.open("a") as fh:
+                                fh.write(f"supervisor: worker exited {site.worker.returncode}; restart "
+                                         f"{site.worker_restarts}\n")
+                            site.worker = self._spawn(cmd, site.dir / "home", site.worker_log)
+                            site.procs.append(site.worker)
+                        except OSError as err:  # keep supervising the others; try again next time
+                            print(f"deploy: restarting {site.name}'s worker failed: {err}", file=sys.stderr)
 
         self._supervisor = threading.Thread(target=loop, name="worker-supervisor", daemon=True)
         self._supervisor.start()
@@ -392,7 +400,8 @@ class Deployment:
         Then a last sweep: every process still running whose FLWR_HOME lies in our work dir
         (they all inherit it, however detached) is killed.
         """
-        self._closing.set()
+        with self._supervising:
+            self._closing.set()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
         for proc in reversed(self._procs):

@@ -65,7 +65,13 @@ def test_the_task_input_is_pulled_with_short_retries(monkeypatch):
     monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", lambda *a, **kw: seen.update(kw))
     FR._quick_pulls()
     run_clientapp.pull_and_inflate_object_from_tree("tree", "pull", "confirm", return_type=object)
-    assert seen == {"return_type": object, "initial_backoff": FR.PULL_INITIAL_BACKOFF, "backoff_cap": FR.PULL_BACKOFF_CAP}
+    assert seen == {"return_type": object, "initial_backoff": FR.PULL_INITIAL_BACKOFF, "backoff_cap": FR.PULL_BACKOFF_CAP,
+                    "max_tries_per_object": None}
+    FR._quick_pulls()  # applied again (a second TaskRunner): the wrappers do not stack
+    assert run_clientapp.pull_and_inflate_object_from_tree.__wrapped__.__name__ == "<lambda>"  # one layer
+    seen.clear()
+    run_clientapp.pull_and_inflate_object_from_tree("tree", "pull", "confirm", return_type=object, initial_backoff=3)
+    assert seen["initial_backoff"] == 3 and seen["backoff_cap"] == FR.PULL_BACKOFF_CAP
 
 
 def test_the_supernode_still_waits_three_seconds_and_half_a_second_with_the_time_module():
@@ -89,7 +95,8 @@ def test_fast_polls_caps_the_supernodes_waits(monkeypatch):
     patched.sleep(0.01)
     assert slept == [0.2, 0.05, 0.01]
     FR.start_client_internal.pull_objects(["id"], pull_object_fn=print)
-    assert pulled == {"pull_object_fn": print, "initial_backoff": 0.05, "backoff_cap": FR.PULL_BACKOFF_CAP}
+    assert pulled == {"pull_object_fn": print, "initial_backoff": 0.05, "backoff_cap": FR.PULL_BACKOFF_CAP,
+                      "max_tries_per_object": None}
     assert patched.monotonic is time.monotonic  # everything else is the real time module
     with pytest.raises(RuntimeError, match="port fast_polls"):
         FR.fast_polls()  # already patched: not the time module any more
@@ -114,3 +121,81 @@ def test_a_new_app_package_replaces_the_modules_of_the_old_one(tmp_path, monkeyp
     assert sys.modules["fgpkg.cur"] is current  # already the new package's
     assert sys.modules["fgother"] is other  # not a package of the new app: left alone
     assert str(old.resolve()) not in sys.path
+
+
+class _FakeHeartbeat:
+    def __init__(self, _fn) -> None:
+        self.is_running = False
+
+    def start(self) -> None:
+        self.is_running = True
+
+    def stop(self) -> None:
+        self.is_running = False
+
+
+def _fake_runtime(monkeypatch, pushed: list) -> None:
+    """TaskRunner with the SuperNode's Runtime API replaced by fakes: a task is a train message."""
+    from flwr.app import Context, Message, RecordDict
+
+    closed = []
+    monkeypatch.setattr(FR, "runtime_client", lambda *a, **kw: types.SimpleNamespace(close=lambda: closed.append(1)))
+    monkeypatch.setattr(FR, "HeartbeatSender", _FakeHeartbeat)
+    monkeypatch.setattr(FR, "make_task_heartbeat_fn_http", lambda client: None)
+
+    def pull(_client):
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 7, 1, 1  # as flwr's pull sets them
+        msg = Message(RecordDict(), dst_node_id=1, message_type="train")
+        ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+        return msg, ctx, types.SimpleNamespace(fab_id="x/y", fab_version="1", run_id=1), \
+            types.SimpleNamespace(hash_str="h1", content=b"")
+
+    monkeypatch.setattr(FR, "pull_task_input", pull)
+    monkeypatch.setattr(FR, "push_message", lambda client, reply, context: pushed.append(reply))
+    monkeypatch.setattr(FR, "push_task_output", lambda **kw: pushed.append(kw["sub_status"]))
+
+
+def test_a_clientapp_exception_becomes_an_error_reply_and_the_runner_serves_the_next_task(monkeypatch):
+    from flwr.app import Message, RecordDict
+
+    pushed: list = []
+    _fake_runtime(monkeypatch, pushed)
+    calls = []
+
+    def app(message, context):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ZeroDivisionError("boom")
+        return Message(RecordDict(), reply_to=message)
+
+    runner = FR.TaskRunner("127.0.0.1:1", insecure=True, root_certificates=None)
+    monkeypatch.setattr(runner, "_load", lambda *a: setattr(runner, "_app", app) or True)
+    first = runner.run("token-1")
+    assert first.status == FR.SubStatus.FAILED and "boom" in first.details
+    reply, status = pushed
+    assert reply.has_error() and reply.error.code == FR.ErrorCode.CLIENT_APP_RAISED_EXCEPTION and status == first.status
+    pushed.clear()
+    second = runner.run("token-2")
+    assert second.status == FR.SubStatus.COMPLETED and not pushed[0].has_error() and len(calls) == 2
+
+
+def test_a_failed_load_of_a_new_app_version_leaves_no_app_behind(monkeypatch, tmp_path):
+    pushed: list = []
+    _fake_runtime(monkeypatch, pushed)
+    runner = FR.TaskRunner("127.0.0.1:1", insecure=True, root_certificates=None)
+    runner._app, runner._fab_hash, runner._app_dir = (lambda **kw: None), "h0", tmp_path  # an older version, loaded
+    monkeypatch.setattr(FR, "install_from_fab", lambda content, skip_prompt: None)
+    monkeypatch.setattr(FR, "get_project_dir", lambda *a: tmp_path / "new")
+    (tmp_path / "new").mkdir()
+
+    def broken_loader(**kw):
+        def load(*a):
+            raise SyntaxError("the new version does not import")
+        return load
+
+    monkeypatch.setattr(FR, "get_load_client_app_fn", broken_loader)
+    out = runner.run("token")
+    assert out.status == FR.SubStatus.FAILED and "does not import" in out.details
+    assert runner._app is None and runner._fab_hash is None  # the next task loads again, never the half-replaced one

@@ -68,6 +68,14 @@ def test_public_plays_are_no_sites_and_never_evaluated_over_the_actual_splits():
     assert {c.play for c in shakespeare_split(4, 0, 2000)[0]} & public
 
 
+@pytest.mark.parametrize("seed, heldout, public, min_chars", [(1, 4, 8, 2000), (2, 3, 12, 500), (5, 6, 1, 10_000)])
+def test_public_held_out_and_site_plays_are_disjoint_in_other_splits_too(seed, heldout, public, min_chars):
+    clients, _ = shakespeare_split(heldout, seed, min_chars, public)
+    held, pub = set(shakespeare_heldout_plays(heldout, seed)), set(shakespeare_public_plays(heldout, public, seed))
+    assert len(held) == heldout and len(pub) == public and not held & pub
+    assert not {c.play for c in clients} & (held | pub)
+
+
 def test_public_dataset_needs_public_plays_and_too_many_are_refused():
     with pytest.raises(TextDataError, match="data.public-plays"):
         public_dataset(lm_config(**{"data.public-plays": 0}))
@@ -109,6 +117,62 @@ def test_an_incompatible_model_file_is_refused_before_round_one(pretrained, over
     with pytest.raises(ConfigError, match="task.init-from") as err:
         Evaluator(lm_config(**{"task.init-from": str(path), **override}))
     assert problem in str(err.value)
+
+
+def test_the_pretrained_file_says_what_it_is(pretrained):
+    saved = torch.load(pretrained[0], weights_only=True)
+    assert saved["config"]["privacy.enabled"] is False  # trained without DP, and saved as such
+    assert saved["pretrained_on"] == {"kind": "public-plays", "dp": False,
+                                      "plays": shakespeare_public_plays(4, PUBLIC, 0)}
+
+
+@pytest.mark.parametrize("override", [{"run.seed": 1}, {"data.public-plays": 6}, {"data.heldout-plays": 5}])
+def test_a_model_pretrained_on_other_plays_than_this_runs_public_ones_is_refused(pretrained, override):
+    # With another seed or count, some of the plays it learned without DP are a site's or held out.
+    cfg = lm_config(**{"task.init-from": str(pretrained[0]), **override})
+    assert set(shakespeare_public_plays(4, PUBLIC, 0)) - set(shakespeare_public_plays(
+        cfg.data.heldout_plays, cfg.data.public_plays, cfg.run.seed))
+    with pytest.raises(ConfigError, match="pretrained without DP on the plays"):
+        Evaluator(cfg)
+
+
+def _run_model(tmp_path: Path, pretrained, **config) -> Path:
+    """A run's final model (what save_model writes at the end of a job), with these config values."""
+    from server.run_model import save_model
+
+    cfg = lm_config(**config)
+    out = tmp_path / "final_model.pt"
+    saved = torch.load(pretrained[0], weights_only=True)
+    save_model(out, saved["state_dict"], cfg, public_dataset(lm_config())[1])
+    return out
+
+
+def test_a_runs_model_is_reused_only_if_it_is_a_dp_release_on_the_same_split(pretrained, tmp_path: Path):
+    no_dp = _run_model(tmp_path, pretrained, **{"privacy.enabled": False})
+    with pytest.raises(ConfigError, match="trained without DP"):
+        Evaluator(lm_config(**{"task.init-from": str(no_dp)}))
+    other_split = _run_model(tmp_path, pretrained, **{"run.seed": 3})
+    with pytest.raises(ConfigError, match="run.seed: the model's run had 3, this run 0"):
+        Evaluator(lm_config(**{"task.init-from": str(other_split)}))
+    dp = _run_model(tmp_path, pretrained)
+    ev = Evaluator(lm_config(**{"task.init-from": str(dp)}))  # a DP release on this split: accepted
+    assert ev.evaluate(ev.initial_arrays())["perplexity"] == pytest.approx(pretrained[1]["perplexity"])
+
+
+def test_non_finite_or_misshapen_weights_are_refused(pretrained, tmp_path: Path):
+    saved = torch.load(pretrained[0], weights_only=True)
+    key = next(iter(saved["state_dict"]))
+    nan = {**saved, "state_dict": {**saved["state_dict"], key: saved["state_dict"][key] * float("nan")}}
+    torch.save(nan, tmp_path / "nan.pt")
+    with pytest.raises(ConfigError, match="not all finite"):
+        Evaluator(lm_config(**{"task.init-from": str(tmp_path / "nan.pt")}))
+    shape = {**saved, "state_dict": {**saved["state_dict"], key: torch.zeros(3)}}
+    torch.save(shape, tmp_path / "shape.pt")
+    with pytest.raises(ConfigError, match="do not fit this run's model"):
+        Evaluator(lm_config(**{"task.init-from": str(tmp_path / "shape.pt")}))
+    torch.save({**saved, "config": "lm"}, tmp_path / "config.pt")
+    with pytest.raises(ConfigError, match="config malformed"):
+        Evaluator(lm_config(**{"task.init-from": str(tmp_path / "config.pt")}))
 
 
 def test_a_missing_or_foreign_model_file_is_refused(pretrained, tmp_path: Path):
@@ -159,6 +223,10 @@ def test_a_trainable_prefix_that_names_nothing_is_refused_before_round_one():
         Evaluator(lm_config(**{"train.trainable": "lm.head,lm.hed"}))
     with pytest.raises(ConfigError, match="separated by commas"):
         lm_config(**{"train.trainable": "lm.head,,lm.ln_f"})
+    # The GAN's private module is its discriminator: training only the generator would leave
+    # DP-SGD nothing to clip and noise.
+    with pytest.raises(ConfigError, match=r"trains nothing of the private module\(s\) \['discriminator'\]"):
+        Evaluator(quick_config(**{"task.family": "gan", "train.trainable": "generator"}))
     task = build_task(lm_config(), public_dataset(lm_config())[1])
     assert freeze_except(task, ()) == sorted(f"lm.{n}" for n, _ in task.modules["lm"].named_parameters())
     assert all(p.requires_grad for p in task.modules["lm"].parameters())
