@@ -98,8 +98,9 @@ class TaskOutcome:
 
 #: How a task's message objects are pulled from the SuperNode when they are not there yet (the
 #: SuperNode hands out the task as soon as the message arrives, while it still fetches its
-#: arrays from the SuperLink): Flower's retry starts at 1 s and doubles (1 + 2 = 3 s lost on
-#: most rounds, measured); on loopback we retry sooner.
+#: arrays from the SuperLink): Flower's retry starts at 1 s and doubles; on loopback we retry
+#: sooner. Measured: this did not shorten the 2.4-3.5 s a warm task spends pulling its input
+#: (docs/RESULTS.md, "Deployed rounds"); where that time goes is not found yet.
 PULL_INITIAL_BACKOFF, PULL_BACKOFF_CAP = 0.02, 0.5
 
 

@@ -60,6 +60,11 @@ def state_dict_of(modules: dict[str, nn.Module]) -> "OrderedDict[str, torch.Tens
     return out
 
 
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of a state dict whose floating-point tensor holds a NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def to_arrayrecord(modules: dict[str, nn.Module]) -> ArrayRecord:
     return ArrayRecord(torch_state_dict=state_dict_of(modules))
 

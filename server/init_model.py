@@ -26,7 +26,6 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord
 
 from common import records as R
@@ -108,7 +107,7 @@ def load_init_model(cfg: AppConfig, task: GenerativeTask, spec: DataSpec) -> str
         problems.append(f"the model file was made for data of shape {saved['data_spec']}, this run's data is "
                         f"{dataclasses.asdict(spec)}")
     problems += provenance_problems(saved, cfg)
-    bad = [k for k, v in saved["state_dict"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = R.non_finite(saved["state_dict"])
     if bad:
         problems.append(f"its weights {bad[:3]} are not all finite")
     if problems:

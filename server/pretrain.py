@@ -51,7 +51,7 @@ def pretrain(cfg: AppConfig, steps: int, out: Path) -> dict[str, float]:
     metrics.update({"pretrain-steps": float(result.steps), "pretrain-loss": result.mean_loss,
                     "pretrain-seconds": wall, "pretrain-cpu-seconds": cpu, "public-windows": float(len(data))})
     state = R.state_dict_of(task.modules)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = R.non_finite(state)
     if bad:
         raise FloatingPointError(f"pretraining diverged: {bad[:3]} are not finite; lower --lr")
     out.parent.mkdir(parents=True, exist_ok=True)

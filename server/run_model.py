@@ -80,7 +80,6 @@ def read_model_file(path: Path) -> dict[str, Any]:
     return saved
 
 
-
 def _no_final_model(run_dir: Path, checkpoints: list[int]) -> StoreError:
     """Why the run has no final model, and what it has instead."""
     why = ""

@@ -22,8 +22,7 @@ from common.config import ConfigError, parse_run_config
 from common.logs import setup_logging
 from server.pretrain import pretrain
 from simulations.benchlib import load_run_config, parse_sets
-
-ROOT = Path(__file__).resolve().parent.parent
+from simulations.launch import ROOT
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -56,8 +56,8 @@ def _pending_round(ledger: Path) -> int | None:
     return next((r["round"] for e in entries for r in e["rounds"] if r.get("state") == "pending"), None)
 
 
-def _new_run(runs_dir: Path, before: set[Path]) -> Path:
-    (run_dir,) = [p for p in runs_dir.iterdir() if (p / "run.db").exists() and p not in before]
+def _new_run(runs_dir: Path) -> Path:
+    (run_dir,) = [p for p in runs_dir.iterdir() if (p / "run.db").exists()]
     return run_dir
 
 
@@ -80,12 +80,12 @@ def two_runs(tmp_path_factory):
         first_worker = victim.worker
         first_worker.send_signal(signal.SIGKILL)  # the worker alone: its SuperNode stays up
         status_a = dep.wait(handle, RUN_TIMEOUT)
-        run_a = _new_run(runs_a, set())
+        run_a = _new_run(runs_a)
         config_b = dep.write_run_config("digits-quick", [*COMMON, "run.num-rounds=1", "privacy.target-epsilon=4.0"],
                                         runs_b)
         status_b = dep.wait(dep.submit(config_b), RUN_TIMEOUT)
         yield {"dep": dep, "sites": sites, "victim": victim, "first_worker": first_worker, "status_a": status_a,
-               "status_b": status_b, "run_a": run_a, "run_b": _new_run(runs_b, set()), "config_b": config_b}
+               "status_b": status_b, "run_a": run_a, "run_b": _new_run(runs_b), "config_b": config_b}
     finally:
         dep.close()
 
