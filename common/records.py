@@ -7,6 +7,7 @@ prefixed with the module's name (``vae.encoder.0.weight``,
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
 import numpy as np
@@ -96,39 +97,85 @@ def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 # only the messages change: the sender casts, the receiver casts back before using them.
 WIRE_DTYPES = ("float32", "float16")
 
+# On the wire a model is one array, not one per tensor. Flower moves every Array of a message
+# as its own objects (an Array and its chunks), each a signed request from the SuperLink to the
+# SuperNode: 18 tensors cost about 40 requests and 0.7-1.2 s per message on loopback with TLS,
+# one packed array about 10 (docs/RESULTS.md, "Deployed rounds"). The layout (every tensor's
+# name and shape, in order) rides in the packed array's key: it is the architecture, public and
+# the same in both directions, so Flower's clipping mods (which require the reply's keys to be
+# the message's keys, and clip the flat difference: the same norm) work on packed records.
+PACKED_PREFIX = "fedgen.packed:"
+
 
 def _is_float(dtype: str) -> bool:
     return np.issubdtype(np.dtype(dtype), np.floating)
 
 
-def to_wire(record: ArrayRecord, dtype: str) -> ArrayRecord:
-    """The record with every floating-point array cast to ``dtype`` (others untouched).
+def _cast(x: np.ndarray, dtype: str, key: str) -> np.ndarray:
+    y = x.astype(dtype, copy=False)
+    if y is not x and not np.isfinite(y).all() and np.isfinite(x).all():
+        raise OverflowError(f"strategy.update-dtype = {dtype!r} cannot carry {key}: its largest magnitude "
+                            f"{float(np.abs(x).max()):.4g} exceeds {float(np.finfo(dtype).max):g}; "
+                            "use strategy.update-dtype = 'float32'")
+    return y
 
-    ``float32`` returns the record itself (no copy). A finite value the smaller type cannot
-    hold (|x| > 65504 for float16) is an error here, at the sender, naming the array, rather
-    than an infinite value the server would drop without the cause.
+
+def to_wire(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """The record as it travels: every floating-point array cast to ``dtype`` and, when all
+    arrays are floating-point (every model here), packed into one flat array (``unpack``).
+
+    A finite value the smaller type cannot hold (|x| > 65504 for float16) is an error here, at
+    the sender, naming the array, rather than an infinite value the server would drop without
+    the cause. A record with a non-float array is cast only, one array per tensor.
     """
     if dtype not in WIRE_DTYPES:
         raise ValueError(f"update dtype {dtype!r}: use one of {WIRE_DTYPES}")
-    if dtype == "float32" and all(not _is_float(a.dtype) or a.dtype == "float32" for a in record.values()):
+    if is_packed(record):
+        raise ValueError("to_wire: the record is already packed")
+    arrays = [(key, arr.numpy()) for key, arr in record.items()]
+    if not arrays or not all(_is_float(x.dtype) for _, x in arrays):
+        return ArrayRecord(OrderedDict((k, Array(_cast(x, dtype, k)) if _is_float(x.dtype) else record[k])
+                                       for k, x in arrays))
+    layout = json.dumps([[k, list(x.shape)] for k, x in arrays], separators=(",", ":"))
+    flat = np.concatenate([_cast(x, dtype, k).ravel() for k, x in arrays])
+    return ArrayRecord(OrderedDict([(PACKED_PREFIX + layout, Array(flat))]))
+
+
+def is_packed(record: ArrayRecord) -> bool:
+    return len(record) == 1 and next(iter(record.keys())).startswith(PACKED_PREFIX)
+
+
+def unpack(record: ArrayRecord) -> ArrayRecord:
+    """One array per tensor again, in the sender's dtype (``to_wire``'s packing undone); a
+    record that is not packed comes back as it is. A malformed pack (what a faulty or hostile
+    site could send) is a ValueError that says what is wrong."""
+    if not is_packed(record):
         return record
-    out = OrderedDict()
-    for key, arr in record.items():
-        if not _is_float(arr.dtype) or arr.dtype == dtype:
-            out[key] = arr
-            continue
-        x = arr.numpy()
-        y = x.astype(dtype)
-        if not np.isfinite(y).all() and np.isfinite(x).all():
-            raise OverflowError(f"strategy.update-dtype = {dtype!r} cannot carry {key}: its largest magnitude "
-                                f"{float(np.abs(x).max()):.4g} exceeds {float(np.finfo(dtype).max):g}; "
-                                "use strategy.update-dtype = 'float32'")
-        out[key] = Array(y)
+    key, arr = next(iter(record.items()))
+    try:
+        layout = json.loads(key[len(PACKED_PREFIX):])
+        names = [str(name) for name, _ in layout]
+        shapes = [tuple(int(d) for d in shape) for _, shape in layout]
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"packed record: unreadable layout ({err})") from None
+    if len(set(names)) != len(names) or any(d < 0 for s in shapes for d in s):
+        raise ValueError("packed record: the layout repeats a name or has a negative size")
+    flat = arr.numpy()
+    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+    if flat.ndim != 1 or flat.size != sum(sizes) or not _is_float(flat.dtype):
+        raise ValueError(f"packed record: {flat.size} {flat.dtype} values in shape {flat.shape} for a layout "
+                         f"of {sum(sizes)} floating-point values")
+    out, start = OrderedDict(), 0
+    for name, shape, size in zip(names, shapes, sizes):
+        out[name] = Array(np.ascontiguousarray(flat[start:start + size].reshape(shape)))
+        start += size
     return ArrayRecord(out)
 
 
 def from_wire(record: ArrayRecord) -> ArrayRecord:
-    """The record with every floating-point array as float32 (what models and aggregation use)."""
+    """The record unpacked, with every floating-point array as float32 (what models and
+    aggregation use)."""
+    record = unpack(record)
     if all(not _is_float(a.dtype) or a.dtype == "float32" for a in record.values()):
         return record
     out = OrderedDict()

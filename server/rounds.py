@@ -122,12 +122,13 @@ def _payload_bytes(msg: Message) -> int:
 
 
 def _encode(messages: list[Message], dtype: str) -> list[Message]:
-    """Cast the model arrays of outgoing messages to ``strategy.update-dtype`` (once per distinct record)."""
-    if dtype == "float32":
-        return messages
+    """The model arrays of outgoing messages as they travel (``common.records.to_wire``: cast to
+    ``strategy.update-dtype`` and packed into one array), once per distinct record."""
     cast: dict[int, ArrayRecord] = {}
     for msg in messages:
         for key, rec in list(msg.content.array_records.items()):
+            if any(rec is done for done in cast.values()):
+                continue  # Flower's strategies share one RecordDict between their messages
             if id(rec) not in cast:
                 cast[id(rec)] = R.to_wire(rec, dtype)
             msg.content[key] = cast[id(rec)]
@@ -273,7 +274,7 @@ class RoundLoop:
                 try:
                     check_train_reply(msg, arrays, cfg.strategy.max_update_norm, cfg.strategy.update_dtype)
                     for key, rec in list(msg.content.array_records.items()):
-                        msg.content[key] = R.from_wire(rec)  # aggregate in float32
+                        msg.content[key] = R.from_wire(rec)  # unpacked; aggregate in float32
                     good.append(msg)
                 except InvalidUpdate as err:
                     status, reason = "failed", f"invalid update dropped: {err}"

@@ -18,9 +18,10 @@ def check_train_reply(msg: Message, global_arrays: ArrayRecord, max_update_norm:
                       wire_dtype: str = "float32") -> None:
     """Raise :class:`InvalidUpdate` unless the reply is safe to aggregate.
 
-    Expected: exactly one ArrayRecord with the global model's keys and shapes, the global
-    model's dtypes except that floating-point arrays travel as ``wire_dtype``
-    (``strategy.update-dtype``; the caller casts them back to float32 afterwards), finite values, an update norm within ``max_update_norm`` (when > 0), and one
+    Expected: exactly one ArrayRecord (packed on the wire: ``common.records.unpack``) with the
+    global model's keys and shapes, the global model's dtypes except that floating-point arrays
+    travel as ``wire_dtype`` (``strategy.update-dtype``; the caller casts them back to float32
+    afterwards), finite values, an update norm within ``max_update_norm`` (when > 0), and one
     MetricRecord with a positive ``num-examples`` and numeric, finite metrics.
     """
     content = msg.content
@@ -30,7 +31,10 @@ def check_train_reply(msg: Message, global_arrays: ArrayRecord, max_update_norm:
         raise InvalidUpdate(f"expected one ArrayRecord, got {len(arrays)}")
     if len(metrics) != 1:
         raise InvalidUpdate(f"expected one MetricRecord, got {len(metrics)}")
-    got, ref = arrays[0], global_arrays
+    try:
+        got, ref = R.unpack(arrays[0]), global_arrays
+    except ValueError as err:
+        raise InvalidUpdate(str(err)) from None
     missing, extra = set(ref.keys()) - set(got.keys()), set(got.keys()) - set(ref.keys())
     if missing or extra:
         raise InvalidUpdate(f"array keys differ from the global model: missing {sorted(missing)[:3]}, "

@@ -32,13 +32,14 @@ def vae_arrays() -> ArrayRecord:
 def test_float16_round_trip_halves_bytes_and_keeps_values():
     ref = vae_arrays()
     wire = R.to_wire(ref, "float16")
-    assert {a.dtype for a in wire.values()} == {"float16"}
+    assert {a.dtype for a in wire.values()} == {"float16"} and len(wire) == 1
     data = sum(a.numpy().nbytes for a in ref.values())
     assert sum(a.numpy().nbytes for a in wire.values()) * 2 == data
-    # What a message carries (Flower's count): the array data halves; the per-array .npy
-    # header (same length for <f2 and <f4) stays, so the whole is just above half.
-    assert ref.count_bytes() - wire.count_bytes() == data // 2
-    assert 0.5 < wire.count_bytes() / ref.count_bytes() < 0.53
+    # What a message carries (Flower's count): the array data halves; the packed array's one
+    # .npy header (same length for <f2 and <f4) stays, so the whole is just above half.
+    packed32 = R.to_wire(ref, "float32")
+    assert packed32.count_bytes() - wire.count_bytes() == data // 2
+    assert 0.5 < wire.count_bytes() / packed32.count_bytes() < 0.53
     back = R.from_wire(wire)
     assert list(back.keys()) == list(ref.keys())
     for key, arr in ref.items():
@@ -47,9 +48,45 @@ def test_float16_round_trip_halves_bytes_and_keeps_values():
         np.testing.assert_allclose(y, x, rtol=F16_EPS, atol=6e-8)  # 6e-8: float16's subnormal step
 
 
-def test_float32_is_a_no_op():
+def test_a_model_travels_as_one_packed_array_and_unpacks_exactly():
     ref = vae_arrays()
-    assert R.to_wire(ref, "float32") is ref and R.from_wire(ref) is ref
+    assert len(ref) > 10
+    wire = R.to_wire(ref, "float32")
+    assert len(wire) == 1 and R.is_packed(wire)
+    assert wire.count_bytes() < ref.count_bytes()  # the same values, one .npy header instead of many
+    back = R.from_wire(wire)
+    assert list(back.keys()) == list(ref.keys())
+    for key, arr in ref.items():
+        assert back[key].dtype == arr.dtype and back[key].shape == arr.shape
+        np.testing.assert_array_equal(back[key].numpy(), arr.numpy())
+    assert R.from_wire(ref) is ref  # an unpacked float32 record passes through
+
+
+def test_a_malformed_pack_is_refused_by_the_server():
+    glob = ArrayRecord({"m.w": Array(np.zeros((3, 4), np.float32)), "m.b": Array(np.zeros(4, np.float32))})
+    good = R.to_wire(glob, "float32")
+    check_train_reply(_reply(good), glob)
+    key, arr = next(iter(good.items()))
+    flat = arr.numpy()
+    bad = {
+        "one value short": ArrayRecord({key: Array(flat[:-1].copy())}),
+        "unreadable layout": ArrayRecord({R.PACKED_PREFIX + "[[": Array(flat)}),
+        "a name twice": ArrayRecord({R.PACKED_PREFIX + '[["m.w",[8]],["m.w",[8]]]': Array(flat)}),
+        "integer values": ArrayRecord({key: Array(flat.astype(np.int64))}),
+        "another layout": ArrayRecord({R.PACKED_PREFIX + '[["m.w",[4,3]],["m.b",[4]]]': Array(flat)}),
+    }
+    for what, rec in bad.items():
+        with pytest.raises(InvalidUpdate):
+            check_train_reply(_reply(rec), glob)
+        if what != "another layout":  # a well-formed pack of the wrong shapes unpacks; validation refuses it
+            with pytest.raises(ValueError, match="packed record"):
+                R.unpack(rec)
+
+
+def test_a_record_with_an_integer_array_is_cast_but_not_packed():
+    rec = ArrayRecord({"m.w": Array(np.ones(3, np.float32)), "m.n": Array(np.arange(2))})
+    wire = R.to_wire(rec, "float16")
+    assert list(wire.keys()) == ["m.w", "m.n"] and wire["m.w"].dtype == "float16" and wire["m.n"].dtype == "int64"
 
 
 def test_values_float16_cannot_hold_fail_at_the_sender():
