@@ -68,8 +68,9 @@ def check_flwr_version() -> None:
 
 
 def runtime_client(address: str, *, insecure: bool, root_certificates: bytes | None,
-                   token: str | None = None, secret: bytes | None = None) -> RuntimeHttpClient:
-    """A client of a SuperNode's Runtime API: as a task (``token``) or as the SuperExec (``secret``)."""
+                   token: str | None = None, secret: bytes | None = None, retry: bool = True) -> RuntimeHttpClient:
+    """A client of a SuperNode's Runtime API: as a task (``token``) or as the SuperExec (``secret``).
+    ``retry=False``: a refused request raises at once (Flower's retry waits and, on 401, sends SIGINT)."""
     interceptors: list = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
     if token:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
@@ -77,7 +78,7 @@ def runtime_client(address: str, *, insecure: bool, root_certificates: bytes | N
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset({ACQUIRE_TASK})))
     return RuntimeHttpClient.from_server_address(server_address=address, insecure=insecure,
                                                  root_certificates=root_certificates, interceptors=interceptors,
-                                                 retry_invoker=make_simple_http_retry_invoker())
+                                                 retry_invoker=make_simple_http_retry_invoker() if retry else None)
 
 
 def acquire_task(client: RuntimeHttpClient) -> str | None:

@@ -28,6 +28,7 @@ package (FAB hash): torch, opacus and what the app caches stay warm across round
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
@@ -43,6 +44,11 @@ def _serve(args: argparse.Namespace) -> int:
     from client.flwr_runtime import TaskRunner, acquire_task, check_flwr_version, runtime_client
 
     check_flwr_version()
+    # What every fedgen ClientApp imports first, before the first task rather than during it
+    # (several seconds of a first round); nothing here reads data or depends on a run.
+    for name in ("torch", "opacus"):
+        importlib.import_module(name)
+
     certificates = args.root_certificates.read_bytes() if args.root_certificates else None
     secret = args.superexec_auth_secret_file.read_bytes().strip() if args.superexec_auth_secret_file else None
     client = runtime_client(args.runtime_api_address, insecure=args.insecure, root_certificates=certificates,

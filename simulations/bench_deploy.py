@@ -3,14 +3,19 @@
     python -m simulations.bench_deploy                                  # digits-quick, 3 sites
     python -m simulations.bench_deploy --preset vae-fashion --rounds 5 --stock-rounds 3
 
-One invocation runs the same job three ways on this machine, one after the other, and prints
+One invocation runs the same job up to four ways on this machine, one after the other, and prints
 them side by side (the machine is shared: only ratios measured in one run are compared):
 
 1. ``simulation``: ``simulations.launch`` (Flower's simulation engine, Ray actors);
 2. ``warm``: a real deployment on loopback (TLS, node auth; ``simulations.deployment``) whose
    sites run fedgen's warm worker (``client/worker.py``) beside a SuperNode in process isolation;
 3. ``stock``: the same deployment with Flower's own site path (a new ClientApp process for
-   every message, ``--isolation subprocess``).
+   every message, ``--isolation subprocess``);
+4. ``warm-sqlite``: ``warm`` with the SuperLink's state in SQLite, as ``docker/compose.yaml``
+   keeps it (the others keep it in memory, ``simulations.deploy``'s default).
+
+Every deployed site's processes run one torch thread (``Deployment(site_threads=1)``): the
+three sites share this machine's cores, as the simulation's do.
 
 For each: the first round's wall time, the median of the steady rounds (2..R), and their
 ratios to the simulation's. For the warm workers, each one's PSS (proportional set size,
@@ -43,10 +48,14 @@ def pss_mib(pid: int) -> float | None:
     return None
 
 
+MODES = {"warm": ("warm", "memory"), "stock": ("stock", "memory"), "warm-sqlite": ("warm", "sqlite")}
+
+
 def deployed(mode: str, preset: str | None, overrides: list[str], sites: int, work: Path) -> dict:
     """One deployed job; its round seconds and, for warm workers, PSS per site after each round."""
     runs = work / "runs"
-    with Deployment(work / "dep", site_worker=mode) as dep:
+    worker, state = MODES[mode]
+    with Deployment(work / "dep", site_worker=worker, superlink_state=state) as dep:
         dep.start_superlink()
         dep.add_sites([{"partition-id": i, "num-partitions": sites} for i in range(sites)])
         dep.wait_online(sites)
@@ -81,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=10, help="rounds of the simulated and warm jobs (default 10)")
     ap.add_argument("--stock-rounds", type=int, default=4, help="rounds of the stock job (slow; default 4)")
-    ap.add_argument("--modes", nargs="+", default=["simulation", "warm", "stock"],
-                    choices=["simulation", "warm", "stock"])
+    ap.add_argument("--modes", nargs="+", default=["simulation", "warm", "warm-sqlite", "stock"],
+                    choices=["simulation", *MODES])
     ap.add_argument("--json", type=Path, help="write the results here too")
     args = ap.parse_args(argv)
     results: dict[str, dict] = {}
@@ -101,10 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{', '.join(f'{s:.2f}' for s in results[mode]['rounds'])}", flush=True)
     sim_steady = summary(results["simulation"]["rounds"])[1] if "simulation" in results else float("nan")
     print(f"\nbench_deploy: {args.preset}, {args.sites} sites, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-    print(f"{'mode':<11}{'rounds':>7}{'first s':>9}{'steady s':>10}{'steady / sim':>14}{'first / steady':>16}")
+    print(f"{'mode':<12}{'rounds':>7}{'first s':>9}{'steady s':>10}{'steady / sim':>14}{'first / steady':>16}")
     for mode, res in results.items():
         first, steady = summary(res["rounds"])
-        print(f"{mode:<11}{len(res['rounds']):>7}{first:>9.2f}{steady:>10.2f}{steady / sim_steady:>14.2f}"
+        print(f"{mode:<12}{len(res['rounds']):>7}{first:>9.2f}{steady:>10.2f}{steady / sim_steady:>14.2f}"
               f"{first / steady:>16.2f}")
     warm = results.get("warm", {}).get("pss") or []
     if warm:

@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task-poll-interval", type=float, default=DEFAULT_TASK_POLL_INTERVAL,
                     help=f"seconds between a SuperExec's task polls (FLWR_SUPEREXEC_TASK_POLL_INTERVAL; "
                          f"default {DEFAULT_TASK_POLL_INTERVAL}, Flower's own 1.0)")
+    ap.add_argument("--site-threads", type=int, default=1,
+                    help="torch threads of each site's processes (default 1: every site shares this machine's "
+                         "cores, as a simulation's sites share them; 0 = torch's default)")
+    ap.add_argument("--superlink-state", choices=("memory", "sqlite"), default="memory",
+                    help="where the SuperLink keeps its state: memory (default: this topology lives as long as "
+                         "this command) or sqlite (as docker/compose.yaml: survives a SuperLink restart, slower)")
     ap.add_argument("--insecure", action="store_true", help="no TLS, no node auth (debugging only; prints a warning)")
     ap.add_argument("--serve", action="store_true", help="start the topology, print how to use it, wait for Ctrl-C")
     ap.add_argument("--compare", action="store_true",
@@ -94,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Deployment(work, app_dir=args.app, insecure=args.insecure, isolation=args.isolation,
                         server_isolation=args.server_isolation, task_poll_interval=args.task_poll_interval,
-                        site_worker=args.site_worker) as dep:
+                        site_worker=args.site_worker, site_threads=args.site_threads,
+                        superlink_state=args.superlink_state) as dep:
             dep.start_superlink()
             configs: list[dict[str, Any]] = []
             for i in range(args.sites):

@@ -87,10 +87,15 @@ def node_config_arg(config: dict[str, Any]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
 
 
+#: Where the SuperLink keeps its state (``Deployment(superlink_state=...)``).
+SUPERLINK_STATES = ("memory", "sqlite")
+FLWR_IN_MEMORY_DB = ":flwr-in-memory:"  # flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME (checked in tests)
+
+
 class Deployment:
     """A SuperLink and its SuperNodes on loopback, all processes owned (and stopped) by this object.
 
-    ``work_dir`` holds everything: ``certs/``, ``superlink/`` (its FLWR_HOME, state.db, log),
+    ``work_dir`` holds everything: ``certs/``, ``superlink/`` (its FLWR_HOME, state.db if any, log),
     ``operator/`` (the CLI's FLWR_HOME with ``config.toml``) and one folder per site (its
     FLWR_HOME, node key, ledger, log). Use as a context manager; :meth:`close` stops all.
     """
@@ -98,6 +103,7 @@ class Deployment:
     def __init__(self, work_dir: Path, *, app_dir: Path = ROOT, insecure: bool = False,
                  isolation: str = "subprocess", server_isolation: str = "process",
                  task_poll_interval: float | None = DEFAULT_TASK_POLL_INTERVAL, site_worker: str = "warm",
+                 site_threads: int = 1, superlink_state: str = "memory",
                  extra_env: dict[str, str] | None = None) -> None:
         for what, value in (("isolation", isolation), ("server_isolation", server_isolation)):
             if value not in ("subprocess", "process"):
@@ -107,6 +113,21 @@ class Deployment:
         # warm: each site's SuperNode in process isolation with fedgen's worker beside it
         # (client/worker.py); stock: Flower's own launch of a ClientApp process per message.
         self.site_worker = site_worker
+        # Every site of this deployment shares this machine's cores (a real site has its own):
+        # torch's default of one thread per core in each of N site processes oversubscribes the
+        # cores and made a site's training steps 5-10x slower than in a simulation, which runs
+        # the sites one at a time (docs/RESULTS.md, "Deployed rounds"). 0: torch's default.
+        if site_threads < 0:
+            raise ValueError(f"site_threads must be >= 0 (0 = torch's default), got {site_threads}")
+        self.site_threads = site_threads
+        # The SuperLink's state (runs, messages, their arrays, registered node keys): in memory
+        # (Flower's own default) or in SQLite (docker/compose.yaml: it survives a SuperLink
+        # restart). flwr 1.41's SQL state costs CPU on every request (1.4 s against 3.0 s per
+        # steady round of digits-quick, 3 sites: docs/RESULTS.md); this SuperLink lives only as
+        # long as this object, so nothing is lost by keeping it in memory.
+        if superlink_state not in SUPERLINK_STATES:
+            raise ValueError(f"superlink_state must be one of {SUPERLINK_STATES}, got {superlink_state!r}")
+        self.superlink_state = superlink_state
         self.extra_env = dict(extra_env or {})  # e.g. client.faults' FEDGEN_INJECT_FAULTS for drills and tests
         self.work_dir, self.app_dir = work_dir.resolve(), app_dir.resolve()
         if self.app_dir == self.work_dir or self.app_dir in self.work_dir.parents:
@@ -136,11 +157,14 @@ class Deployment:
             env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(self.task_poll_interval)
         return env
 
-    def _spawn(self, cmd: list[str], home: Path, log: Path) -> subprocess.Popen:
+    def _spawn(self, cmd: list[str], home: Path, log: Path, *, site: bool = False) -> subprocess.Popen:
         # cwd = the app folder, as in simulations.launch: relative run-config paths (run.runs-dir,
         # eval.cache-dir) mean the same thing in a local deployment and in a simulation.
+        env = self.env(home)
+        if site and self.site_threads:  # the site's ClientApps inherit it (torch reads it at import)
+            env.update(OMP_NUM_THREADS=str(self.site_threads), MKL_NUM_THREADS=str(self.site_threads))
         with log.open("ab") as fh:
-            proc = subprocess.Popen(cmd, env=self.env(home), stdout=fh, stderr=subprocess.STDOUT, cwd=self.app_dir,
+            proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=self.app_dir,
                                     start_new_session=True)
         self._procs.append(proc)
         return proc
@@ -170,7 +194,8 @@ class Deployment:
         home.mkdir(parents=True, exist_ok=True)
         port = free_port()
         cmd = ["flower-superlink", "--host", LOOPBACK, "--port", str(port), "--isolation", self.server_isolation,
-               "--database", str(home / "state.db"), "--disable-runtime-dependency-installation"]
+               "--database", str(home / "state.db") if self.superlink_state == "sqlite" else FLWR_IN_MEMORY_DB,
+               "--disable-runtime-dependency-installation"]
         if self.insecure:
             print(INSECURE_WARNING, file=sys.stderr)
             cmd.append("--insecure")
@@ -271,20 +296,25 @@ class Deployment:
             cmd += ["--root-certificates", str(self.creds.ca_cert), "--auth-supernode-private-key", str(site.key)]
         if max_retries is not None:
             cmd += ["--max-retries", str(max_retries)]
-        site.procs.append(self._spawn(cmd, home, site.log))
+        secret = site.dir / "superexec.secret"
+        if warm:  # only the site's own worker may take its tasks (as in docker/compose.yaml)
+            if not secret.exists():
+                write_private(secret, os.urandom(32).hex().encode())
+            cmd += ["--superexec-auth-secret-file", str(secret)]
+        site.procs.append(self._spawn(cmd, home, site.log, site=True))
         if warm:
             # The worker runs beside the SuperNode (a second container in Docker) and speaks to
             # its Runtime API on loopback; a supervisor starts it again if it dies.
             site.worker_cmd = [sys.executable, "-m", "client.worker", "run", "--runtime-api-address",
-                               f"{LOOPBACK}:{site.port}", "--insecure"]
-            site.worker = self._spawn(site.worker_cmd, home, site.worker_log)
+                               f"{LOOPBACK}:{site.port}", "--insecure", "--superexec-auth-secret-file", str(secret)]
+            site.worker = self._spawn(site.worker_cmd, home, site.worker_log, site=True)
             site.procs.append(site.worker)
             self._supervise()
         elif self.isolation == "process":
             # The ClientApp launcher runs beside the SuperNode, not under it (what a second
             # container does in Docker); the Runtime API stays on loopback.
             cmd = ["flower-superexec", "--runtime-api-address", f"{LOOPBACK}:{site.port}", "--insecure"]
-            site.procs.append(self._spawn(cmd, home, site.dir / "superexec.log"))
+            site.procs.append(self._spawn(cmd, home, site.dir / "superexec.log", site=True))
         return site
 
     def add_sites(self, node_configs: list[dict[str, Any]]) -> list[Site]:
@@ -336,7 +366,7 @@ class Deployment:
                             with site.worker_log.open("a") as fh:
                                 fh.write(f"supervisor: worker exited {site.worker.returncode}; restart "
                                          f"{site.worker_restarts}\n")
-                            site.worker = self._spawn(cmd, site.dir / "home", site.worker_log)
+                            site.worker = self._spawn(cmd, site.dir / "home", site.worker_log, site=True)
                             site.procs.append(site.worker)
                         except OSError as err:  # keep supervising the others; try again next time
                             print(f"deploy: restarting {site.name}'s worker failed: {err}", file=sys.stderr)

@@ -149,8 +149,33 @@ def test_the_second_run_reuses_the_loaded_app_without_the_first_runs_state(two_r
     assert row["epsilon"] > cfg_b.privacy.target_epsilon + 1
 
 
+def test_only_the_sites_own_worker_may_take_its_tasks(two_runs):
+    """The SuperNode's Runtime API (loopback) requires the site's SuperExec secret: a process
+    without it is refused; with it, the same request is answered (no task waiting)."""
+    import httpx
+
+    from client.flwr_runtime import acquire_task, runtime_client
+
+    site = two_runs["sites"][1]
+    address = f"127.0.0.1:{site.port}"
+    secret = (site.dir / "superexec.secret").read_bytes().strip()
+    stranger = runtime_client(address, insecure=True, root_certificates=None, secret=None, retry=False)
+    try:
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            acquire_task(stranger)
+        assert refused.value.response.status_code in (401, 403)
+    finally:
+        stranger.close()
+    own = runtime_client(address, insecure=True, root_certificates=None, secret=secret, retry=False)
+    try:
+        assert acquire_task(own) is None
+    finally:
+        own.close()
+
+
 def test_every_process_is_stopped(two_runs):
     dep = two_runs["dep"]
     dep.close()
     time.sleep(0.5)
     assert processes_with_env("FLWR_HOME", str(dep.work_dir), below=True) == []
+

@@ -199,3 +199,12 @@ def test_a_failed_load_of_a_new_app_version_leaves_no_app_behind(monkeypatch, tm
     out = runner.run("token")
     assert out.status == FR.SubStatus.FAILED and "does not import" in out.details
     assert runner._app is None and runner._fab_hash is None  # the next task loads again, never the half-replaced one
+
+
+def test_the_loopback_deployment_names_flowers_in_memory_state():
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+
+    from simulations.deployment import FLWR_IN_MEMORY_DB
+
+    assert FLWR_IN_MEMORY_DB == FLWR_IN_MEMORY_DB_NAME, (
+        f"flwr's in-memory SuperLink state is now called {FLWR_IN_MEMORY_DB_NAME!r}: update simulations/deployment.py")
