@@ -11,9 +11,11 @@
 #                     name or IP the sites will dial)
 #   superexec.secret  shared secret of the SuperLink and the ServerApp runner (SuperExec auth)
 # and with --sites N, for the demo only, DIR/../site-i/node.key(.pub) for i = 1..N: EC P-384
-# key pairs in OpenSSH format. A real site makes its own pair, keeps the private key and
-# sends only node.key.pub to the SuperLink operator:
+# key pairs in OpenSSH format, and DIR/../site-i/superexec.secret, the secret that site's
+# SuperNode and its warm worker share (it never leaves the site). A real site makes its own
+# pair and secret, keeps the private key and sends only node.key.pub to the SuperLink operator:
 #   ssh-keygen -t ecdsa -b 384 -N "" -C site-name -f node.key
+#   openssl rand -hex 32 | tr -d '\n' > superexec.secret
 #
 # Keys are written 0600. The containers run as uid 49999; the README says how to let them read.
 set -euo pipefail
@@ -83,8 +85,9 @@ for i in $(seq 1 "$sites"); do
     ssh-keygen -q -t ecdsa -b 384 -N "" -C "site-$i" -f "$dir/node.key"
   fi
   chmod 644 "$dir/node.key.pub"
+  [ -e "$dir/superexec.secret" ] || openssl rand -hex 32 | tr -d '\n' > "$dir/superexec.secret"
 done
 
 msg="make-certs.sh: wrote $out (SuperLink valid for $san, $days days)"
-[ "$sites" -gt 0 ] && msg+="; node keys for $sites site(s) beside it"
+[ "$sites" -gt 0 ] && msg+="; node keys and worker secrets for $sites site(s) beside it"
 echo "$msg" >&2

@@ -68,10 +68,14 @@ def _default(value: str) -> str:
 
 def test_topology_is_one_server_side_and_three_sites(compose):
     services = compose["services"]
-    assert set(services) == {"superlink", "serverapp", *SITES}
+    assert set(services) == {"superlink", "serverapp", *SITES, *(f"{s}-worker" for s in SITES)}
     for name in ("serverapp", *SITES):
         assert services[name]["depends_on"]["superlink"]["condition"] == "service_healthy"
     assert "healthcheck" in services["superlink"]
+    for name in SITES:  # each site's warm worker shares its SuperNode's loopback, under a restart policy
+        worker = services[f"{name}-worker"]
+        assert worker["network_mode"] == f"service:{name}" and name in worker["depends_on"]
+        assert worker["restart"] == "unless-stopped" and worker["image"] == services[name]["image"]
 
 
 def test_tls_and_node_auth_on_every_link(compose):
@@ -85,14 +89,26 @@ def test_tls_and_node_auth_on_every_link(compose):
     runner = _flags(s["serverapp"]["command"])
     assert "--insecure" not in runner and runner["--root-certificates"] == link["--ssl-ca-certfile"]
     assert runner["--superexec-auth-secret-file"] == link["--superexec-auth-secret-file"]
-    keys = set()
+    keys, secrets = set(), set()
     for name in SITES:
+        assert s[name]["command"][0] == "supernode" and s[f"{name}-worker"]["command"][0] == "run"
         site = _flags(s[name]["command"])
         assert "--insecure" not in site
         assert site["--root-certificates"] == link["--ssl-ca-certfile"]
         assert site["--auth-supernode-private-key"].startswith("/run/secrets/")
-        keys.add(next(e["source"] for e in s[name]["secrets"] if isinstance(e, dict)))
+        keys.add(next(e["source"] for e in s[name]["secrets"] if isinstance(e, dict) and e["target"] == "node.key"))
+        # The warm worker: the SuperNode in process isolation, and the Runtime API between them
+        # on the shared loopback (plain HTTP: --insecure) behind the site's own SuperExec secret.
+        worker = _flags(s[f"{name}-worker"]["command"])
+        assert site["--isolation"] == "process"
+        assert worker["--runtime-api-address"] == "127.0.0.1:9094" and "--host" not in site and "--port" not in site
+        assert site["--superexec-auth-secret-file"] == worker["--superexec-auth-secret-file"]
+        sources = [{e["source"] for e in s[n]["secrets"] if isinstance(e, dict) and e["target"] == "site.secret"}
+                   for n in (name, f"{name}-worker")]
+        assert sources[0] == sources[1] and len(sources[0]) == 1
+        secrets |= sources[0]
     assert len(keys) == len(SITES), "every site must have its own node key"
+    assert len(secrets) == len(SITES), "every site must have its own worker secret"
 
 
 def test_every_secret_path_a_command_reads_is_mounted_in_that_service(compose):
@@ -123,7 +139,8 @@ def test_addresses_and_ports_agree(compose):
     assert _flags(s["serverapp"]["command"])["--runtime-api-address"] == f"superlink:{port}"
     for name in SITES:
         assert _flags(s[name]["command"])["--superlink"] == f"superlink:{port}"
-        assert "ports" not in s[name], "a site's Runtime API must stay inside its container"
+        for svc in (name, f"{name}-worker"):
+            assert "ports" not in s[svc], "a site's Runtime API must stay inside its containers"
 
 
 def test_node_configs_partition_the_data_and_keep_ledgers_on_volumes(compose):
@@ -138,7 +155,8 @@ def test_node_configs_partition_the_data_and_keep_ledgers_on_volumes(compose):
         site = parse_node_config(parse_config_args([raw]))
         seen.add(site.partition_id)
         assert site.num_partitions == len(SITES)
-        volumes = [_default(m) for m in service["volumes"]]
+        assert "volumes" not in service, "the SuperNode reads no data: its worker runs the ClientApp"
+        volumes = [_default(m) for m in compose["services"][f"{name}-worker"]["volumes"]]
         mounts = {m.split(":")[1]: m.split(":")[0] for m in volumes}
         ledger_dir = str(Path(site.ledger_path).parent)
         assert ledger_dir in mounts and mounts[ledger_dir] in compose["volumes"], "ledger must be on a named volume"
@@ -185,8 +203,8 @@ def test_flower_environment_matches_the_launcher(compose):
 def test_dockerfiles_use_official_images_at_our_flower_version_and_a_non_root_user(compose):
     bases = {"superlink.Dockerfile": "flwr/superlink", "server.Dockerfile": "flwr/superexec",
              "site.Dockerfile": "flwr/supernode"}
-    entrypoints = {"superlink.Dockerfile": "flower-superlink", "server.Dockerfile": "flower-superexec",
-                   "site.Dockerfile": "flower-supernode"}
+    entrypoints = {"superlink.Dockerfile": '"flower-superlink"', "server.Dockerfile": '"flower-superexec"',
+                   "site.Dockerfile": '"python", "-m", "client.worker"'}
     used = {svc["build"]["dockerfile"] for svc in compose["services"].values()}
     assert used == set(bases)
     for name, base in bases.items():
@@ -197,12 +215,46 @@ def test_dockerfiles_use_official_images_at_our_flower_version_and_a_non_root_us
         assert image.startswith(f"{base}:${{FLWR_VERSION}}")
         users = re.findall(r"^USER (\S+)", text, flags=re.M)
         assert users and users[-1] not in ("root", "0"), f"{name} must end as a non-root user"
-        copies = re.findall(r"^COPY .*$", text, flags=re.M)
+        copies = [c for c in re.findall(r"^COPY .*$", text, flags=re.M) if "--from=app" not in c]
         assert all(c.split()[-2] == "requirements.txt" for c in copies), f"{name} copies only requirements.txt"
-        assert f'ENTRYPOINT ["{entrypoints[name]}"]' in text
+        assert f'ENTRYPOINT [{entrypoints[name]}]' in text
         assert not re.search(r"(?i)(key|secret|crt|pem)\b.*(COPY|ADD)|^(COPY|ADD).*\.(key|crt|pem|secret)", text, re.M)
     ignore = (DOCKER / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*"):] == ["*", "!requirements.txt"], "the build context sends requirements.txt only"
+
+
+def _worker_modules() -> set[str]:
+    """The fedgen modules the warm worker needs: client/worker.py and what it imports from fedgen."""
+    import ast
+
+    todo, seen = ["client.worker"], set()
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        tree = ast.parse((ROOT / (mod.replace(".", "/") + ".py")).read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            todo += [n for n in names if n.split(".")[0] in ("client", "common", "server")]
+    return seen
+
+
+def test_the_site_image_carries_the_warm_worker_and_nothing_else_of_the_repository(compose):
+    """compose's site services run `python -m client.worker`: the image holds exactly the modules
+    it imports (named build context "app" = the repository root, filtered by /.dockerignore)."""
+    (copy,) = re.findall(r"^COPY --from=app (.*) /app/client/$", (DOCKER / "site.Dockerfile").read_text(), re.M)
+    copied = set(copy.split())
+    needed = {m.replace(".", "/") + ".py" for m in _worker_modules()}
+    assert needed == {"client/worker.py", "client/flwr_runtime.py"}, "the worker imports more of fedgen: copy it too"
+    assert copied == needed | {"client/__init__.py"}
+    assert "import" not in (ROOT / "client" / "__init__.py").read_text(), "the image's client package imports nothing"
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*"):] == ["*", *sorted(f"!{p}" for p in copied)], "the app context sends the worker only"
+    for name in SITES:
+        build = compose["services"][name]["build"]
+        assert build["additional_contexts"]["app"] == ".." and build["context"] == "."
 
 
 def test_requirements_are_pinned_and_within_the_project_ranges():
