@@ -3,7 +3,8 @@ loopback, with TLS and SuperNode authentication, every process owned and stopped
 
 :class:`Deployment` brings up the topology of ``docker/compose.yaml`` without Docker; what it
 does step by step is told in ``simulations/deploy.py``, its command line. The credentials come
-from ``simulations.certs``, process control from ``simulations.procs``. Used by
+from ``simulations.certs``, process control from ``simulations.procs``, each site's commands and
+its worker's supervisor from ``simulations.deploy_site``. Used by
 ``python -m simulations.deploy`` and ``tests/integration/test_deployment.py``.
 """
 
@@ -19,27 +20,21 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from simulations.certs import Credentials, make_credentials, make_node_key, write_private
+from simulations.deploy_site import LOOPBACK, SITE_WORKERS, Site, WorkerSupervisor, site_commands
 from simulations.launch import ROOT, _toml_value, flower_env, free_port, merged_run_config
 from simulations.procs import kill_all, processes_with_env, stop_process
 
 CONNECTION = "fedgen"  # the SuperLink connection name in the operator's $FLWR_HOME/config.toml
-LOOPBACK = "127.0.0.1"
 #: What we set for every Flower process. Flower reads FLWR_SUPEREXEC_TASK_POLL_INTERVAL in
 #: every flower-superexec (how often it asks its SuperNode/SuperLink for a task to launch;
 #: Flower's default 1 s). The SuperNode's 3 s idle poll of the SuperLink and the ServerApp's
 #: 3 s poll for replies are fixed in Flower 1.41.
 DEFAULT_TASK_POLL_INTERVAL = 0.2
-#: How a site runs its ClientApp: "warm" (one long-lived process, ``python -m client.worker``) or
-#: "stock" (Flower's: a fresh flwr-clientapp process per message, ``isolation``).
-SITE_WORKERS = {"warm": "fedgen's warm worker beside the SuperNode (client/worker.py)",
-                "stock": "Flower's own: a new ClientApp process for every message"}
-#: How often a supervisor (here a thread; compose `restart:` or systemd in production) looks for a dead worker.
-SUPERVISE_INTERVAL = 0.5
 INSECURE_WARNING = ("WARNING: --insecure: no TLS and no SuperNode authentication; anyone who can reach "
                     "the port can read the traffic and join as a site. Use it only to debug on loopback.")
 
@@ -53,38 +48,6 @@ class RunHandle:
     run_id: int
     proc: subprocess.Popen  # `flwr run --stream`: ends when the run does
     log: Path
-
-
-@dataclass
-class Site:
-    name: str
-    dir: Path
-    port: int  # this SuperNode's Runtime API (what its ClientApps connect to)
-    node_config: dict[str, Any]
-    key: Path | None
-    public_key: Path | None
-    registered: bool = True
-    procs: list[subprocess.Popen] = field(default_factory=list)
-    node_id: int | None = None
-    worker: subprocess.Popen | None = None  # the warm worker, when the deployment uses one
-    worker_cmd: list[str] = field(default_factory=list)
-    worker_restarts: int = 0
-
-    @property
-    def log(self) -> Path:
-        return self.dir / "supernode.log"
-
-    @property
-    def worker_log(self) -> Path:
-        return self.dir / "worker.log"
-
-
-def node_config_arg(config: dict[str, Any]) -> str:
-    """``--node-config`` form: space-separated ``key=value`` with TOML values (strings quoted)."""
-    for key, value in config.items():
-        if isinstance(value, str) and '"' in value:
-            raise ValueError(f"node-config {key}: double quotes are not supported in values ({value!r})")
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
 
 
 #: Where the SuperLink keeps its state (``Deployment(superlink_state=...)``).
@@ -144,9 +107,9 @@ class Deployment:
         self.operator_home = self.work_dir / "operator"
         self.started_at = time.time()
         self._procs: list[subprocess.Popen] = []
-        self._closing = threading.Event()
-        self._supervisor: threading.Thread | None = None
         self._supervising = threading.Lock()
+        self._supervisor = WorkerSupervisor(self.sites, lambda site, cmd: self._spawn(
+            cmd, site.dir / "home", site.worker_log, site=True), self._supervising)
 
     # ---- environment and commands
 
@@ -286,35 +249,20 @@ class Deployment:
 
     def start_site(self, site: Site, *, max_retries: int | None = None) -> Site:
         home = site.dir / "home"
-        warm = self.site_worker == "warm"
-        supernode = [sys.executable, "-m", "client.worker", "supernode"] if warm else ["flower-supernode"]
-        cmd = [*supernode, "--superlink", self.address, "--host", LOOPBACK, "--port", str(site.port),
-               "--isolation", "process" if warm else self.isolation, "--node-config", node_config_arg(site.node_config)]
-        if self.insecure:
-            cmd.append("--insecure")
-        else:
-            cmd += ["--root-certificates", str(self.creds.ca_cert), "--auth-supernode-private-key", str(site.key)]
-        if max_retries is not None:
-            cmd += ["--max-retries", str(max_retries)]
-        secret = site.dir / "superexec.secret"
-        if warm:  # only the site's own worker may take its tasks (as in docker/compose.yaml)
-            if not secret.exists():
-                write_private(secret, os.urandom(32).hex().encode())
-            cmd += ["--superexec-auth-secret-file", str(secret)]
-        site.procs.append(self._spawn(cmd, home, site.log, site=True))
-        if warm:
+        if self.site_worker == "warm" and not site.secret.exists():
+            write_private(site.secret, os.urandom(32).hex().encode())
+        cmds = site_commands(site, superlink=self.address, site_worker=self.site_worker, isolation=self.isolation,
+                             ca_cert=None if self.insecure else self.creds.ca_cert, max_retries=max_retries)
+        site.procs.append(self._spawn(cmds.supernode, home, site.log, site=True))
+        if cmds.worker:
             # The worker runs beside the SuperNode (a second container in Docker) and speaks to
-            # its Runtime API on loopback; a supervisor starts it again if it dies.
-            site.worker_cmd = [sys.executable, "-m", "client.worker", "run", "--runtime-api-address",
-                               f"{LOOPBACK}:{site.port}", "--insecure", "--superexec-auth-secret-file", str(secret)]
+            # its Runtime API on loopback; the supervisor starts it again if it dies.
+            site.worker_cmd = cmds.worker
             site.worker = self._spawn(site.worker_cmd, home, site.worker_log, site=True)
             site.procs.append(site.worker)
-            self._supervise()
-        elif self.isolation == "process":
-            # The ClientApp launcher runs beside the SuperNode, not under it (what a second
-            # container does in Docker); the Runtime API stays on loopback.
-            cmd = ["flower-superexec", "--runtime-api-address", f"{LOOPBACK}:{site.port}", "--insecure"]
-            site.procs.append(self._spawn(cmd, home, site.dir / "superexec.log", site=True))
+            self._supervisor.start()
+        if cmds.superexec:
+            site.procs.append(self._spawn(cmds.superexec, home, site.dir / "superexec.log", site=True))
         return site
 
     def add_sites(self, node_configs: list[dict[str, Any]]) -> list[Site]:
@@ -347,32 +295,6 @@ class Deployment:
             site.worker_cmd = []
         for proc in site.procs:
             stop_process(proc, grace=5, sig=sig)
-
-    def _supervise(self) -> None:
-        """Start (once) the thread that restarts a site's warm worker when it exits, as compose's
-        ``restart: unless-stopped`` or systemd's ``Restart=always`` do in a real deployment."""
-        if self._supervisor is not None:
-            return
-
-        def loop() -> None:
-            while not self._closing.wait(SUPERVISE_INTERVAL):
-                for site in list(self.sites):
-                    with self._supervising:  # kill_site() and close() cannot interleave with a restart
-                        cmd = list(site.worker_cmd)
-                        if self._closing.is_set() or not cmd or site.worker is None or site.worker.poll() is None:
-                            continue
-                        site.worker_restarts += 1
-                        try:
-                            with site.worker_log.open("a") as fh:
-                                fh.write(f"supervisor: worker exited {site.worker.returncode}; restart "
-                                         f"{site.worker_restarts}\n")
-                            site.worker = self._spawn(cmd, site.dir / "home", site.worker_log, site=True)
-                            site.procs.append(site.worker)
-                        except OSError as err:  # keep supervising the others; try again next time
-                            print(f"deploy: restarting {site.name}'s worker failed: {err}", file=sys.stderr)
-
-        self._supervisor = threading.Thread(target=loop, name="worker-supervisor", daemon=True)
-        self._supervisor.start()
 
     # ---- runs
 
@@ -430,10 +352,7 @@ class Deployment:
         Then a last sweep: every process still running whose FLWR_HOME lies in our work dir
         (they all inherit it, however detached) is killed.
         """
-        with self._supervising:
-            self._closing.set()
-        if self._supervisor is not None:
-            self._supervisor.join(timeout=5)
+        self._supervisor.stop()
         for proc in reversed(self._procs):
             stop_process(proc)
         self._procs.clear()
