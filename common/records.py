@@ -8,6 +8,7 @@ prefixed with the module's name (``vae.encoder.0.weight``,
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 
 import numpy as np
@@ -120,6 +121,11 @@ def _cast(x: np.ndarray, dtype: str, key: str) -> np.ndarray:
     return y
 
 
+def packed_key(layout: list[tuple[str, tuple[int, ...]]]) -> str:
+    """The key of a packed record: the prefix, then every tensor's name and shape in order."""
+    return PACKED_PREFIX + json.dumps([[k, list(shape)] for k, shape in layout], separators=(",", ":"))
+
+
 def to_wire(record: ArrayRecord, dtype: str) -> ArrayRecord:
     """The record as it travels: every floating-point array cast to ``dtype`` and, when all
     arrays are floating-point (every model here), packed into one flat array (``unpack``).
@@ -136,38 +142,53 @@ def to_wire(record: ArrayRecord, dtype: str) -> ArrayRecord:
     if not arrays or not all(_is_float(x.dtype) for _, x in arrays):
         return ArrayRecord(OrderedDict((k, Array(_cast(x, dtype, k)) if _is_float(x.dtype) else record[k])
                                        for k, x in arrays))
-    layout = json.dumps([[k, list(x.shape)] for k, x in arrays], separators=(",", ":"))
     flat = np.concatenate([_cast(x, dtype, k).ravel() for k, x in arrays])
-    return ArrayRecord(OrderedDict([(PACKED_PREFIX + layout, Array(flat))]))
+    return ArrayRecord(OrderedDict([(packed_key([(k, x.shape) for k, x in arrays]), Array(flat))]))
 
 
 def is_packed(record: ArrayRecord) -> bool:
     return len(record) == 1 and next(iter(record.keys())).startswith(PACKED_PREFIX)
 
 
-def unpack(record: ArrayRecord) -> ArrayRecord:
+def _read_layout(key: str) -> list[tuple[str, tuple[int, ...]]]:
+    try:
+        layout = [(str(name), tuple(int(d) for d in shape)) for name, shape in json.loads(key[len(PACKED_PREFIX):])]
+    except Exception as err:  # noqa: BLE001 - any malformed JSON (deep nesting, Infinity, wrong types)
+        raise ValueError(f"packed record: unreadable layout ({type(err).__name__})") from None
+    if len({name for name, _ in layout}) != len(layout) or any(d < 0 for _, s in layout for d in s):
+        raise ValueError("packed record: the layout repeats a name or has a negative size")
+    return layout
+
+
+def unpack(record: ArrayRecord, like: ArrayRecord | None = None) -> ArrayRecord:
     """One array per tensor again, in the sender's dtype (``to_wire``'s packing undone); a
-    record that is not packed comes back as it is. A malformed pack (what a faulty or hostile
-    site could send) is a ValueError that says what is wrong."""
+    record that is not packed comes back as it is. Any malformed pack is a ValueError that says
+    what is wrong, never another exception.
+
+    ``like``: the layout the record must have (the server passes the global model it sent).
+    The record's key is then compared with that layout's key as a string and never parsed: a
+    site's reply cannot make the server parse its JSON or build arrays it did not ask for.
+    """
     if not is_packed(record):
         return record
     key, arr = next(iter(record.items()))
+    if like is None:
+        layout = _read_layout(key)
+    else:
+        layout = [(k, tuple(a.shape)) for k, a in like.items()]
+        if key != packed_key(layout):
+            raise ValueError("packed record: its layout (tensor names and shapes) is not the global model's")
     try:
-        layout = json.loads(key[len(PACKED_PREFIX):])
-        names = [str(name) for name, _ in layout]
-        shapes = [tuple(int(d) for d in shape) for _, shape in layout]
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"packed record: unreadable layout ({err})") from None
-    if len(set(names)) != len(names) or any(d < 0 for s in shapes for d in s):
-        raise ValueError("packed record: the layout repeats a name or has a negative size")
-    flat = arr.numpy()
-    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+        flat = arr.numpy()
+    except Exception as err:  # noqa: BLE001 - bytes that are not one .npy array: EOFError, MemoryError, ...
+        raise ValueError(f"packed record: unreadable array data ({type(err).__name__})") from None
+    sizes = [math.prod(shape) for _, shape in layout]  # Python ints: no overflow
     if flat.ndim != 1 or flat.size != sum(sizes) or not _is_float(flat.dtype):
         raise ValueError(f"packed record: {flat.size} {flat.dtype} values in shape {flat.shape} for a layout "
                          f"of {sum(sizes)} floating-point values")
     out, start = OrderedDict(), 0
-    for name, shape, size in zip(names, shapes, sizes):
-        out[name] = Array(np.ascontiguousarray(flat[start:start + size].reshape(shape)))
+    for (name, shape), size in zip(layout, sizes):
+        out[name] = Array(flat[start:start + size].reshape(shape).copy())  # .copy(): keeps a 0-d tensor 0-d
         start += size
     return ArrayRecord(out)
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,23 @@ def _encode(messages: list[Message], dtype: str) -> list[Message]:
                 cast[id(rec)] = R.to_wire(rec, dtype)
             msg.content[key] = cast[id(rec)]
     return messages
+
+
+def _same_metric_keys(good: list[Message], row_of: dict[int, dict]) -> list[Message]:
+    """The valid replies whose metric keys are the most common set among them; the others are
+    dropped (their rows say why). Flower's strategies refuse to aggregate replies whose
+    MetricRecords differ in keys, so one such reply would otherwise stop the whole round."""
+    keys = [frozenset(msg.content[R.METRICS].keys()) for msg in good]
+    if len(set(keys)) <= 1:
+        return good
+    common = Counter(keys).most_common(1)[0][0]
+    for msg, k in zip(good, keys):
+        if k != common:
+            row = row_of[id(msg)]
+            row["status"] = "failed"
+            row["reason"] = (f"invalid update dropped: its metric keys differ from the other sites' "
+                             f"({sorted(k ^ common)[:3]})")
+    return [msg for msg, k in zip(good, keys) if k == common]
 
 
 def _site_row(msg: Message, status: str, reason: str | None) -> dict:
@@ -267,7 +285,7 @@ class RoundLoop:
                  arrays: ArrayRecord) -> tuple[list[dict], list[Message]]:
         """One row per sampled site (ok, failed, refused or silent) and the valid updates."""
         cfg = self.cfg
-        rows, good = [], []
+        rows, good, row_of = [], [], {}
         for msg in replies:
             status, reason = _reply_status(msg)
             if status == "ok":
@@ -284,6 +302,8 @@ class RoundLoop:
             row = _site_row(msg, status, reason or None)
             row["node_id"] = node
             rows.append(row)
+            row_of[id(msg)] = row
+        good = _same_metric_keys(good, row_of)
         answered = {r["node_id"] for r in rows}
         for node in sampled:
             if node not in answered:

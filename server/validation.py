@@ -31,8 +31,12 @@ def check_train_reply(msg: Message, global_arrays: ArrayRecord, max_update_norm:
         raise InvalidUpdate(f"expected one ArrayRecord, got {len(arrays)}")
     if len(metrics) != 1:
         raise InvalidUpdate(f"expected one MetricRecord, got {len(metrics)}")
+    if content.get(R.ARRAYS) is not arrays[0] or content.get(R.METRICS) is not metrics[0]:
+        # Flower's strategies find the records by the first reply's keys: one reply with other
+        # keys would stop the aggregation of all of them.
+        raise InvalidUpdate(f"the ArrayRecord and MetricRecord must be named {R.ARRAYS!r} and {R.METRICS!r}")
     try:
-        got, ref = R.unpack(arrays[0]), global_arrays
+        got, ref = R.unpack(arrays[0], like=global_arrays), global_arrays
     except ValueError as err:
         raise InvalidUpdate(str(err)) from None
     missing, extra = set(ref.keys()) - set(got.keys()), set(got.keys()) - set(ref.keys())
@@ -46,7 +50,10 @@ def check_train_reply(msg: Message, global_arrays: ArrayRecord, max_update_norm:
         if tuple(a.shape) != tuple(ref_arr.shape) or a.dtype != want:
             raise InvalidUpdate(f"{key}: shape/dtype {tuple(a.shape)}/{a.dtype}, expected "
                                 f"{tuple(ref_arr.shape)}/{want}")
-        x = a.numpy()
+        try:
+            x = a.numpy()
+        except Exception as err:  # noqa: BLE001 - bytes that are not one .npy array
+            raise InvalidUpdate(f"{key}: unreadable array data ({type(err).__name__})") from None
         if np.issubdtype(x.dtype, np.floating):
             if not np.isfinite(x).all():
                 raise InvalidUpdate(f"{key}: contains NaN or infinite values")

@@ -74,13 +74,68 @@ def test_a_malformed_pack_is_refused_by_the_server():
         "a name twice": ArrayRecord({R.PACKED_PREFIX + '[["m.w",[8]],["m.w",[8]]]': Array(flat)}),
         "integer values": ArrayRecord({key: Array(flat.astype(np.int64))}),
         "another layout": ArrayRecord({R.PACKED_PREFIX + '[["m.w",[4,3]],["m.b",[4]]]': Array(flat)}),
+        # What an independent review crafted to crash the server (each once escaped as another exception):
+        "an infinite size": ArrayRecord({R.PACKED_PREFIX + '[["m.w",[Infinity]]]': Array(flat)}),
+        "a size past int64": ArrayRecord({R.PACKED_PREFIX + f'[["m.w",[{2**70}]],["m.b",[1e300]]]': Array(flat)}),
+        "deep nesting": ArrayRecord({R.PACKED_PREFIX + "[" * 5000 + "]" * 5000: Array(flat)}),
+        "no array data": ArrayRecord({key: Array(dtype="float32", shape=(16,), stype="numpy.ndarray", data=b"")}),
     }
     for what, rec in bad.items():
         with pytest.raises(InvalidUpdate):
             check_train_reply(_reply(rec), glob)
-        if what != "another layout":  # a well-formed pack of the wrong shapes unpacks; validation refuses it
+        if what != "another layout":  # a well-formed pack of other shapes unpacks without a template
             with pytest.raises(ValueError, match="packed record"):
                 R.unpack(rec)
+        with pytest.raises(ValueError, match="packed record"):  # the server's way: against the global model
+            R.unpack(rec, like=glob)
+
+
+def test_the_server_never_parses_a_sites_layout():
+    """A reply whose key is not exactly the global model's layout is refused by a string
+    comparison: a huge key costs the server nothing (it once built 300,000 arrays from 4 MB)."""
+    glob = ArrayRecord({"m.w": Array(np.zeros((3, 4), np.float32))})
+    huge = R.PACKED_PREFIX + "[" + ",".join(f'["k{i}",[0]]' for i in range(300_000)) + "]"
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(InvalidUpdate, match="not the global model's"):
+        check_train_reply(_reply(ArrayRecord({huge: Array(np.zeros(0, np.float32))})), glob)
+    assert time.perf_counter() - start < 1.0  # a string comparison, not 300,000 arrays (11 s before)
+
+
+def test_a_zero_dimensional_tensor_stays_zero_dimensional():
+    rec = ArrayRecord({"m.t": Array(np.array(0.5, np.float32)), "m.w": Array(np.ones((2, 0), np.float32))})
+    back = R.from_wire(R.to_wire(rec, "float32"))
+    assert back["m.t"].shape == () and back["m.w"].shape == (2, 0) and float(back["m.t"].numpy()) == 0.5
+    check_train_reply(_reply(R.to_wire(rec, "float32")), rec)
+
+
+def test_records_under_other_names_are_refused():
+    glob = ArrayRecord({"m.w": Array(np.zeros(3, np.float32))})
+    req = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+    odd = Message(content=RecordDict({"x": R.to_wire(glob, "float32"), "metrics": MetricRecord({"weight": 1.0})}),
+                  reply_to=req)
+    with pytest.raises(InvalidUpdate, match="must be named"):
+        check_train_reply(odd, glob)
+
+
+def test_a_reply_with_other_metric_keys_is_dropped_not_the_round():
+    """Flower's strategies refuse to aggregate replies whose metric keys differ: the odd one is dropped."""
+    from server.rounds import _same_metric_keys
+
+    glob = ArrayRecord({"m.w": Array(np.zeros(3, np.float32))})
+
+    def reply(metrics):
+        req = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+        return Message(content=RecordDict({"arrays": glob, "metrics": MetricRecord(metrics)}), reply_to=req)
+
+    good = [reply({"weight": 1.0, "steps": 2.0}), reply({"weight": 1.0, "steps": 3.0}),
+            reply({"weight": 1.0, "steps": 2.0, "extra": 7.0})]
+    rows = {id(m): {"status": "ok", "reason": None} for m in good}
+    kept = _same_metric_keys(good, rows)
+    assert kept == good[:2]
+    assert rows[id(good[2])]["status"] == "failed" and "extra" in rows[id(good[2])]["reason"]
+    assert _same_metric_keys(good[:2], rows) == good[:2]
 
 
 def test_a_record_with_an_integer_array_is_cast_but_not_packed():

@@ -27,7 +27,7 @@ def reply(arrays: dict[str, np.ndarray] | None = None, metrics=None, n_arrays=1)
     req = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
     content = RecordDict()
     for i in range(n_arrays):
-        content[f"arrays{i}"] = ArrayRecord({k: Array(v) for k, v in (arrays or {}).items()})
+        content["arrays" if i == 0 else f"arrays{i}"] = ArrayRecord({k: Array(v) for k, v in (arrays or {}).items()})
     content["metrics"] = MetricRecord(metrics if metrics is not None else {"weight": 10.0})
     return Message(content=content, reply_to=req)
 
