@@ -7,7 +7,7 @@ Stock Flower starts a fresh ``flwr-clientapp`` process for every message a site 
 (about 5 s of imports on this machine before any work), in either isolation mode. With the
 SuperNode in ``--isolation process``, this worker takes the place of ``flower-superexec``: it
 asks the SuperNode's Runtime API for a task every ``--poll-interval`` seconds and runs each
-one here (``client.flwr_runtime.TaskRunner``), keeping the ClientApp imported per app
+one here (``common.flwr_runtime.TaskRunner``), keeping the ClientApp imported per app
 package (FAB hash): torch, opacus and what the app caches stay warm across rounds and runs.
 
 - A ClientApp exception becomes an error reply (as ``flwr-clientapp`` sends); the worker goes on.
@@ -22,7 +22,7 @@ package (FAB hash): torch, opacus and what the app caches stay warm across round
   authentication stay on the SuperNode's link to the SuperLink.
 
 ``supernode`` starts Flower's own ``flower-supernode`` with shorter fixed waits
-(``client.flwr_runtime.fast_polls``: 0.2 s after an empty pull instead of 3 s).
+(``common.flwr_runtime.fast_polls``: 0.2 s after an empty pull instead of 3 s).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ log = logging.getLogger("fedgen.worker")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from client.flwr_runtime import TaskRunner, acquire_task, check_flwr_version, runtime_client
+    from common.flwr_runtime import TaskRunner, acquire_task, check_flwr_version, runtime_client
 
     check_flwr_version()
     # What every fedgen ClientApp imports first, before the first task rather than during it
@@ -112,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _supernode(argv: list[str]) -> int:
     from flwr.supernode.cli import flower_supernode
 
-    from client.flwr_runtime import check_flwr_version, fast_polls
+    from common.flwr_runtime import check_flwr_version, fast_polls
 
     check_flwr_version()
     fast_polls()

@@ -6,6 +6,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import parse_run_config
+from common.flwr_runtime import quick_reply_pulls
 from common.logs import setup_logging
 from server.job import run_job
 
@@ -15,6 +16,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
+    quick_reply_pulls()  # a deployment's replies: Flower's first retry of a missing array is 1 s
     cfg = parse_run_config(context.run_config)  # every config error, before round 1
     outcome = run_job(grid, cfg, context.run_id)
     if outcome.status == "failed":

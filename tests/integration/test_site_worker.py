@@ -154,7 +154,7 @@ def test_only_the_sites_own_worker_may_take_its_tasks(two_runs):
     without it is refused; with it, the same request is answered (no task waiting)."""
     import httpx
 
-    from client.flwr_runtime import acquire_task, runtime_client
+    from common.flwr_runtime import acquire_task, runtime_client
 
     site = two_runs["sites"][1]
     address = f"127.0.0.1:{site.port}"

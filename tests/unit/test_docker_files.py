@@ -244,12 +244,15 @@ def _worker_modules() -> set[str]:
 def test_the_site_image_carries_the_warm_worker_and_nothing_else_of_the_repository(compose):
     """compose's site services run `python -m client.worker`: the image holds exactly the modules
     it imports (named build context "app" = the repository root, filtered by /.dockerignore)."""
-    (copy,) = re.findall(r"^COPY --from=app (.*) /app/client/$", (DOCKER / "site.Dockerfile").read_text(), re.M)
-    copied = set(copy.split())
+    copied = set()
+    for sources, dest in re.findall(r"^COPY --from=app (.*) /app/(\w+)/$", (DOCKER / "site.Dockerfile").read_text(), re.M):
+        assert all(src.startswith(f"{dest}/") for src in sources.split()), f"{sources} must land in /app/{dest}/"
+        copied |= set(sources.split())
     needed = {m.replace(".", "/") + ".py" for m in _worker_modules()}
-    assert needed == {"client/worker.py", "client/flwr_runtime.py"}, "the worker imports more of fedgen: copy it too"
-    assert copied == needed | {"client/__init__.py"}
-    assert "import" not in (ROOT / "client" / "__init__.py").read_text(), "the image's client package imports nothing"
+    assert needed == {"client/worker.py", "common/flwr_runtime.py"}, "the worker imports more of fedgen: copy it too"
+    assert copied == needed | {"client/__init__.py", "common/__init__.py"}
+    for package in ("client", "common"):
+        assert "import" not in (ROOT / package / "__init__.py").read_text(), f"the image's {package} package imports nothing"
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*"):] == ["*", *sorted(f"!{p}" for p in copied)], "the app context sends the worker only"
     for name in SITES:

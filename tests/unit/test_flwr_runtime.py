@@ -1,4 +1,4 @@
-"""client/flwr_runtime.py reaches into Flower's internals: this fails, naming what moved, when they change."""
+"""common/flwr_runtime.py reaches into Flower's internals: this fails, naming what moved, when they change."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import types
 import pytest
 from packaging.requirements import Requirement
 
-from client import flwr_runtime as FR
+from common import flwr_runtime as FR
 from tests.conftest import ROOT
 
 
@@ -19,7 +19,7 @@ def test_pyproject_pins_exactly_the_flwr_this_module_was_written_for():
     deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
     (flwr,) = [d for d in deps if d.name == "flwr"]
     assert str(flwr.specifier) == f"=={FR.FLWR_VERSION}", \
-        f"pyproject pins {flwr.specifier}; client/flwr_runtime.py needs flwr=={FR.FLWR_VERSION} exactly"
+        f"pyproject pins {flwr.specifier}; common/flwr_runtime.py needs flwr=={FR.FLWR_VERSION} exactly"
     FR.check_flwr_version()  # the installed one
 
 
@@ -40,7 +40,7 @@ def test_another_flwr_is_refused_with_what_to_do(monkeypatch):
 def test_the_flower_functions_the_worker_calls_keep_their_parameters(func, params):
     got = list(inspect.signature(func).parameters)
     assert got[:len(params)] == params, (f"{func.__module__}.{func.__name__}{inspect.signature(func)} changed; "
-                                         f"client/flwr_runtime.py calls it with {params}: port it")
+                                         f"common/flwr_runtime.py calls it with {params}: port it")
 
 
 def test_the_flower_classes_and_constants_the_worker_uses_are_there():
@@ -48,7 +48,7 @@ def test_the_flower_classes_and_constants_the_worker_uses_are_there():
     assert {"server_address", "insecure", "root_certificates", "interceptors", "retry_invoker"} <= set(
         inspect.signature(FR.RuntimeHttpClient.from_server_address).parameters)
     for method in ("AcquireTask", "PullTaskInput", "PullMessages", "PushMessages", "PushTaskOutput", "close"):
-        assert hasattr(FR.RuntimeHttpClient, method), f"RuntimeHttpClient.{method} is gone: port client/flwr_runtime.py"
+        assert hasattr(FR.RuntimeHttpClient, method), f"RuntimeHttpClient.{method} is gone: port common/flwr_runtime.py"
     assert FR.TaskType.CLIENT_APP.value == "flwr-clientapp"
     assert {"master_secret", "protected_methods"} <= set(inspect.signature(FR.SuperExecAuthHttpInterceptor).parameters)
     assert FR.SubStatus.COMPLETED and FR.SubStatus.FAILED and FR.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -58,7 +58,7 @@ def test_the_task_input_is_pulled_with_short_retries(monkeypatch):
     from flwr.supernode.runtime import run_clientapp
 
     assert "pull_and_inflate_object_from_tree(" in inspect.getsource(run_clientapp.pull_task_input), \
-        "pull_task_input no longer pulls through pull_and_inflate_object_from_tree: port client/flwr_runtime._quick_pulls"
+        "pull_task_input no longer pulls through pull_and_inflate_object_from_tree: port common/flwr_runtime._quick_pulls"
     params = inspect.signature(run_clientapp.pull_and_inflate_object_from_tree).parameters
     assert {"initial_backoff", "backoff_cap"} <= set(params), "the pull's backoff parameters changed: port _quick_pulls"
     seen = {}
@@ -74,10 +74,27 @@ def test_the_task_input_is_pulled_with_short_retries(monkeypatch):
     assert seen["initial_backoff"] == 3 and seen["backoff_cap"] == FR.PULL_BACKOFF_CAP
 
 
+def test_the_serverapp_pulls_a_replys_arrays_with_short_retries(monkeypatch):
+    from flwr.superlink.grid import http_grid
+
+    assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages), \
+        "HttpGrid.pull_messages no longer pulls a reply's arrays with pull_objects: port quick_reply_pulls"
+    assert {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(
+        inspect.signature(http_grid.pull_objects).parameters), "pull_objects' backoff parameters changed"
+    seen = {}
+    monkeypatch.setattr(http_grid, "pull_objects", lambda *a, **kw: seen.update(kw))
+    FR.quick_reply_pulls()
+    FR.quick_reply_pulls()  # twice (a second run in the same process): one layer
+    http_grid.pull_objects(object_ids=[], pull_object_fn=None)
+    assert seen == {"object_ids": [], "pull_object_fn": None, "initial_backoff": 0.02, "backoff_cap": 0.5,
+                    "max_tries_per_object": None}
+    assert http_grid.pull_objects.__wrapped__.__name__ == "<lambda>"
+
+
 def test_the_supernode_still_waits_three_seconds_and_half_a_second_with_the_time_module():
     source = inspect.getsource(FR.start_client_internal)
     assert "time.sleep(3)" in source and "time.sleep(0.5)" in source, \
-        "flwr.supernode.start_client_internal's fixed waits changed: port client/flwr_runtime.fast_polls"
+        "flwr.supernode.start_client_internal's fixed waits changed: port common/flwr_runtime.fast_polls"
 
 
 def test_fast_polls_caps_the_supernodes_waits(monkeypatch):
