@@ -104,11 +104,10 @@ class TaskOutcome:
     phases: dict[str, float]  # seconds: pull (the task's input), load, app, push (the reply), status, close
 
 
-#: How a task's message objects are pulled from the SuperNode when they are not there yet (the
-#: SuperNode hands out the task as soon as the message arrives, while it still fetches its
-#: arrays from the SuperLink): Flower's retry starts at 1 s and doubles; on loopback we retry
-#: sooner. Measured: this did not shorten the 2.4-3.5 s a warm task spends pulling its input
-#: (docs/RESULTS.md, "Deployed rounds"); where that time goes is not found yet.
+#: How a message's arrays are pulled when they are not there yet (a task's input from the
+#: SuperNode, which hands out the task while it still fetches the arrays from the SuperLink; a
+#: reply's at the ServerApp, :func:`quick_reply_pulls`): Flower's retry starts at 1 s and
+#: doubles; on loopback we retry sooner (docs/RESULTS.md, "Deployed rounds").
 PULL_INITIAL_BACKOFF, PULL_BACKOFF_CAP = 0.02, 0.5
 
 
@@ -255,7 +254,7 @@ def fast_polls(idle: float = 0.2, reply: float = 0.05, pull_backoff: float = 0.0
                                                        PULL_BACKOFF_CAP)
 
 
-def quick_reply_pulls(initial_backoff: float = 0.02, backoff_cap: float = 0.5) -> None:
+def quick_reply_pulls(initial_backoff: float = PULL_INITIAL_BACKOFF, backoff_cap: float = PULL_BACKOFF_CAP) -> None:
     """In the ServerApp's process: retry a reply's missing arrays after ``initial_backoff`` s
     (doubling up to ``backoff_cap``) instead of Flower's 1 s. Idempotent; a no-op in a
     simulation, whose grid does not pull objects."""

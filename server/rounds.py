@@ -290,9 +290,9 @@ class RoundLoop:
             status, reason = _reply_status(msg)
             if status == "ok":
                 try:
-                    check_train_reply(msg, arrays, cfg.strategy.max_update_norm, cfg.strategy.update_dtype)
-                    for key, rec in list(msg.content.array_records.items()):
-                        msg.content[key] = R.from_wire(rec)  # unpacked; aggregate in float32
+                    unpacked = check_train_reply(msg, arrays, cfg.strategy.max_update_norm,
+                                                 cfg.strategy.update_dtype)
+                    msg.content[R.ARRAYS] = R.from_wire(unpacked)  # aggregate in float32
                     good.append(msg)
                 except InvalidUpdate as err:
                     status, reason = "failed", f"invalid update dropped: {err}"

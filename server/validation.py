@@ -15,8 +15,9 @@ class InvalidUpdate(ValueError):
 
 
 def check_train_reply(msg: Message, global_arrays: ArrayRecord, max_update_norm: float = 0.0,
-                      wire_dtype: str = "float32") -> None:
-    """Raise :class:`InvalidUpdate` unless the reply is safe to aggregate.
+                      wire_dtype: str = "float32") -> ArrayRecord:
+    """Raise :class:`InvalidUpdate` unless the reply is safe to aggregate; return its model
+    unpacked (one array per tensor, still in ``wire_dtype``).
 
     Expected: exactly one ArrayRecord (packed on the wire: ``common.records.unpack``) with the
     global model's keys and shapes, the global model's dtypes except that floating-point arrays
@@ -68,3 +69,4 @@ def check_train_reply(msg: Message, global_arrays: ArrayRecord, max_update_norm:
             raise InvalidUpdate(f"metric {key!r} = {value!r} is not a finite number")
     if float(m[R.WEIGHT]) <= 0:
         raise InvalidUpdate(f"{R.WEIGHT} must be positive, got {m[R.WEIGHT]}")
+    return got
