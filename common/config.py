@@ -160,6 +160,10 @@ class MERFSection(_Section):
                                  "(post-processing of the release: no privacy cost)")
     generator_per_class: int = Field(20, ge=2, description="generated images per class in each generator step")
     generator_lr: float = Field(1e-3, gt=0, description="generator's Adam learning rate (cosine-annealed per round)")
+    unbiased_match: bool = Field(False, description="train the generator on an unbiased estimate of the squared "
+                                 "distance between its mean features and the release's (MMD's unbiased estimator): "
+                                 "the plain batch estimate adds each class's feature variance / generator-per-class, "
+                                 "which rewards samples that all look alike (common/models/merf.py)")
 
 
 class LMSection(_Section):

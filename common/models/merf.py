@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,7 @@ class ServerTraining:
     steps: int
     per_class: int
     lr: float
+    unbiased: bool = False
 
 
 class MERFTask:
@@ -126,7 +128,7 @@ class MERFTask:
             "release": Release(features, max(self.num_classes, 1)).to(device),
             "generator": Generator(gen_cfg).to(device),
         }
-        self.server = ServerTraining(m.generator_steps, m.generator_per_class, m.generator_lr)
+        self.server = ServerTraining(m.generator_steps, m.generator_per_class, m.generator_lr, m.unbiased_match)
         self.seed = cfg.run.seed
 
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -157,6 +159,12 @@ class MERFTask:
 
     def server_update(self) -> dict[str, float]:
         """Train the generator to match the released class means (post-processing); its metrics."""
+        return self.train_generator()
+
+    def train_generator(self, after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+        """``server_update``'s training, ``after_step(steps_done)`` called after every step (a
+        benchmark's snapshots: ``simulations.bench_merf_curve``); the generator is left in train
+        mode whatever the callback does with it."""
         release = unwrap(self.modules["release"])
         if not bool(release.theta.weight.any()):
             return {}  # nothing released yet (round 0)
@@ -175,6 +183,8 @@ class MERFTask:
             phi = release.features(self._generate(z, y))
             got = torch.zeros_like(means).index_add(0, y, phi) / self.server.per_class
             loss = ((got - means) ** 2).sum()
+            if self.server.unbiased:
+                loss = loss - self._variance_term(phi, got, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -182,7 +192,23 @@ class MERFTask:
             if (step + 1) % 500 == 0 or step + 1 == self.server.steps:
                 log.info("merf generator step %d/%d: feature match %.4g (%.0fs)", step + 1, self.server.steps,
                          float(loss.detach()), time.time() - start)
+            if after_step is not None:
+                after_step(step + 1)
+                gen.train()
         return {"generator-match": float(loss.detach())}
+
+    def _variance_term(self, phi: torch.Tensor, got: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What the batch estimate ``||got - mean||^2`` adds to the squared distance between the
+        generator's expected class features and the release, in expectation: each class's
+        ``trace(Cov phi) / B`` (B = ``per_class`` samples), estimated without bias by
+        ``sum_i ||phi_i - got||^2 / (B (B - 1))``. Subtracted, the loss is the unbiased estimate
+        (MMD^2's, up to the release's constant), and minimising it no longer pays the generator
+        for shrinking its samples' spread: with ``||phi|| = 1`` the plain loss's minimum has
+        ``||E phi|| = ||mean|| B / (B - 1)``, samples closer together than the real ones."""
+        b = self.server.per_class
+        spread = torch.zeros(len(got), dtype=phi.dtype, device=phi.device).index_add(
+            0, y, ((phi - got[y]) ** 2).sum(1))
+        return spread.sum() / (b * (b - 1))
 
     @torch.no_grad()
     def evaluate(self, loader: torch.utils.data.DataLoader) -> dict[str, float]:

@@ -108,3 +108,36 @@ def test_bench_privacy_utility_tiny(tmp_path, capsys):
     assert [r["value"] for r in again["rows"]] == [r["value"] for r in s["rows"]] * 2
     assert again["rows"][1]["epsilon"] == float("inf")
     _png_ok(tmp_path / "merged.png")
+
+
+def test_bench_merf_curve_tiny(tmp_path, capsys):
+    """A real release (3 digit sites, in process), the generator scored at two step counts of one
+    planned run; the JSON, the grids, the saved model and the synthetic set it promises."""
+    import numpy as np
+
+    from simulations import bench_merf_curve as mc
+
+    out = tmp_path / "curve.json"
+    s = mc.main(["--preset", "merf-digits", "--num-sites", "3", "--steps", "10", "4", "--inception-n", "0",
+                 "--synthetic", "30", "--out", str(out), "--png", str(tmp_path / "plot.png")])
+    lines = [line for line in capsys.readouterr().out.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("Inception FID below 131.3") and lines[-5].startswith("| generator steps")
+    assert json.loads(out.read_text()) == s
+    assert s["epsilon_max"] > 0 and s["release_cpu_s"] > 0 and s["threads"] == 1
+    assert s["config"]["merf.generator-steps"] == 10  # planned for the largest --steps (the preset says 200)
+    steps = [p["steps"] for p in s["points"]]
+    assert steps == [4, 10]
+    first, last = s["points"]
+    assert 0 < first["generator_cpu_s"] <= last["generator_cpu_s"]
+    assert last["fid_inception"] is None and first["fid_domain"] > 0 and last["fid_domain"] > 0
+    assert s["crossing_cpu_min"] is None
+    for n in steps:
+        _png_ok(tmp_path / f"curve-{n}.png")
+    assert (tmp_path / "curve-model" / "final_model.pt").is_file()
+    data = np.load(tmp_path / "curve-synthetic.npz")
+    assert data["images"].shape == (30, 1, 8, 8) and np.bincount(data["labels"]).tolist() == [3] * 10
+    _png_ok(tmp_path / "plot.png")
+    # --replot draws earlier results together without running anything
+    again = mc.main(["--replot", str(out), str(out), "--png", str(tmp_path / "merged.png")])
+    assert again["results"] == [s, s]
+    _png_ok(tmp_path / "merged.png")

@@ -250,3 +250,64 @@ def test_an_overflowing_loss_the_server_chose_does_not_make_a_dp_site_fail():
     _, reply = _site_round(theta)
     assert reply.status == "ok"
     assert torch.isfinite(torch.from_numpy(reply.arrays["release.theta.weight"].numpy())).all()
+
+
+def test_the_unbiased_match_is_the_pairwise_estimate_and_the_plain_one_is_biased_towards_no_spread():
+    """``merf.unbiased-match``: the loss is ``sum_{i != j} <phi_i, phi_j> / (B (B - 1)) - 2 <m, mu>
+    + ||mu||^2`` per class (MMD^2's unbiased estimate), computed here pair by pair; averaged over
+    many batches it is the exact squared distance of the expected features from the target,
+    while the plain batch loss exceeds it by the features' variance / B. A wrong sign or
+    denominator in the correction fails one of the two."""
+    task, _ = task_and_data(**{"merf.generator-per-class": 4, "merf.unbiased-match": True})
+    b, classes, dim = 4, 3, 5
+    g = torch.Generator().manual_seed(0)
+    support = torch.randn(6, dim, generator=g)
+    support = support / support.norm(dim=1, keepdim=True)  # features of norm 1, as the map's
+    target = torch.randn(classes, dim, generator=g) * 0.3
+    y = torch.arange(classes).repeat_interleave(b)
+
+    def losses(phi: torch.Tensor) -> tuple[float, float]:
+        got = torch.zeros(classes, dim).index_add(0, y, phi) / b
+        plain = ((got - target) ** 2).sum()
+        return float(plain), float(plain - task._variance_term(phi, got, y))
+
+    phi = support[torch.randint(len(support), (len(y),), generator=g)]
+    pairwise = 0.0
+    for c in range(classes):
+        rows = phi[y == c]
+        gram = rows @ rows.T
+        m = rows.mean(0)
+        pairwise += float((gram.sum() - gram.diagonal().sum()) / (b * (b - 1)) - 2 * m @ target[c] + target[c] @ target[c])
+    assert losses(phi)[1] == pytest.approx(pairwise, rel=1e-5, abs=1e-6)
+
+    # Expectations exactly: each row drawn uniformly from the support, every batch of B rows
+    # enumerated (6^4), each batch passed to the loss as one "class" of its own.
+    import itertools
+
+    idx = torch.tensor(list(itertools.product(range(len(support)), repeat=b)))
+    ids = torch.arange(len(idx)).repeat_interleave(b)
+    plain_avg = unbiased_avg = 0.0
+    for c in range(classes):
+        phi = support[idx.flatten()]
+        got = phi.view(len(idx), b, dim).mean(1)
+        plain = ((got - target[c]) ** 2).sum(1)
+        plain_avg += float(plain.mean())
+        unbiased_avg += float(plain.mean() - task._variance_term(phi, got, ids) / len(idx))
+    mean = support.mean(0)
+    exact = float(((mean - target) ** 2).sum())
+    spread = float(((support - mean) ** 2).sum(1).mean())
+    assert unbiased_avg == pytest.approx(exact, rel=1e-4)
+    assert plain_avg == pytest.approx(exact + classes * spread / b, rel=1e-4)
+    assert classes * spread / b > 0.1 * exact  # the bias is far larger than the tolerance
+
+
+def test_the_curve_benchmark_reports_where_the_fid_crosses_the_target():
+    from simulations.bench_merf_curve import crossing
+
+    pts = [{"train_cpu_min": 10.0, "fid_inception": 150.0}, {"train_cpu_min": 20.0, "fid_inception": 130.0},
+           {"train_cpu_min": 30.0, "fid_inception": 120.0}]
+    assert crossing(pts, 140.0) == pytest.approx(15.0)
+    assert crossing(pts, 131.3) == pytest.approx(10 + 18.7 / 20 * 10)
+    assert crossing(pts, 100.0) is None
+    assert crossing(pts, 160.0) == 10.0  # the first point already below: its own minutes
+    assert crossing([{"train_cpu_min": 1.0, "fid_inception": None}], 100.0) is None
