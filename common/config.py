@@ -163,7 +163,8 @@ class MERFSection(_Section):
     unbiased_match: bool = Field(False, description="train the generator on an unbiased estimate of the squared "
                                  "distance between its mean features and the release's (MMD's unbiased estimator): "
                                  "the plain batch estimate adds each class's feature variance / generator-per-class, "
-                                 "which rewards samples that all look alike (common/models/merf.py)")
+                                 "which rewards samples that all look alike (common/models/merf.py); the reported "
+                                 "generator-match is then that estimate, which can be negative")
 
 
 class LMSection(_Section):

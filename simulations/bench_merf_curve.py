@@ -11,8 +11,11 @@ Everything runs in this one process on one torch thread, and CPU seconds are thi
 1. **The release**: the preset's federation run in this process (``benchlib.LocalGrid``: the
    ClientApp, the round loop, the strategy and the ledgers of a ``flwr run``, without the
    transport), with the server's generator training off (``merf.generator-steps`` 0) and no
-   FID. Its CPU time covers every site's release (and the public feature fit when its cache is
-   cold); its epsilon is the round record's, as the launcher prints it.
+   FID. Its CPU time covers every site's release and what the job does around it in this
+   process (the ClientApp's imports, the server's setup and its feature-distance evaluations,
+   the public feature fit when its cache is cold); its epsilon is the round record's, as the
+   launcher prints it. One round only (``run.num-rounds`` 1, as the merf presets): with more,
+   a job trains the generator after every round, which this bench does not reproduce.
 2. **The generator's training at the server** on that release, exactly ``MERFTask.server_update``
    planned for the largest ``--steps`` (its cosine learning-rate schedule spans them all). At
    every ``--steps`` value the generator is scored as the server's last evaluation scores it
@@ -21,16 +24,18 @@ Everything runs in this one process on one torch thread, and CPU seconds are thi
    training's.
 
 A point before the last is a snapshot of the longer run, taken before its learning rate has
-annealed: a run planned for that many steps anneals and usually scores better, so the earlier
-points are the curve of one long run, not of the best run at each budget. The printed crossing
-of ``--target`` is linear between the two points around it (on CPU minutes of training: the
-release plus the generator's steps). Sampling and scoring are post-processing: no privacy cost.
+annealed: not what a job planned to stop at that many steps would score (measured on
+merf-fashion at 3,000 steps: a snapshot of a 6,500-step plan scored better than the 3,000-step
+plan, docs/RESULTS.md). The printed crossing of ``--target`` is linear between the two points
+around it (on CPU minutes of training: the release plus the generator's steps). Sampling and
+scoring are post-processing: no privacy cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 import time
@@ -50,8 +55,8 @@ def note(msg: str) -> None:
 
 def crossing(points: list[dict], target: float) -> float | None:
     """Training CPU minutes at which the Inception FID first falls below ``target``, linear between
-    the two points around it; None when no point is below it (or the first already is: then its
-    own minutes, since nothing earlier was measured)."""
+    the two points around it; when the first scored point is already below, its own minutes
+    (nothing earlier was scored); None when no point is below it."""
     prev = None
     for p in points:
         fid = p.get("fid_inception")
@@ -74,7 +79,8 @@ def release(run_config: dict, num_sites: int, work: Path) -> tuple[object, dict]
     from server.strategy import build_strategy
 
     cfg = parse_run_config(run_config)
-    torch.manual_seed(cfg.run.seed)  # as the job does: the generator's initial weights
+    random.seed(cfg.run.seed)  # as the job seeds it (server/job.py): site sampling, then
+    torch.manual_seed(cfg.run.seed)  # the generator's initial weights
     records: list[dict] = []
     arrays: dict[int, object] = {}
     outcome = run_rounds(LocalGrid(run_config, num_sites), cfg, build_strategy(cfg), Evaluator(cfg),
@@ -131,11 +137,15 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = parse_sets(args.set)
     if args.inception_n is not None:
         overrides["eval.fid-inception-n"] = args.inception_n
+    # Planned for the largest --steps; the bench itself says when Inception FID is scored (--inception-at).
+    base = load_run_config(args.preset, {**overrides, "merf.generator-steps": steps[-1], "eval.fid-inception-every": 0})
+    checked = parse_run_config(base)  # a wrong preset or key fails here, before minutes of release
+    if checked.task.family != "merf" or checked.run.num_rounds != 1:
+        ap.error(f"the curve is of merf's one-round release (task.family merf, run.num-rounds 1); the run config "
+                 f"has task.family {checked.task.family}, run.num-rounds {checked.run.num_rounds}")
     out = args.out or Path(tempfile.mkdtemp(prefix="merf-curve-")) / "curve.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="merf-curve-run-"))
-    # Planned for the largest --steps; the bench itself says when Inception FID is scored (--inception-at).
-    base = load_run_config(args.preset, {**overrides, "merf.generator-steps": steps[-1], "eval.fid-inception-every": 0})
     if not base.get("privacy.ledger-dir"):  # a fresh ledger per site, as the launcher gives a simulation
         base["privacy.ledger-dir"] = str(work / ".site-ledgers")
 
@@ -152,8 +162,6 @@ def main(argv: list[str] | None = None) -> dict:
     evaluator = Evaluator(cfg)  # the held-out images and the FID extractors the server uses
     task = evaluator.task
     R.load_arrayrecord(task.modules, arrays)
-    if evaluator.fid is None:
-        raise SystemExit("the preset's data is not images: no FID to draw a curve of")
     points: list[dict] = []
     eval_cpu = 0.0
     train_start = time.process_time()
@@ -181,6 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
         _write(out, args, base, rec, release_cpu, release_wall, points)
 
     task.train_generator(after_step=snapshot)
+    if not points:
+        raise SystemExit(f"nothing was released (epsilon {rec.get('epsilon_max')}; did every site refuse?): "
+                         "the generator had nothing to train on")
     result = _write(out, args, base, rec, release_cpu, release_wall, points)
     if args.synthetic:
         _save_synthetic(out, task, cfg, evaluator.spec, args.synthetic)
@@ -203,7 +214,7 @@ def plot(results: list[dict], png: Path, target: float) -> None:
     for r in results:
         pts = [p for p in r["points"] if p.get("fid_inception") is not None]
         label = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "preset"
-        label += f" ({r['config'].get('merf.generator-steps')} steps planned)"
+        label += f" ({r.get('planned_steps', r['config'].get('merf.generator-steps'))} steps planned)"
         ax.plot([p["train_cpu_min"] for p in pts], [p["fid_inception"] for p in pts], marker="o", label=label)
     ax.axhline(target, color="grey", ls=":", label=f"{target:g} (GS-WGAN at eps 10, central)")
     ax.axhline(100, color="black", ls="--", lw=0.8, label="issue 19's target: 100")
@@ -244,12 +255,29 @@ def _write(out: Path, args: argparse.Namespace, base: dict, rec: dict, release_c
     from common import atomic
 
     result = {"preset": args.preset, "num_sites": args.num_sites, "overrides": parse_sets(args.set),
+              "planned_steps": base["merf.generator-steps"], "commit": _commit(),
               "config": {k: v for k, v in base.items() if k.startswith(("merf.", "privacy.target", "eval.fid"))},
               "epsilon_max": rec.get("epsilon_max"), "release_cpu_s": round(release_cpu, 1),
               "release_wall_s": round(release_wall, 1), "threads": torch.get_num_threads(),
               "points": points, "target": args.target, "crossing_cpu_min": crossing(points, args.target)}
     atomic.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
     return result
+
+
+def _commit() -> str | None:
+    """The checkout's commit, with "+dirty" when its tracked files differ from it (None outside git)."""
+    import subprocess
+
+    from simulations.launch import ROOT
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _print(result: dict) -> None:
@@ -262,8 +290,14 @@ def _print(result: dict) -> None:
         fd = "-" if p["fid_domain"] is None else f"{p['fid_domain']:.1f}"
         print(f"| {p['steps']:,} | {p['generator_cpu_s']:.0f} | {p['train_cpu_min']:.1f} | {fi} | {fd} |")
     x = result["crossing_cpu_min"]
-    print(f"Inception FID below {result['target']:g}: "
-          + (f"from about {x:.1f} CPU-minutes of training" if x is not None else "not reached at any point"))
+    scored = [p["train_cpu_min"] for p in result["points"] if p["fid_inception"] is not None]
+    if x is None:
+        when = "not reached at any point"
+    elif x == scored[0]:
+        when = f"already at the first scored point ({x:.1f} CPU-minutes of training)"
+    else:
+        when = f"from about {x:.1f} CPU-minutes of training (linear between the points around it)"
+    print(f"Inception FID below {result['target']:g}: {when}")
 
 
 if __name__ == "__main__":

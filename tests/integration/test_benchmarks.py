@@ -125,6 +125,7 @@ def test_bench_merf_curve_tiny(tmp_path, capsys):
     assert json.loads(out.read_text()) == s
     assert s["epsilon_max"] > 0 and s["release_cpu_s"] > 0 and s["threads"] == 1
     assert s["config"]["merf.generator-steps"] == 10  # planned for the largest --steps (the preset says 200)
+    assert s["planned_steps"] == 10 and s["commit"]
     steps = [p["steps"] for p in s["points"]]
     assert steps == [4, 10]
     first, last = s["points"]
@@ -141,3 +142,9 @@ def test_bench_merf_curve_tiny(tmp_path, capsys):
     again = mc.main(["--replot", str(out), str(out), "--png", str(tmp_path / "merged.png")])
     assert again["results"] == [s, s]
     _png_ok(tmp_path / "merged.png")
+    # another family, or more than one round, is refused before any release is computed
+    for preset, extra in (("digits-quick", []), ("merf-digits", ["--set", "run.num-rounds=2"])):
+        with pytest.raises(SystemExit):
+            mc.main(["--preset", preset, "--steps", "1", "--out", str(tmp_path / "x.json"), *extra])
+        assert not (tmp_path / "x.json").exists()
+    assert "task.family merf, run.num-rounds 1" in capsys.readouterr().err

@@ -301,6 +301,29 @@ def test_the_unbiased_match_is_the_pairwise_estimate_and_the_plain_one_is_biased
     assert classes * spread / b > 0.1 * exact  # the bias is far larger than the tolerance
 
 
+def test_the_server_step_uses_the_unbiased_match_only_when_asked():
+    """The same release and generator, one server step each way: the reported match differs by
+    exactly the variance term of that step's samples, and is the plain one when the key is off."""
+    matches = {}
+    for unbiased in (False, True):
+        torch.manual_seed(0)
+        task, _ = task_and_data(**{"merf.generator-steps": 1, "merf.generator-per-class": 4,
+                                   "merf.unbiased-match": unbiased})
+        with torch.no_grad():
+            unwrap(task.modules["release"]).theta.weight.copy_(torch.rand(
+                unwrap(task.modules["release"]).theta.weight.shape, generator=torch.Generator().manual_seed(1)))
+        if unbiased:  # the first step's samples, drawn as train_generator draws them
+            rel = unwrap(task.modules["release"])
+            y = torch.arange(3).repeat_interleave(4)
+            z = torch.randn(len(y), task.latent_dim, generator=torch.Generator().manual_seed(task.seed))
+            with torch.no_grad():
+                phi = rel.features(task.modules["generator"](z, y))
+                term = float(task._variance_term(phi, torch.zeros(3, phi.shape[1]).index_add(0, y, phi) / 4, y))
+        matches[unbiased] = task.server_update()["generator-match"]
+    assert term > 0
+    assert matches[False] - matches[True] == pytest.approx(term, rel=1e-4)
+
+
 def test_the_curve_benchmark_reports_where_the_fid_crosses_the_target():
     from simulations.bench_merf_curve import crossing
 
