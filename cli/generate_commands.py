@@ -9,10 +9,9 @@ inside the command, so the other commands stay quick to start.
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -137,7 +136,7 @@ def generate_cmd(
     run_dir = resolve_run(runs_dir, run)
 
     from common import atomic
-    from server.run_model import draw, load_run_model  # torch and flwr: only here
+    from server.run_model import draw, load_run_model, npz_bytes  # torch and flwr: only here
 
     output = output.expanduser()
     model = load_run_model(run_dir, round_)
@@ -157,8 +156,6 @@ def generate_cmd(
             write(batch)
             _count(counts, batch)
     else:
-        import numpy as np
-
         parts = list(batches)
         for batch in parts:
             _count(counts, batch)
@@ -167,12 +164,7 @@ def generate_cmd(
 
             data = TEXT_SEPARATOR.join(text for b in parts for text in b.samples).encode("utf-8")
         else:
-            arrays: dict[str, Any] = {"images": np.concatenate([b.samples for b in parts])}
-            if task.num_classes:
-                arrays["labels"] = np.concatenate([b.labels for b in parts])
-            buf = io.BytesIO()
-            np.savez_compressed(buf, **arrays)
-            data = buf.getvalue()
+            data = npz_bytes(parts)
         atomic.write_bytes(output, data)
 
     path = output.resolve()

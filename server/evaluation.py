@@ -53,6 +53,16 @@ def held_out_source(cfg: AppConfig) -> str:
             "shakespeare": "the held-out plays"}.get(d.dataset, "the dataset's held-out split")
 
 
+def save_grid(images: torch.Tensor, path: Path) -> Path:
+    """``images`` as one grid PNG at ``path``, enlarged 4x when small so a person can see them."""
+    grid = image_grid(images)
+    img = Image.fromarray(grid)
+    if grid.shape[0] < 128:
+        img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
+    img.save(path)
+    return path
+
+
 class Evaluator:
     """Holds the held-out data and a task to load global weights into; built once per run."""
 
@@ -131,12 +141,7 @@ class Evaluator:
         samples = self.task.sample(self.cfg.eval.num_samples, SAMPLE_SEED)
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(samples, torch.Tensor):
-            grid = image_grid(samples)
-            img = Image.fromarray(grid)
-            if grid.shape[0] < 128:  # small images: enlarge so a person can see them
-                img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
-            path = path.with_suffix(".png")
-            img.save(path)
+            path = save_grid(samples, path.with_suffix(".png"))
         else:
             path = path.with_suffix(".txt")
             path.write_text(TEXT_SEPARATOR.join(samples))

@@ -29,7 +29,7 @@ from common.tasks import DataSpec, GenerativeTask, build_task, pick_device
 from server.checkpoints import CheckpointError, Checkpointer, config_differences
 from server.store import RunStore, StoreError
 
-__all__ = ["FINAL_MODEL", "Batch", "RunModel", "draw", "load_run_model", "read_model_file", "save_model"]
+__all__ = ["FINAL_MODEL", "Batch", "RunModel", "draw", "load_run_model", "npz_bytes", "read_model_file", "save_model"]
 
 FINAL_MODEL = "final_model.pt"
 
@@ -176,6 +176,19 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor | None:
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images in [0, 1] -> uint8 0..255 (rounded), as a PNG or an 8-bit array stores them."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def npz_bytes(batches: list[Batch]) -> bytes:
+    """Drawn image batches as one compressed ``.npz``: ``images`` (N, C, H, W) uint8 and, when
+    the model is class-conditional, ``labels`` (what ``fedgen generate -o FILE.npz`` writes)."""
+    import io
+
+    arrays = {"images": np.concatenate([b.samples for b in batches])}
+    if batches and batches[0].labels is not None:
+        arrays["labels"] = np.concatenate([b.labels for b in batches])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
 
 
 def draw(task: GenerativeTask, n: int, seed: int, batch_size: int) -> Iterator[Batch]:

@@ -125,12 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.inception_at is not None and not set(args.inception_at) <= set(steps):
         ap.error(f"--inception-at {sorted(set(args.inception_at) - set(steps))}: not among --steps")
 
-    from PIL import Image
-
     from common import records as R
     from common.config import parse_run_config
     from common.logs import setup_logging
-    from server.evaluation import SAMPLE_SEED, Evaluator, image_grid
+    from server.evaluation import SAMPLE_SEED, Evaluator, save_grid
 
     setup_logging()
     torch.set_num_threads(1)
@@ -139,15 +137,15 @@ def main(argv: list[str] | None = None) -> dict:
         overrides["eval.fid-inception-n"] = args.inception_n
     # Planned for the largest --steps; the bench itself says when Inception FID is scored (--inception-at).
     base = load_run_config(args.preset, {**overrides, "merf.generator-steps": steps[-1], "eval.fid-inception-every": 0})
-    checked = parse_run_config(base)  # a wrong preset or key fails here, before minutes of release
-    if checked.task.family != "merf" or checked.run.num_rounds != 1:
-        ap.error(f"the curve is of merf's one-round release (task.family merf, run.num-rounds 1); the run config "
-                 f"has task.family {checked.task.family}, run.num-rounds {checked.run.num_rounds}")
-    out = args.out or Path(tempfile.mkdtemp(prefix="merf-curve-")) / "curve.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="merf-curve-run-"))
     if not base.get("privacy.ledger-dir"):  # a fresh ledger per site, as the launcher gives a simulation
         base["privacy.ledger-dir"] = str(work / ".site-ledgers")
+    cfg = parse_run_config(base)  # a wrong preset or key fails here, before minutes of release
+    if cfg.task.family != "merf" or cfg.run.num_rounds != 1:
+        ap.error(f"the curve is of merf's one-round release (task.family merf, run.num-rounds 1); the run config "
+                 f"has task.family {cfg.task.family}, run.num-rounds {cfg.run.num_rounds}")
+    out = args.out or Path(tempfile.mkdtemp(prefix="merf-curve-")) / "curve.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     # 1. The release, timed on this process's CPU clock.
     quiet = {**base, "merf.generator-steps": 0, "eval.fid-domain-n": 0, "eval.fid-inception-n": 0}
@@ -158,7 +156,6 @@ def main(argv: list[str] | None = None) -> dict:
          f"({release_wall:.0f} s wall)")
 
     # 2. The generator, planned for the largest step count, scored at each.
-    cfg = parse_run_config(base)
     evaluator = Evaluator(cfg)  # the held-out images and the FID extractors the server uses
     task = evaluator.task
     R.load_arrayrecord(task.modules, arrays)
@@ -176,9 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         # The last round's evaluation scores Inception FID; an earlier round's only the domain FID.
         due = args.inception_at is None or done in args.inception_at
         fids = evaluator.fid.evaluate(task.sample, cfg.run.num_rounds if due else 0)
-        grid = image_grid(task.sample(cfg.eval.num_samples, SAMPLE_SEED))
-        img = Image.fromarray(grid)
-        img.resize((img.width * 3, img.height * 3), Image.NEAREST).save(out.with_name(f"{out.stem}-{done}.png"))
+        save_grid(task.sample(cfg.eval.num_samples, SAMPLE_SEED), out.with_name(f"{out.stem}-{done}.png"))
         eval_cpu += time.process_time() - c
         point = {"steps": done, "generator_cpu_s": round(gen_cpu, 1),
                  "train_cpu_min": round((release_cpu + gen_cpu) / 60, 2),
@@ -228,25 +223,16 @@ def plot(results: list[dict], png: Path, target: float) -> None:
 
 def _save_synthetic(out: Path, task, cfg, spec, n: int) -> None:  # noqa: ANN001 - a MERFTask, AppConfig, DataSpec
     """The trained model as a run's final model, and n samples drawn as ``fedgen generate`` draws them."""
-    import io
-
-    import numpy as np
-
     from common import atomic
     from common import records as R
-    from server.run_model import FINAL_MODEL, draw, save_model
+    from server.run_model import FINAL_MODEL, draw, npz_bytes, save_model
 
     model = out.with_name(f"{out.stem}-model") / FINAL_MODEL
     model.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, dict(R.to_arrayrecord(task.modules).to_torch_state_dict()), cfg, spec)
-    parts = list(draw(task, n, seed=0, batch_size=256))
-    arrays = {"images": np.concatenate([b.samples for b in parts])}
-    if task.num_classes:
-        arrays["labels"] = np.concatenate([b.labels for b in parts])
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    atomic.write_bytes(out.with_name(f"{out.stem}-synthetic.npz"), buf.getvalue())
-    note(f"model {model} and {n} samples {out.with_name(f'{out.stem}-synthetic.npz')} written")
+    synthetic = out.with_name(f"{out.stem}-synthetic.npz")
+    atomic.write_bytes(synthetic, npz_bytes(list(draw(task, n, seed=0, batch_size=256))))
+    note(f"model {model} and {n} samples {synthetic} written")
 
 
 def _write(out: Path, args: argparse.Namespace, base: dict, rec: dict, release_cpu: float, release_wall: float,

@@ -206,9 +206,7 @@ class MERFTask:
         for shrinking its samples' spread: with ``||phi|| = 1`` the plain loss's minimum has
         ``||E phi|| = ||mean|| B / (B - 1)``, samples closer together than the real ones."""
         b = self.server.per_class
-        spread = torch.zeros(len(got), dtype=phi.dtype, device=phi.device).index_add(
-            0, y, ((phi - got[y]) ** 2).sum(1))
-        return spread.sum() / (b * (b - 1))
+        return ((phi - got[y]) ** 2).sum() / (b * (b - 1))
 
     @torch.no_grad()
     def evaluate(self, loader: torch.utils.data.DataLoader) -> dict[str, float]:
