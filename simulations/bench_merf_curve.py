@@ -17,14 +17,16 @@ Everything runs in this one process on one torch thread, and CPU seconds are thi
    launcher prints it. One round only (``run.num-rounds`` 1, as the merf presets): with more,
    a job trains the generator after every round, which this bench does not reproduce.
 2. **The generator's training at the server** on that release, exactly ``MERFTask.server_update``
-   planned for the largest ``--steps`` (its cosine learning-rate schedule spans them all). At
+   planned for the largest ``--steps`` (a cosine learning-rate schedule spans them all; set
+   ``merf.generator-schedule=constant`` for a constant rate, whose snapshots are what a job
+   planned to stop there would score, up to the random draws). At
    every ``--steps`` value the generator is scored as the server's last evaluation scores it
    (``ImageFID``: Inception and domain FID at the preset's N against the held-out images, the
    same latents), a sample grid is saved, and the evaluation's CPU time is left out of the
    training's.
 
-A point before the last is a snapshot of the longer run, taken before its learning rate has
-annealed: not what a job planned to stop at that many steps would score (measured on
+Under the cosine schedule a point before the last is a snapshot of the longer run, taken before
+its learning rate has annealed: not what a job planned to stop at that many steps would score (measured on
 merf-fashion at 3,000 steps: a snapshot of a 6,500-step plan scored better than the 3,000-step
 plan, docs/RESULTS.md). The printed crossing of ``--target`` is linear between the two points
 around it (on CPU minutes of training: the release plus the generator's steps). Sampling and

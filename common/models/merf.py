@@ -98,6 +98,7 @@ class ServerTraining:
     per_class: int
     lr: float
     unbiased: bool = False
+    schedule: str = "cosine"  # "cosine": annealed to 0 over ``steps``; "constant": ``lr`` throughout
 
 
 class MERFTask:
@@ -128,7 +129,8 @@ class MERFTask:
             "release": Release(features, max(self.num_classes, 1)).to(device),
             "generator": Generator(gen_cfg).to(device),
         }
-        self.server = ServerTraining(m.generator_steps, m.generator_per_class, m.generator_lr, m.unbiased_match)
+        self.server = ServerTraining(m.generator_steps, m.generator_per_class, m.generator_lr, m.unbiased_match,
+                                     m.generator_schedule)
         self.seed = cfg.run.seed
 
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -171,7 +173,8 @@ class MERFTask:
         means, _ = release.class_means()
         gen = self.modules["generator"]
         opt = torch.optim.Adam(gen.parameters(), lr=self.server.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(self.server.steps, 1))
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(self.server.steps, 1))
+                 if self.server.schedule == "cosine" else None)
         classes = means.shape[0]
         y = torch.arange(classes, device=self.device).repeat_interleave(self.server.per_class)
         g = torch.Generator(device="cpu").manual_seed(self.seed)
@@ -188,7 +191,8 @@ class MERFTask:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             if (step + 1) % 500 == 0 or step + 1 == self.server.steps:
                 log.info("merf generator step %d/%d: feature match %.4g (%.0fs)", step + 1, self.server.steps,
                          float(loss.detach()), time.time() - start)

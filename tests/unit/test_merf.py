@@ -324,6 +324,38 @@ def test_the_server_step_uses_the_unbiased_match_only_when_asked():
     assert matches[False] - matches[True] == pytest.approx(term, rel=1e-4)
 
 
+def _generator_after(steps: int, stop: int, schedule: str) -> dict[str, torch.Tensor]:
+    """The generator's weights after ``stop`` steps of a server training planned for ``steps``."""
+    torch.manual_seed(0)
+    task, _ = task_and_data(**{"merf.generator-steps": steps, "merf.generator-per-class": 2,
+                               "merf.generator-schedule": schedule})
+    with torch.no_grad():
+        theta = unwrap(task.modules["release"]).theta.weight
+        theta.copy_(torch.rand(theta.shape, generator=torch.Generator().manual_seed(1)))
+    seen = {}
+
+    def snap(done: int) -> None:
+        if done == stop:
+            seen.update({k: v.detach().clone() for k, v in task.modules["generator"].state_dict().items()})
+
+    task.train_generator(after_step=snap)
+    return seen
+
+
+def test_a_constant_schedule_stops_where_a_longer_plan_passes_and_the_cosine_one_does_not():
+    """``merf.generator-schedule``: with ``constant`` the generator after 3 steps of a 3-step plan is
+    the 3-step snapshot of a 6-step plan (the curve's snapshots are planned jobs); with ``cosine``
+    the two differ (the shorter plan has annealed its rate), and constant differs from cosine."""
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    const3, const6 = _generator_after(3, 3, "constant"), _generator_after(6, 3, "constant")
+    cos3, cos6 = _generator_after(3, 3, "cosine"), _generator_after(6, 3, "cosine")
+    assert const3 and same(const3, const6)
+    assert not same(cos3, cos6)
+    assert not same(const3, cos3)
+
+
 def test_the_curve_benchmark_reports_where_the_fid_crosses_the_target():
     from simulations.bench_merf_curve import crossing
 
