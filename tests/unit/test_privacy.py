@@ -21,6 +21,49 @@ def test_calibrated_noise_meets_target_at_last_planned_round_within_one_percent(
     assert eps == pytest.approx(target, rel=0.01)
 
 
+@pytest.mark.parametrize("target,q,steps", [(8.0, 1 / 19, 95), (0.5, 0.002, 5000), (8.0, 1.0, 1), (50.0, 0.1, 10)])
+def test_calibration_lands_in_the_tolerance_window_in_fewer_accountant_calls_than_bisection(target, q, steps):
+    """Epsilon of the calibrated noise is in [target - 0.005, target] (the accountant's own
+    figure), found with at most half of Opacus' bisection's accountant calls."""
+    privacy._epsilon.cache_clear()
+    noise = privacy.calibrate_noise(target, 1e-5, sample_rate=q, total_steps=steps, accountant="rdp")
+    calls = privacy._epsilon.cache_info().misses
+    assert target - 0.005 <= privacy.epsilon([(noise, q, steps)], 1e-5) <= target
+    from opacus.accountants import RDPAccountant
+
+    bisection = 0
+    real_get = RDPAccountant.get_epsilon
+
+    def counted(self, *a, **k):
+        nonlocal bisection
+        bisection += 1
+        return real_get(self, *a, **k)
+
+    from unittest import mock
+
+    from opacus.accountants.utils import get_noise_multiplier
+    with mock.patch.object(RDPAccountant, "get_epsilon", counted):
+        get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps,
+                             accountant="rdp", epsilon_tolerance=0.005)
+    assert calls <= bisection / 2, (calls, bisection)
+
+
+def test_calibration_falls_back_to_opacus_when_the_search_fails(monkeypatch):
+    """A search that cannot bracket or price the noise hands over to Opacus' bisection, whose
+    answer still meets the target; a budget no noise can meet is Opacus' clear error."""
+    import scipy.optimize
+
+    def broken(*a, **k):
+        raise RuntimeError("no convergence")
+
+    monkeypatch.setattr(scipy.optimize, "brentq", broken)
+    noise = privacy.calibrate_noise(3.0, 1e-5, sample_rate=0.05, total_steps=100, accountant="rdp")
+    assert 2.995 <= privacy.epsilon([(noise, 0.05, 100)], 1e-5) <= 3.0
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="privacy budget is too low"):
+        privacy.calibrate_noise(1e-4, 1e-5, sample_rate=1.0, total_steps=1000, accountant="rdp")
+
+
 def test_steps_match_opacus_poisson_loader():
     # 600 records in batches of 32: a loader of 19 batches -> sample rate 1/19, 19 steps an epoch.
     q, steps = privacy.steps_per_round(600, 32, local_epochs=2, max_steps=0)
