@@ -160,9 +160,10 @@ class MERFSection(_Section):
                                  "(post-processing of the release: no privacy cost)")
     generator_per_class: int = Field(20, ge=2, description="generated images per class in each generator step")
     generator_lr: float = Field(1e-3, gt=0, description="generator's Adam learning rate")
-    generator_schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="the generator's learning rate over each round's generator-steps: cosine (annealed to "
-        "0 by the last step) or constant (generator-lr throughout; measured better on merf-fashion: docs/RESULTS.md)")
+    generator_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="the generator's learning rate over each round's generator-steps: constant "
+        "(generator-lr throughout) or cosine (annealed to 0 by the last step; worse by Inception FID on Fashion-MNIST: "
+        "docs/RESULTS.md, merf)")
     unbiased_match: bool = Field(False, description="train the generator on an unbiased estimate of the squared "
                                  "distance between its mean features and the release's (MMD's unbiased estimator): "
                                  "the plain batch estimate adds each class's feature variance / generator-per-class, "

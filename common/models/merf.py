@@ -98,7 +98,7 @@ class ServerTraining:
     per_class: int
     lr: float
     unbiased: bool = False
-    schedule: str = "cosine"  # "cosine": annealed to 0 over ``steps``; "constant": ``lr`` throughout
+    schedule: str = "constant"  # "constant": ``lr`` throughout; "cosine": annealed to 0 over ``steps``
 
 
 class MERFTask:
