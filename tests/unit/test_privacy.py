@@ -48,6 +48,19 @@ def test_calibration_lands_in_the_tolerance_window_in_fewer_accountant_calls_tha
     assert calls <= bisection / 2, (calls, bisection)
 
 
+@pytest.mark.parametrize("q,steps", [(1.0, 1), (1 / 15, 60), (0.01, 1000)])
+def test_the_search_bound_is_never_below_the_accountant_and_exact_where_it_matters(q, steps):
+    """The calibration's search prices noise with the RDP accountant minus its orders below 2:
+    never below the accountant's epsilon (a smaller figure could make the search pick too
+    little noise, caught only by the final check), equal to it at moderate epsilon."""
+    for noise in (0.05, 0.2, 0.5, 0.7, 1.0, 2.0, 5.0):
+        exact = privacy.epsilon([(noise, q, steps)], 1e-5)
+        bound = privacy._rdp_epsilon_from_order_2(noise, sample_rate=q, steps=steps, delta=1e-5)
+        assert bound >= exact
+        if exact < 10:
+            assert bound == pytest.approx(exact, rel=1e-12)
+
+
 def test_calibration_falls_back_to_opacus_when_the_search_fails(monkeypatch):
     """A search that cannot bracket or price the noise hands over to Opacus' bisection, whose
     answer still meets the target; a budget no noise can meet is Opacus' clear error."""
