@@ -163,7 +163,7 @@ class MERFSection(_Section):
     generator_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="the generator's learning rate over each round's generator-steps: constant "
         "(generator-lr throughout) or cosine (annealed to 0 by the last step; worse by Inception FID on Fashion-MNIST: "
-        "docs/RESULTS.md, merf)")
+        "docs/RESULTS.md, \"A constant learning rate\")")
     unbiased_match: bool = Field(False, description="train the generator on an unbiased estimate of the squared "
                                  "distance between its mean features and the release's (MMD's unbiased estimator): "
                                  "the plain batch estimate adds each class's feature variance / generator-per-class, "

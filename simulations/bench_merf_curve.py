@@ -17,9 +17,9 @@ Everything runs in this one process on one torch thread, and CPU seconds are thi
    launcher prints it. One round only (``run.num-rounds`` 1, as the merf presets): with more,
    a job trains the generator after every round, which this bench does not reproduce.
 2. **The generator's training at the server** on that release, exactly ``MERFTask.server_update``
-   planned for the largest ``--steps`` (a cosine learning-rate schedule spans them all; set
-   ``merf.generator-schedule=constant`` for a constant rate, whose snapshots are what a job
-   planned to stop there would score, up to the random draws). At
+   planned for the largest ``--steps``: under the preset's ``merf.generator-schedule``
+   (constant by default: a snapshot is then what a job planned to stop there would train, up
+   to the random draws; ``cosine`` spans the whole plan). At
    every ``--steps`` value the generator is scored as the server's last evaluation scores it
    (``ImageFID``: Inception and domain FID at the preset's N against the held-out images, the
    same latents), a sample grid is saved, and the evaluation's CPU time is left out of the
@@ -36,6 +36,7 @@ scoring are post-processing: no privacy cost.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     setup_logging()
     torch.set_num_threads(1)
+    _commit()  # cached: the code this process runs, read now rather than when the hour is over
     overrides = parse_sets(args.set)
     if args.inception_n is not None:
         overrides["eval.fid-inception-n"] = args.inception_n
@@ -210,8 +212,11 @@ def plot(results: list[dict], png: Path, target: float) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for r in results:
         pts = [p for p in r["points"] if p.get("fid_inception") is not None]
-        label = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "preset"
-        label += f" ({r.get('planned_steps', r['config'].get('merf.generator-steps'))} steps planned)"
+        # The learning-rate schedule first: results from before merf.generator-schedule existed were cosine.
+        label = f"{r['config'].get('merf.generator-schedule', 'cosine')} rate"
+        extra = {k: v for k, v in r["overrides"].items() if k != "merf.generator-schedule" and v}
+        label += "".join(f", {k}={v}" for k, v in extra.items())
+        label += f", {r.get('planned_steps', r['config'].get('merf.generator-steps'))} steps planned"
         ax.plot([p["train_cpu_min"] for p in pts], [p["fid_inception"] for p in pts], marker="o", label=label)
     ax.axhline(target, color="grey", ls=":", label=f"{target:g} (GS-WGAN at eps 10, central)")
     ax.axhline(100, color="black", ls="--", lw=0.8, label="issue 19's target: 100")
@@ -252,6 +257,7 @@ def _write(out: Path, args: argparse.Namespace, base: dict, rec: dict, release_c
     return result
 
 
+@functools.lru_cache(maxsize=1)
 def _commit() -> str | None:
     """The checkout's commit, with "+dirty" when its tracked files differ from it (None outside git)."""
     import subprocess
