@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.metrics import EvalMetric
+from common.privacy import CALIBRATION_TOLERANCE
 
 
 class ConfigError(ValueError):
@@ -220,7 +221,8 @@ class TrainSection(_Section):
 
 class PrivacySection(_Section):
     enabled: bool = True
-    target_epsilon: float = Field(8.0, gt=0, description="epsilon reached at the last planned round")
+    target_epsilon: float = Field(8.0, gt=0, allow_inf_nan=False, description="epsilon reached at the last planned "
+                                  "round")
     delta: float = Field(0.0, ge=0, lt=1, description="0 = automatic: 1/(10 N) for a site with N records")
     noise_multiplier: float = Field(0.0, ge=0, description="0 = calibrate from target-epsilon")
     max_grad_norm: float = Field(1.0, gt=0)
@@ -237,6 +239,14 @@ class PrivacySection(_Section):
     diagnostics_noise: float = Field(5.0, gt=0, description="noised diagnostics: the Gaussian mechanism's multiplier")
     diagnostics_loss_bound: float = Field(0.0, ge=0, description="noised diagnostics: each record's loss is "
                                           "clipped to [0, bound] (the family's loss units; required)")
+
+    @model_validator(mode="after")
+    def _calibratable_target(self) -> PrivacySection:
+        if self.enabled and self.noise_multiplier == 0 and self.target_epsilon <= CALIBRATION_TOLERANCE:
+            raise ValueError(f"target-epsilon = {self.target_epsilon:g}: the noise is calibrated to within "
+                             f"{CALIBRATION_TOLERANCE:g} below the target, so the target must be above that; set "
+                             "privacy.target-epsilon above it, or privacy.noise-multiplier explicitly")
+        return self
 
     @model_validator(mode="after")
     def _diagnostics_bound(self) -> PrivacySection:

@@ -81,16 +81,19 @@ def steps_per_round(num_records: int, batch_size: int, local_epochs: int, max_st
     return sample_rate, steps
 
 
+CALIBRATION_TOLERANCE = 0.005  # a calibrated noise's epsilon is in [target - this, target]
+
+
 def calibrate_noise(
     target_epsilon: float, delta: float, *, sample_rate: float, total_steps: int, accountant: str,
-    tolerance: float = 0.005,
+    tolerance: float = CALIBRATION_TOLERANCE,
 ) -> float:
     """Noise multiplier so that ``total_steps`` steps at ``sample_rate`` reach ``target_epsilon``:
     epsilon of the result in ``[target - tolerance, target]``, by the accountant itself.
 
-    Opacus' ``get_noise_multiplier`` finds it by bisection: 7-38 accountant calls (0.1-0.25 s
-    each for an RDP DP-SGD plan here: 0.8-1.4 s of a site's first round). Here, as fast as it
-    stays exact:
+    Opacus' ``get_noise_multiplier`` finds it by bisection: 7-38 accountant calls, 0.1-0.25 s
+    each for an RDP DP-SGD plan here (0.8-1.8 s of a digits-quick site's first round, measured).
+    Here, as fast as it stays exact:
 
     - log(epsilon) is decreasing and close to linear in log(noise), so secant steps bracket the
       middle of the window and scipy's ``brentq`` closes in on it, to a precision the window
@@ -101,9 +104,9 @@ def calibrate_noise(
       16 in a grid of 192 plans: targets 0.5-30, sample rates 0.001-1, 1-1,000 steps); the
       accountant then prices the result once. When the bound was loose (the result lands
       below the window: large targets), the search runs again on the accountant itself,
-      from there. PRV's search starts from the RDP answer (PRV is the tighter: its noise is
-      at most a little below RDP's), since PRV's cost and memory grow steeply as the noise
-      falls;
+      from there. PRV's search starts from the RDP answer where RDP has one (PRV is usually
+      the tighter, its noise a little below RDP's; below RDP's floor, about 0.1 at delta 1e-5,
+      it starts from noise 1), since PRV's cost and memory grow steeply as the noise falls;
     - the result is returned only if the accountant's own epsilon of it is in the window;
       otherwise Opacus' bisection decides.
 
@@ -123,8 +126,11 @@ def calibrate_noise(
         if found.noise is None and found.last is not None:  # the bound was loose there: refine on the accountant
             found = _search(exact, exact, target_epsilon, tolerance, start=found.last)
     else:
-        start = calibrate_noise(target_epsilon, delta, sample_rate=sample_rate, total_steps=total_steps,
-                                accountant="rdp", tolerance=tolerance)
+        try:
+            start = calibrate_noise(target_epsilon, delta, sample_rate=sample_rate, total_steps=total_steps,
+                                    accountant="rdp", tolerance=tolerance)
+        except ValueError:  # a target below what RDP can certify at any noise: PRV may still reach it
+            start = 1.0
         found = _search(exact, exact, target_epsilon, tolerance, start=start)
     if found.noise is not None:
         return found.noise
@@ -165,7 +171,7 @@ class _Found:
     last: float | None  # the search's answer on its own pricing, checked or not (None: no answer)
 
 
-MIN_SEARCH_NOISE, MAX_SEARCH_NOISE = 1e-3, 1e6  # Opacus' bisection also stops at 1e6 (MAX_SIGMA)
+MIN_SEARCH_NOISE, MAX_SEARCH_NOISE = 1e-3, 1e6  # Opacus' bisection gives up near 1e6 too (MAX_SIGMA)
 
 
 def _search(price, exact, target_epsilon: float, tolerance: float, *, start: float) -> _Found:
@@ -188,7 +194,7 @@ def _search(price, exact, target_epsilon: float, tolerance: float, *, start: flo
         x0 = min(max(math.log(start), lowest), highest)
         f0 = excess(x0)
         x1, f1 = x0, f0
-        while f1 and f0 * f1 >= 0:
+        while f1 and (f0 > 0) == (f1 > 0):
             slope = (f1 - f0) / (x1 - x0) if x1 != x0 else -1.0
             move = min(max(-1.2 * f1 / (slope if slope < 0 else -1.0), -math.log(2)), math.log(2))
             step = min(max(x1 + move, lowest), highest)

@@ -41,6 +41,16 @@ def test_all_errors_reported_at_once_with_key_and_fix():
     assert "task.family = 'diffusion'" in msg and "vae" in msg
 
 
+def test_a_target_the_calibration_cannot_aim_at_is_refused_before_round_one():
+    """The calibration lands within 0.005 below the target: a target not above that, or an
+    infinite one, is a config error naming the key; an explicit noise multiplier needs none."""
+    for bad in (0.005, 0.001, float("inf")):
+        with pytest.raises(ConfigError, match="target-epsilon"):
+            parse_run_config({"privacy.target-epsilon": bad})
+    assert parse_run_config({"privacy.target-epsilon": 0.001, "privacy.noise-multiplier": 2.0})
+    assert parse_run_config({"privacy.target-epsilon": 0.006}).privacy.target_epsilon == 0.006
+
+
 def test_key_without_section_is_named():
     with pytest.raises(ConfigError, match="epsilon: keys have the form"):
         parse_run_config({"epsilon": 3})
