@@ -104,9 +104,9 @@ def calibrate_noise(
       16 in a grid of 192 plans: targets 0.5-30, sample rates 0.001-1, 1-1,000 steps); the
       accountant then prices the result once. When the bound was loose (the result lands
       below the window: large targets), the search runs again on the accountant itself,
-      from there. PRV's search starts from the RDP answer where RDP has one (PRV is usually
-      the tighter, its noise a little below RDP's; below RDP's floor, about 0.1 at delta 1e-5,
-      it starts from noise 1), since PRV's cost and memory grow steeply as the noise falls;
+      from there. PRV's search starts where that bound meets the target (PRV is usually the
+      tighter, its noise a little below RDP's; below RDP's floor, about 0.1 at delta 1e-5, it
+      starts from noise 1), since PRV's cost and memory grow steeply as the noise falls;
     - the result is returned only if the accountant's own epsilon of it is in the window;
       otherwise Opacus' bisection decides.
 
@@ -120,18 +120,14 @@ def calibrate_noise(
     def exact(noise: float) -> float:
         return epsilon([(noise, sample_rate, total_steps)], delta, accountant)
 
+    bound = functools.partial(_rdp_epsilon_from_order_2, sample_rate=sample_rate, steps=total_steps, delta=delta)
     if accountant == "rdp":
-        bound = functools.partial(_rdp_epsilon_from_order_2, sample_rate=sample_rate, steps=total_steps, delta=delta)
         found = _search(bound, exact, target_epsilon, tolerance, start=1.0)
         if found.noise is None and found.last is not None:  # the bound was loose there: refine on the accountant
             found = _search(exact, exact, target_epsilon, tolerance, start=found.last)
-    else:
-        try:
-            start = calibrate_noise(target_epsilon, delta, sample_rate=sample_rate, total_steps=total_steps,
-                                    accountant="rdp", tolerance=tolerance)
-        except ValueError:  # a target below what RDP can certify at any noise: PRV may still reach it
-            start = 1.0
-        found = _search(exact, exact, target_epsilon, tolerance, start=start)
+    else:  # PRV starts where the cheap RDP bound meets the target (none below RDP's floor: noise 1)
+        hint = _search(bound, bound, target_epsilon, tolerance, start=1.0)
+        found = _search(exact, exact, target_epsilon, tolerance, start=hint.noise or 1.0)
     if found.noise is not None:
         return found.noise
 
