@@ -28,6 +28,9 @@ package (FAB hash): torch, opacus and what the app caches stay warm across round
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import functools
 import importlib
 import logging
 import signal
@@ -39,17 +42,17 @@ import httpx
 
 log = logging.getLogger("fedgen.worker")
 
+#: What fedgen's ClientApp imports, loaded before the first task rather than during it; none of
+#: it reads data or depends on a run. torch._dynamo: torch imports it when the first optimizer
+#: is built (1.7 s of a first round here, profiled); sklearn.datasets: the digits loader's
+#: (0.35-0.41 s with pandas, profiled).
+PRELOAD = ("torch", "opacus", "torch._dynamo", "sklearn.datasets")
+
 
 def _serve(args: argparse.Namespace) -> int:
     from common.flwr_runtime import TaskRunner, acquire_task, check_flwr_version, runtime_client
 
     check_flwr_version()
-    # What every fedgen ClientApp imports, before the first task rather than during it; nothing
-    # here reads data or depends on a run. torch._dynamo: torch imports it when the first
-    # optimizer is built (1.7 s of a first round here, profiled).
-    for name in ("torch", "opacus", "torch._dynamo"):
-        importlib.import_module(name)
-
     certificates = args.root_certificates.read_bytes() if args.root_certificates else None
     secret = args.superexec_auth_secret_file.read_bytes().strip() if args.superexec_auth_secret_file else None
     client = runtime_client(args.runtime_api_address, insecure=args.insecure, root_certificates=certificates,
@@ -104,10 +107,30 @@ def _serve(args: argparse.Namespace) -> int:
                  time.perf_counter() - start, " (app loaded)" if outcome.loaded else "",
                  " ".join(f"{k} {v:.2f}" for k, v in outcome.phases.items()),
                  f": {outcome.details}" if outcome.details else "")
+        _return_freed_memory()
         if args.max_tasks and served >= args.max_tasks:
             break
     client.close()
     return 0
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library: nothing to do)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Give the heap pages a task freed back to the system. Without it glibc keeps them for reuse
+    and a worker's PSS creeps up by about 1 MiB a task for tens of tasks (digits-quick, profiled
+    in one process: +9 MiB over rounds 5-45, then flat; with it, +1.5 MiB over rounds 20-60).
+    0.1 ms; a full ``gc.collect()`` would cost 0.16 s here and is not needed (nothing leaks)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _supernode(argv: list[str]) -> int:
@@ -137,14 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--superexec-auth-secret-file", type=Path, help="the SuperNode's SuperExec secret, if it sets one")
     run.add_argument("--poll-interval", type=float, default=0.1, help="seconds between asks for a task (default 0.1)")
     run.add_argument("--max-tasks", type=int, default=0, help="exit after this many tasks (0 = never; tests)")
-    run.add_argument("--preload", default="torch,opacus",
-                     help="modules to import at start, before the first task (default torch,opacus)")
+    run.add_argument("--preload", default=",".join(PRELOAD),
+                     help=f"modules to import at start, before the first task (default {','.join(PRELOAD)})")
     sub.add_parser("supernode", help="flower-supernode with short polls; pass flower-supernode's arguments")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per poll
     for name in filter(None, args.preload.split(",")):
-        __import__(name)  # paid once at start, not in the first round
+        importlib.import_module(name)  # paid once at start, not in the first round
     return _serve(args)
 
 

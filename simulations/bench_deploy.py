@@ -25,6 +25,7 @@ ratios to the simulation's. For the warm workers, each one's PSS (proportional s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -93,9 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--modes", nargs="+", default=["simulation", "warm", "warm-sqlite", "stock"],
                     choices=["simulation", *MODES])
     ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument("--keep", type=Path, help="work in this folder and keep it (the sites' and workers' logs)")
     args = ap.parse_args(argv)
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="fedgen-bench-deploy-") as tmp:
+    with (contextlib.nullcontext(str(args.keep)) if args.keep
+          else tempfile.TemporaryDirectory(prefix="fedgen-bench-deploy-")) as tmp:
         for mode in args.modes:
             rounds = args.stock_rounds if mode == "stock" else args.rounds
             overrides = [*args.overrides, f"run.num-rounds={rounds}", "eval.fid-inception-n=0"]

@@ -140,6 +140,32 @@ def test_epsilon_composes_and_grows_round_over_round():
     assert eps[-1] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
 
 
+def test_rdp_epsilon_is_opacus_accountants_number_for_number():
+    """The RDP epsilon is computed from a cache of one step's RDP (common.privacy._rdp_epsilon):
+    it must be Opacus' ``RDPAccountant.get_epsilon`` exactly, on histories of several entries,
+    repeated noises at other step counts (cache hits), an infinite one and delta near 0 and 1."""
+    import random
+
+    rng = random.Random(7)
+    privacy._rdp_of_one_step.cache_clear()
+    noises = [0.3, 0.7, 1.1, 2.5, 9.0]
+    for trial in range(40):
+        history = [(rng.choice(noises), rng.choice([0.004, 1 / 19, 0.3, 1.0]), rng.randint(1, 5000))
+                   for _ in range(rng.randint(1, 4))]
+        delta = rng.choice([1e-9, 1e-5, 0.2])
+        acc = RDPAccountant()
+        acc.history = list(history)
+        expected = acc.get_epsilon(delta)
+        got = privacy._rdp_epsilon(tuple(history), delta)
+        assert got == expected or (math.isinf(got) and math.isinf(expected)), (history, delta, got, expected)
+        privacy._epsilon.cache_clear()  # the public path too, not its cache of whole histories
+        public = privacy.epsilon(history, delta)
+        assert public == expected or (math.isinf(public) and math.isinf(expected))
+    assert privacy._rdp_of_one_step.cache_info().hits > 0
+    with pytest.raises(ValueError):  # the cached arrays cannot be changed by a caller
+        privacy._rdp_of_one_step(1.1, 0.3, low=False)[0] = 0.0
+
+
 def test_compact_merges_equal_neighbours_without_changing_epsilon():
     hist = [(1.0, 0.1, 5), (1.0, 0.1, 7), (2.0, 0.1, 3), (1.0, 0.1, 1)]
     assert privacy.compact(hist) == [(1.0, 0.1, 12), (2.0, 0.1, 3), (1.0, 0.1, 1)]
