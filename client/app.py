@@ -8,10 +8,12 @@ import logging
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secagg
 from client.mods import central_dp_clipping_mod
 from client.site import evaluate_round, train_round
 from common import records as R
 from common.config import parse_node_config, parse_run_config
+from common.secagg import MASKED
 from common.logs import setup_logging
 
 app = ClientApp()
@@ -87,3 +89,48 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = parse_node_config(context.node_config)
     metrics = evaluate_round(cfg, site, R.from_wire(msg.content[R.ARRAYS]))
     return Message(content=RecordDict({R.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+# Secure aggregation's four stages (client/secagg.py); the third trains as ``train`` does.
+SECAGG = "secagg"
+
+
+def _secagg_reply(msg: Message, record: ConfigRecord) -> Message:
+    return Message(content=RecordDict({SECAGG: record}), reply_to=msg)
+
+
+@app.query("secagg_keys")
+@reports_failures
+def secagg_keys(msg: Message, context: Context) -> Message:
+    return _secagg_reply(msg, secagg.keys(msg.content[SECAGG], context.state))
+
+
+@app.query("secagg_shares")
+@reports_failures
+def secagg_shares(msg: Message, context: Context) -> Message:
+    return _secagg_reply(msg, secagg.shares(msg.content[SECAGG], context.state, int(context.node_id)))
+
+
+@app.train("secagg")
+@reports_failures
+def secagg_train(msg: Message, context: Context) -> Message:
+    setup_logging()
+    cfg = parse_run_config(context.run_config)
+    config = msg.content[R.CONFIG]
+    result, masked = secagg.train(cfg, parse_node_config(context.node_config), R.from_wire(msg.content[R.ARRAYS]),
+                                  config, msg.content[SECAGG], context.state, int(context.node_id),
+                                  run_id=context.run_id, run_name=str(config.get(R.RUN_NAME, "")))
+    content = RecordDict({
+        R.METRICS: MetricRecord(result.metrics),
+        R.STATUS_RECORD: ConfigRecord({R.STATUS: result.status, R.REASON: result.reason}),
+        SECAGG: ConfigRecord({"round": int(config["server-round"])}),
+    })
+    if masked is not None:
+        content[MASKED] = masked
+    return Message(content=content, reply_to=msg)
+
+
+@app.query("secagg_unmask")
+@reports_failures
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return _secagg_reply(msg, secagg.unmask(msg.content[SECAGG], context.state, int(context.node_id)))

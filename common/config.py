@@ -256,6 +256,10 @@ class PrivacySection(_Section):
         return self
 
 
+#: The robust rules: each needs every site's own update (server/strategy.py: ``sum_only=False``).
+ROBUST_STRATEGIES = ("krum", "multikrum", "bulyan", "trimmedavg", "median")
+
+
 class StrategySection(_Section):
     name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "krum", "multikrum", "bulyan",
                   "trimmedavg", "median"] = "fedavg"
@@ -272,6 +276,17 @@ class StrategySection(_Section):
     update_dtype: Literal["float32", "float16"] = Field(
         "float32", description="dtype model arrays travel in, both ways (global model and site replies); "
         "float16 halves the bytes; both sides cast back to float32 before training or aggregating")
+    secure_aggregation: bool = Field(False, description="SecAgg+ (server/secagg.py): the server learns only the "
+                                     "sum of the sites' updates; four exchanges a round instead of one")
+    secagg_bits: int = Field(20, ge=1, le=31, description="bits per quantized update coordinate; the field is "
+                             "2^32, so at most 2^32 / 2^bits sites a round")
+    secagg_range: float = Field(0.0, ge=0, allow_inf_nan=False, description="largest magnitude of one update "
+                                "coordinate (a larger one fails the site's round); 0 = central-dp.clipping-norm "
+                                "with user-level DP, else 1")
+    secagg_degree: int = Field(0, ge=0, description="neighbours per site (SecAgg+'s sparse graph, rounded up to "
+                               "even); 0 = every other site (SecAgg)")
+    secagg_threshold: int = Field(0, ge=0, description="shares that rebuild a site's secret; 0 = a majority of "
+                                  "its holders; dropouts are survived while this many holders answer")
 
     @model_validator(mode="after")
     def _min_nodes(self) -> StrategySection:
@@ -365,6 +380,32 @@ class AppConfig(_Section):
         if self.audit.user_canaries and self.run.resume:
             raise ValueError("run.resume: an audit run (audit.user-canaries > 0) keeps no checkpoints and cannot "
                              "be resumed; start it again")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_needs_only_the_sum(self) -> AppConfig:
+        st = self.strategy
+        if not st.secure_aggregation:
+            return self
+        problems = []
+        if st.name in ROBUST_STRATEGIES:
+            problems.append(f"strategy.name = {st.name!r} needs every site's own update, which secure aggregation "
+                            "hides from the server (it learns only the sum): use fedavg, fedprox, fedadam, fedyogi "
+                            "or fedavgm, or turn strategy.secure-aggregation off")
+        if st.max_update_norm > 0:
+            problems.append("strategy.max-update-norm: the server cannot measure one site's update under secure "
+                            "aggregation; set it to 0 (user-level DP's site-side clipping bounds each update)")
+        if self.central_dp.enabled and self.central_dp.clipping == "adaptive":
+            problems.append("central-dp.clipping = 'adaptive' needs each site's clipped bit in the clear; use "
+                            "'fixed' with secure aggregation (the sites clip to central-dp.clipping-norm)")
+        if self.central_dp.enabled and st.secagg_range:
+            problems.append("strategy.secagg-range: under user-level DP the range is central-dp.clipping-norm; "
+                            "leave it at 0")
+        if self.audit.user_canaries:
+            problems.append("audit.user-canaries: the user-level audit inserts canary updates into the server's "
+                            "sum of individual updates; run it without secure aggregation")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")

@@ -177,7 +177,6 @@ class UserLevelDP(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Release the noised model of this round (always, whatever the number of valid replies)."""
         replies = [m for m in replies if not m.has_error()]
-        m = self._denominator
         total = {key: np.zeros_like(v, dtype=np.float64) for key, v in self._global.items()
                  if np.issubdtype(v.dtype, np.floating)}
         centred = 0.0  # sum of (b_i - 1/2) over the counted replies
@@ -192,6 +191,28 @@ class UserLevelDP(Strategy):
                 centred += self._norm_bit(msg, norm, clip) - 0.5
             for key in total:
                 total[key] += update[key]
+        return self._release(server_round, total, centred, replies)
+
+    def release_sum(self, server_round: int, total: dict[str, np.ndarray] | None, replies: list[Message]
+                    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Release the noised model from the sum of the sites' clipped updates, computed without the
+        server seeing one (secure aggregation, ``server/secagg.py``): each site clipped its own update
+        to ``C`` (rounding included), so the sum has L2 sensitivity ``C`` under adding or removing one
+        honest site, whatever the others sent. ``total`` None (the secure round failed): the release
+        is the noise alone, charged as every round that ran. Fixed clipping only (the config refuses
+        adaptive: its count needs each site's bit)."""
+        if self.adaptive:
+            raise ValueError("adaptive clipping needs each site's clipped bit; not under secure aggregation")
+        zeros = {key: np.zeros_like(v, dtype=np.float64) for key, v in self._global.items()
+                 if np.issubdtype(v.dtype, np.floating)}
+        total = {key: np.asarray((total or {}).get(key, zeros[key]), dtype=np.float64) for key in zeros}
+        return self._release(server_round, total, 0.0, [m for m in replies if not m.has_error()])
+
+    def _release(self, server_round: int, total: dict[str, np.ndarray], centred: float, replies: list[Message]
+                 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Noise the update sum, divide by the planned ``m``, charge; the wrapped strategy's step on it."""
+        m = self._denominator
+        clip = self.clipping_norm
         z_update = self.update_noise_multiplier()
         noised: dict[str, Array] = {}
         for key, ref in self._global.items():

@@ -19,7 +19,8 @@ from server.canaries import CanaryClients
 from server.central_dp import UserLevelDP
 from server.checkpoints import Checkpointer, config_differences, restore_strategy_state
 from server.evaluation import Evaluator
-from server.rounds import Outcome, RoundRecorder, known_epsilons, run_rounds
+from server.round_records import RoundRecorder, known_epsilons
+from server.rounds import Outcome, run_rounds
 from server.run_model import FINAL_MODEL, save_model
 from server.runs_index import resolve_run
 from server.store import RunStore, StoreError

@@ -8,9 +8,7 @@ strategy keeps its own sampling and server-side state, and adds what operators n
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -27,7 +26,9 @@ from common.config import AppConfig
 from server.canaries import CanaryClients
 from server.central_dp import UserLevelDP
 from server.evaluation import Evaluator
-from server.store import site_fields_from_metrics
+from server.exchange import encode, exchange, payload_bytes
+from server.round_records import site_row, site_tag
+from server.secagg import SecureOutcome, SecureRound
 from server.strategy import aggregate_train_metrics
 from server.validation import InvalidUpdate, check_train_reply
 
@@ -56,86 +57,6 @@ class Outcome:
     records: list[dict] = field(default_factory=list)
 
 
-def _fmt(value: float | None, spec: str = ".4g") -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def round_line(rec: dict, num_rounds: int) -> str:
-    """One human-readable line per round."""
-    sites = rec["sites"]
-    ok = sum(s["status"] == "ok" for s in sites)
-    failed = sum(s["status"] == "failed" for s in sites)
-    refused = sum(s["status"] == "refused" for s in sites)
-    ev = " ".join(f"{k}={_fmt(v)}" for k, v in rec["eval"].items() if not k.endswith("-n"))
-    parts = [
-        f"round {rec['round']}/{num_rounds}",
-        f"sites ok={ok} failed={failed}" + (f" refused={refused}" if refused else ""),
-        *([f"train-loss={_fmt(rec['train'][R.TRAIN_LOSS])}"] if R.TRAIN_LOSS in rec["train"] else []),
-        ev or "eval=-",
-        f"eps_max={_fmt(rec.get('epsilon_max'), '.3f')}"
-        + (f" user_eps={rec['user_epsilon']:.3f}" if rec.get("user_epsilon") is not None else ""),
-        f"{rec['ended_at'] - rec['started_at']:.1f}s",
-    ]
-    return " | ".join(parts)
-
-
-class RoundRecorder:
-    """Writes each round to ``rounds.jsonl`` and to the run store, and prints its line."""
-
-    def __init__(self, run_dir: Path, store: Any, num_rounds: int) -> None:
-        self.run_dir, self.store, self.num_rounds = run_dir, store, num_rounds
-        self.jsonl = run_dir / "rounds.jsonl"
-
-    def __call__(self, rec: dict) -> None:
-        with self.jsonl.open("a") as fh:
-            fh.write(json.dumps(rec) + "\n")
-        if self.store is not None:
-            self.store.record_round(rec)
-        log.info("%s", round_line(rec, self.num_rounds))
-
-
-def exchange(grid: Grid, messages: list[Message], timeout: float,
-             poll_interval: float) -> tuple[list[Message], dict[str, int]]:
-    """Push the round's messages and pull replies every ``poll_interval`` s until all are in or time is up.
-
-    Returns the replies and, for each pushed message id, the node it was sent to. Flower's own
-    ``send_and_receive`` sleeps 3 s between pulls; the last reply of a round waits on average
-    half the interval before the server sees it (``run.reply-poll-interval``, 20 ms by default).
-    """
-    dsts = [int(m.metadata.dst_node_id) for m in messages]
-    ids = list(grid.push_messages(messages))
-    dst_of = {mid: dst for mid, dst in zip(ids, dsts) if mid}
-    pending = set(dst_of)
-    replies: list[Message] = []
-    end = time.monotonic() + timeout
-    while pending and time.monotonic() < end:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if pending:
-            time.sleep(min(poll_interval, max(0.0, end - time.monotonic())))
-    return replies, dst_of
-
-
-def _payload_bytes(msg: Message) -> int:
-    """Bytes of model arrays a message carries (the bulk of what crosses the network)."""
-    return sum(a.count_bytes() for a in msg.content.array_records.values())
-
-
-def _encode(messages: list[Message], dtype: str) -> list[Message]:
-    """The model arrays of outgoing messages as they travel (``common.records.to_wire``: cast to
-    ``strategy.update-dtype`` and packed into one array), once per distinct record."""
-    cast: dict[int, ArrayRecord] = {}
-    for msg in messages:
-        for key, rec in list(msg.content.array_records.items()):
-            if any(rec is done for done in cast.values()):
-                continue  # Flower's strategies share one RecordDict between their messages
-            if id(rec) not in cast:
-                cast[id(rec)] = R.to_wire(rec, dtype)
-            msg.content[key] = cast[id(rec)]
-    return messages
-
-
 def _same_metric_keys(good: list[Message], row_of: dict[int, dict]) -> list[Message]:
     """The valid replies whose metric keys are the most common set among them; the others are
     dropped (their rows say why). Flower's strategies refuse to aggregate replies whose
@@ -151,33 +72,6 @@ def _same_metric_keys(good: list[Message], row_of: dict[int, dict]) -> list[Mess
             row["reason"] = (f"invalid update dropped: its metric keys differ from the other sites' "
                              f"({sorted(k ^ common)[:3]})")
     return [msg for msg, k in zip(good, keys) if k == common]
-
-
-def _site_row(msg: Message, status: str, reason: str | None) -> dict:
-    """A round record's entry for one reply: the columns of the run store's site table that the
-    reply's metrics fill (``server/store_schema.py``: SITE_COLUMNS), and every metric it sent."""
-    metrics: dict[str, float] = {}
-    if not msg.has_error():
-        for m in msg.content.metric_records.values():
-            metrics.update({k: float(v) for k, v in m.items() if not isinstance(v, list)})
-    return {"node_id": int(msg.metadata.src_node_id), "status": status, "reason": reason,
-            **site_fields_from_metrics(metrics), "metrics": metrics}
-
-
-def site_tag(row: dict) -> str:
-    """A site's name across rounds and restarts: its partition when it reported one, else its node id."""
-    part = row.get("partition_id")
-    return f"partition-{part}" if part is not None else f"node-{row['node_id']}"
-
-
-def known_epsilons(records: list[dict]) -> dict[str, float]:
-    """Every site's last reported epsilon in recorded rounds (the federation's epsilon is their maximum)."""
-    known: dict[str, float] = {}
-    for rec in records:
-        for row in rec.get("sites") or []:
-            if row.get("epsilon") is not None:
-                known[site_tag(row)] = float(row["epsilon"])
-    return known
 
 
 def _reply_status(msg: Message) -> tuple[str, str]:
@@ -223,6 +117,7 @@ class RoundLoop:
         self.user_level = isinstance(strategy, UserLevelDP)
         self.active = _ActiveGrid(grid, self.exhausted)
         self.records: list[dict] = []
+        self.secure = SecureRound(grid, cfg, exchange) if cfg.strategy.secure_aggregation else None
 
     def run(self, arrays: ArrayRecord, start_round: int = 1) -> Outcome:
         """Rounds ``start_round..num_rounds`` from ``arrays`` (round 0, the initial evaluation, when starting)."""
@@ -239,17 +134,23 @@ class RoundLoop:
             sampled = [int(m.metadata.dst_node_id) for m in messages]
             # A reply the SuperLink writes for a node that went offline comes from the SuperLink
             # itself: every reply is attributed to the node its request was sent to.
-            replies, dst_of = exchange(self.grid, messages, self.cfg.run.round_timeout,
-                                       self.cfg.run.reply_poll_interval)
+            secure = None
+            if self.secure is None:
+                replies, dst_of = exchange(self.grid, messages, self.cfg.run.round_timeout,
+                                           self.cfg.run.reply_poll_interval)
+            else:  # four exchanges; the replies carry metrics, the sum comes unmasked (server/secagg.py)
+                secure = self.secure.run(rnd, messages, arrays)
+                replies, dst_of = secure.replies, secure.dst_of
             # As they crossed the network: before _collect turns valid updates to float32.
-            bytes_sent = sum(_payload_bytes(m) for m in messages)
-            bytes_received = sum(_payload_bytes(m) for m in replies if not m.has_error())
-            rows, good = self._collect(rnd, replies, dst_of, sampled, arrays)
-            merge = self._aggregate(rnd, good, sampled, remaining, arrays)
+            bytes_sent = sum(payload_bytes(m) for m in messages)
+            bytes_received = (sum(payload_bytes(m) for m in replies if not m.has_error()) if secure is None
+                              else secure.stats.get("masked-bytes", 0))
+            rows, good = self._collect(rnd, replies, dst_of, sampled, arrays, secure)
+            merge = self._aggregate(rnd, good, sampled, remaining, arrays, secure)
             arrays = merge.arrays
-            released = bool(good) or merge.user_dp is not None
+            released = (bool(good) if secure is None else secure.total is not None) or merge.user_dp is not None
             self._record_round(rnd, started, sampled, rows, merge, released,
-                               bytes_sent=bytes_sent, bytes_received=bytes_received)
+                               bytes_sent=bytes_sent, bytes_received=bytes_received, secure=secure)
             if self.on_round_end is not None and released:
                 self.on_round_end(rnd, arrays)
             end = self._end_reason(rnd, rows, good)
@@ -278,17 +179,26 @@ class RoundLoop:
     def _messages(self, rnd: int, arrays: ArrayRecord) -> list[Message]:
         """The strategy samples the sites that can still train and builds their messages."""
         train_config = ConfigRecord({R.RUN_NAME: self.run_dir.name})  # lets a site recognise a round asked again
-        return _encode(list(self.strategy.configure_train(rnd, arrays, train_config, self.active)),
+        return encode(list(self.strategy.configure_train(rnd, arrays, train_config, self.active)),
                        self.cfg.strategy.update_dtype)
 
     def _collect(self, rnd: int, replies: list[Message], dst_of: dict[str, int], sampled: list[int],
-                 arrays: ArrayRecord) -> tuple[list[dict], list[Message]]:
-        """One row per sampled site (ok, failed, refused or silent) and the valid updates."""
+                 arrays: ArrayRecord, secure: SecureOutcome | None = None) -> tuple[list[dict], list[Message]]:
+        """One row per sampled site (ok, failed, refused or silent) and the valid updates (under
+        secure aggregation: the replies of the sites whose update is in the sum, metrics only)."""
         cfg = self.cfg
         rows, good, row_of = [], [], {}
         for msg in replies:
             status, reason = _reply_status(msg)
-            if status == "ok":
+            if status == "ok" and secure is not None:
+                node = dst_of.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
+                if node in secure.senders and secure.total is not None:
+                    good.append(msg)
+                elif node not in secure.senders:
+                    status, reason = "failed", "secure aggregation: its masked update did not arrive"
+                else:
+                    status, reason = "failed", secure.reason
+            elif status == "ok":
                 try:
                     unpacked = check_train_reply(msg, arrays, cfg.strategy.max_update_norm,
                                                  cfg.strategy.update_dtype)
@@ -299,7 +209,7 @@ class RoundLoop:
             node = dst_of.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
             if status == "refused":
                 self.exhausted.add(node)
-            row = _site_row(msg, status, reason or None)
+            row = site_row(msg, status, reason or None)
             row["node_id"] = node
             rows.append(row)
             row_of[id(msg)] = row
@@ -307,8 +217,9 @@ class RoundLoop:
         answered = {r["node_id"] for r in rows}
         for node in sampled:
             if node not in answered:
+                why = secure.failed.get(node) if secure is not None else None
                 rows.append({"node_id": node, "status": "failed", "partition_id": None,
-                             "reason": f"no reply within run.round-timeout = {cfg.run.round_timeout:g}s",
+                             "reason": why or f"no reply within run.round-timeout = {cfg.run.round_timeout:g}s",
                              "metrics": {}})
         for row in rows:
             if row["status"] != "ok":
@@ -316,9 +227,11 @@ class RoundLoop:
         return rows, good
 
     def _aggregate(self, rnd: int, good: list[Message], sampled: list[int], remaining: list[int],
-                   arrays: ArrayRecord) -> _Merge:
+                   arrays: ArrayRecord, secure: SecureOutcome | None = None) -> _Merge:
         """Merge the valid updates (and an audit's canaries) with the strategy, when the round counts."""
         cfg, strategy = self.cfg, self.strategy
+        if secure is not None:
+            return self._aggregate_sum(rnd, good, arrays, secure)
         # Under user-level DP every round that ran is released (and charged), whatever the number
         # of valid replies: skipping it would reveal that count (server/central_dp.py).
         if len(good) < cfg.strategy.min_train_nodes and not self.user_level:
@@ -346,6 +259,38 @@ class RoundLoop:
             canary_updates=len(extra),
         )
 
+    def _aggregate_sum(self, rnd: int, good: list[Message], arrays: ArrayRecord, secure: SecureOutcome) -> _Merge:
+        """Under secure aggregation: the strategy's step on the uniform mean of the senders' updates,
+        handed over as one reply (server/strategy.py: ``sum_only``); user-level DP noises the sum."""
+        strategy = self.strategy
+        agg = aggregate_train_metrics([m.content for m in good], R.WEIGHT) if good else None
+        if self.user_level:
+            new_arrays, _ = strategy.release_sum(rnd, secure.total, good)
+        elif secure.total is None or len(secure.senders) < self.cfg.strategy.min_train_nodes:
+            if secure.total is not None:
+                log.warning("round %d: only %d update(s) in the secure sum, fewer than strategy.min-train-nodes = "
+                            "%d; the global model is unchanged", rnd, len(secure.senders),
+                            self.cfg.strategy.min_train_nodes)
+            return _Merge(arrays)
+        else:
+            reference = R.numpy_arrays(arrays)
+            mean = {key: Array(np.asarray(value + secure.total[key] / len(secure.senders), dtype=value.dtype)
+                               if key in secure.total else np.asarray(value))
+                    for key, value in reference.items()}
+            release = Message(content=RecordDict({R.ARRAYS: ArrayRecord(mean),
+                                                  R.METRICS: MetricRecord({R.WEIGHT: 1.0})}),
+                              dst_node_id=0, message_type="train")
+            new_arrays, _ = strategy.aggregate_train(rnd, [release])
+        server_metrics: dict[str, float] = {}
+        if new_arrays is not None:
+            new_arrays, server_metrics = self.evaluator.server_update(new_arrays)
+        return _Merge(
+            arrays=new_arrays if new_arrays is not None else arrays,
+            train_metrics={**{k: float(v) for k, v in (agg or {}).items() if not isinstance(v, list)},
+                           **server_metrics},
+            user_dp=dict(strategy.last_round) if self.user_level else None,
+        )
+
     def _evaluate(self, rnd: int, arrays: ArrayRecord) -> tuple[dict, dict]:
         """Server evaluation and the sample grid, on round 0, every ``eval.every``-th round and the last."""
         if rnd % self.cfg.eval.every and rnd != self.num_rounds and rnd != 0:
@@ -364,7 +309,8 @@ class RoundLoop:
                     "user_epsilon": None, "bytes_sent": 0, "bytes_received": 0, "artifacts": art})
 
     def _record_round(self, rnd: int, started: float, sampled: list[int], rows: list[dict], merge: _Merge,
-                      released: bool, *, bytes_sent: int, bytes_received: int) -> None:
+                      released: bool, *, bytes_sent: int, bytes_received: int,
+                      secure: SecureOutcome | None = None) -> None:
         ev, art = self._evaluate(rnd, merge.arrays) if released else ({}, {})
         for row in rows:  # a refused site reports what it has spent too
             if row.get("epsilon") is not None:
@@ -377,6 +323,8 @@ class RoundLoop:
                "bytes_sent": bytes_sent, "bytes_received": bytes_received, "artifacts": art}
         if self.canaries is not None:
             rec["canary_updates"] = merge.canary_updates
+        if secure is not None:  # the protocol's figures, and why the sum failed if it did
+            rec["secagg"] = {**secure.stats, "reason": secure.reason}
         self._emit(rec)
 
     def _eval_notes(self) -> dict:

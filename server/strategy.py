@@ -62,13 +62,16 @@ class StrategySpec:
     (server optimiser moments, momentum). ``per_round``: array attributes the strategy sets
     again from the global model at every ``configure_train`` (nothing to checkpoint).
     ``tests/contract/test_strategies.py`` fails when a strategy keeps array state after a
-    round that its spec names in neither.
+    round that its spec names in neither. ``sum_only``: it needs only the (uniform) mean of the
+    updates, so it works under secure aggregation (``server/secagg.py``), which hands it that
+    mean as one reply; the contract tests check that this equals aggregating the replies.
     """
 
     cls: type[Strategy]
     build: Callable[[StrategySection, dict], Strategy]
     state: tuple[str, ...] = ()
     per_round: tuple[str, ...] = ()
+    sum_only: bool = True
 
 
 # One entry per `strategy.name` (the config's Literal lists the same names).
@@ -83,12 +86,15 @@ STRATEGIES: dict[str, StrategySpec] = {
     "fedyogi": StrategySpec(FedYogi, lambda s, common: FedYogi(eta=s.server_lr, tau=s.tau, **common),
                             state=("m_t", "v_t"), per_round=("current_arrays",)),
     # Robust aggregation (Byzantine-tolerant); the same for every model family.
-    "krum": StrategySpec(Krum, lambda s, common: Krum(num_malicious_nodes=s.num_malicious_nodes, **common)),
+    "krum": StrategySpec(Krum, lambda s, common: Krum(num_malicious_nodes=s.num_malicious_nodes, **common),
+                         sum_only=False),
     "multikrum": StrategySpec(MultiKrum, lambda s, common: MultiKrum(num_malicious_nodes=s.num_malicious_nodes,
-                                                                     **common)),
-    "bulyan": StrategySpec(Bulyan, lambda s, common: Bulyan(num_malicious_nodes=s.num_malicious_nodes, **common)),
-    "trimmedavg": StrategySpec(FedTrimmedAvg, lambda s, common: FedTrimmedAvg(beta=s.trim_beta, **common)),
-    "median": StrategySpec(FedMedian, lambda s, common: FedMedian(**common)),
+                                                                     **common), sum_only=False),
+    "bulyan": StrategySpec(Bulyan, lambda s, common: Bulyan(num_malicious_nodes=s.num_malicious_nodes, **common),
+                           sum_only=False),
+    "trimmedavg": StrategySpec(FedTrimmedAvg, lambda s, common: FedTrimmedAvg(beta=s.trim_beta, **common),
+                               sum_only=False),
+    "median": StrategySpec(FedMedian, lambda s, common: FedMedian(**common), sum_only=False),
 }
 
 

@@ -2,6 +2,7 @@
 
     python -m simulations.bench_deploy                                  # digits-quick, 3 sites
     python -m simulations.bench_deploy --preset vae-fashion --rounds 5 --stock-rounds 3
+    python -m simulations.bench_deploy --modes simulation simulation+secagg warm warm+secagg
 
 One invocation runs the same job up to four ways on this machine, one after the other, and prints
 them side by side (the machine is shared: only ratios measured in one run are compared):
@@ -17,8 +18,11 @@ them side by side (the machine is shared: only ratios measured in one run are co
 Every deployed site's processes run one torch thread (``Deployment(site_threads=1)``): the
 three sites share this machine's cores, as the simulation's do.
 
-For each: the first round's wall time, the median of the steady rounds (2..R), and their
-ratios to the simulation's. For the warm workers, each one's PSS (proportional set size,
+Any mode with ``+secagg`` (``simulation+secagg``, ``warm+secagg``...) runs the same job with
+secure aggregation (``strategy.secure-aggregation = true``, ``server/secagg.py``).
+
+For each: the first round's wall time, the median of the steady rounds (2..R), their ratios to
+the simulation's, and the messages a round exchanges with the sites (each way). For the warm workers, each one's PSS (proportional set size,
 ``/proc/PID/smaps_rollup``) after every round: flat means no growth from round to round.
 """
 
@@ -50,6 +54,8 @@ def pss_mib(pid: int) -> float | None:
 
 
 MODES = {"warm": ("warm", "memory"), "stock": ("stock", "memory"), "warm-sqlite": ("warm", "sqlite")}
+#: A mode with this suffix runs the same job with secure aggregation (server/secagg.py), e.g. warm+secagg.
+SECURE = "+secagg"
 
 
 def deployed(mode: str, preset: str | None, overrides: list[str], sites: int, work: Path) -> dict:
@@ -69,14 +75,23 @@ def deployed(mode: str, preset: str | None, overrides: list[str], sites: int, wo
             time.sleep(0.2)
         status = dep.wait(handle)
         _, recs = run_records(runs, newest=True)
-    return {"status": status.get("status"), "rounds": round_seconds(recs), "pss": [pss[r] for r in sorted(pss)]}
+    return {"status": status.get("status"), "rounds": round_seconds(recs), "pss": [pss[r] for r in sorted(pss)],
+            "messages": messages_per_round(recs, sites)}
+
+
+def messages_per_round(recs: list[dict], sites: int) -> float:
+    """Messages each steady round exchanged with the sites (each way counted): one train message
+    and its reply per site in a plain round, the four stages' under secure aggregation."""
+    counts = [r["secagg"]["messages"] if r.get("secagg") else 2 * len(r["sampled"]) for r in recs if r["round"] >= 1]
+    return statistics.median(counts) if counts else float("nan")
 
 
 def simulated(preset: str | None, overrides: list[str], sites: int, work: Path) -> dict:
     runs = work / "runs"
     code = launch(preset, overrides, sites, runs, quiet=True)
     _, recs = run_records(runs, newest=True)
-    return {"status": "finished:completed" if code == 0 else f"exit {code}", "rounds": round_seconds(recs), "pss": []}
+    return {"status": "finished:completed" if code == 0 else f"exit {code}", "rounds": round_seconds(recs), "pss": [],
+            "messages": messages_per_round(recs, sites)}
 
 
 def summary(rounds: list[float]) -> tuple[float, float]:
@@ -92,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=10, help="rounds of the simulated and warm jobs (default 10)")
     ap.add_argument("--stock-rounds", type=int, default=4, help="rounds of the stock job (slow; default 4)")
     ap.add_argument("--modes", nargs="+", default=["simulation", "warm", "warm-sqlite", "stock"],
-                    choices=["simulation", *MODES])
+                    choices=[m + suffix for m in ("simulation", *MODES) for suffix in ("", SECURE)])
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (the sites' and workers' logs)")
     args = ap.parse_args(argv)
@@ -102,22 +117,26 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in args.modes:
             rounds = args.stock_rounds if mode == "stock" else args.rounds
             overrides = [*args.overrides, f"run.num-rounds={rounds}", "eval.fid-inception-n=0"]
+            base = mode.removesuffix(SECURE)
+            if base != mode:
+                overrides.append("strategy.secure-aggregation=true")
             work = Path(tmp) / mode
             t0 = time.time()
-            if mode == "simulation":
+            if base == "simulation":
                 results[mode] = simulated(args.preset, overrides, args.sites, work)
             else:
-                results[mode] = deployed(mode, args.preset, overrides, args.sites, work)
+                results[mode] = deployed(base, args.preset, overrides, args.sites, work)
             results[mode]["wall_s"] = time.time() - t0
             print(f"{mode}: {results[mode]['status']}, round seconds "
                   f"{', '.join(f'{s:.2f}' for s in results[mode]['rounds'])}", flush=True)
     sim_steady = summary(results["simulation"]["rounds"])[1] if "simulation" in results else float("nan")
     print(f"\nbench_deploy: {args.preset}, {args.sites} sites, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-    print(f"{'mode':<12}{'rounds':>7}{'first s':>9}{'steady s':>10}{'steady / sim':>14}{'first / steady':>16}")
+    print(f"{'mode':<19}{'rounds':>7}{'first s':>9}{'steady s':>10}{'steady / sim':>14}{'first / steady':>16}"
+          f"{'messages':>10}")
     for mode, res in results.items():
         first, steady = summary(res["rounds"])
-        print(f"{mode:<12}{len(res['rounds']):>7}{first:>9.2f}{steady:>10.2f}{steady / sim_steady:>14.2f}"
-              f"{first / steady:>16.2f}")
+        print(f"{mode:<19}{len(res['rounds']):>7}{first:>9.2f}{steady:>10.2f}{steady / sim_steady:>14.2f}"
+              f"{first / steady:>16.2f}{res['messages']:>10.0f}")
     warm = results.get("warm", {}).get("pss") or []
     if warm:
         print("warm workers' PSS (MiB) after each round, per site: "

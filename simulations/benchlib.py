@@ -307,7 +307,8 @@ def run_local(run_config: dict, num_nodes: int, run_dir: Path) -> list[dict]:
 
     from common.config import parse_run_config
     from server.evaluation import Evaluator
-    from server.rounds import RoundRecorder, run_rounds
+    from server.round_records import RoundRecorder
+    from server.rounds import run_rounds
     from server.strategy import build_strategy
 
     run_dir.mkdir(parents=True, exist_ok=True)

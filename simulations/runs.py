@@ -1,7 +1,7 @@
 """Reading what a job wrote: its run folder under a runs dir and the round records in it.
 
 A run folder is one with a ``rounds.jsonl`` (one JSON record per round, written by
-``server.rounds.RoundRecorder``); round 0 is the initial evaluation, rounds 1..R are trained.
+``server.round_records.RoundRecorder``); round 0 is the initial evaluation, rounds 1..R are trained.
 Used by the deployment CLI and the benchmarks.
 """
 

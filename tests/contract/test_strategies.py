@@ -80,3 +80,35 @@ def test_an_undeclared_strategy_class_is_refused_with_the_place_to_declare_it():
 
     with pytest.raises(ValueError, match="server/strategy.py's STRATEGIES"):
         state_attributes(Homemade())
+
+
+def test_the_strategies_secure_aggregation_refuses_are_exactly_those_that_need_each_update():
+    from common.config import ROBUST_STRATEGIES
+
+    assert {n for n, sp in STRATEGIES.items() if not sp.sum_only} == set(ROBUST_STRATEGIES)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if STRATEGIES[n].sum_only])
+def test_a_sum_only_strategy_steps_the_same_on_the_mean_as_on_the_replies(name):
+    """Secure aggregation hands a strategy the uniform mean of the updates as one reply
+    (server/rounds.py, _aggregate_sum): for every strategy declared ``sum_only``, two rounds of
+    that give the model that aggregating the equally weighted replies themselves gives
+    (server momentum and moments included)."""
+    cfg = quick_config(**{"strategy.name": name, "strategy.min-train-nodes": 2, "strategy.min-available-nodes": 2})
+    plain, secure = build_strategy(cfg), build_strategy(cfg)
+    a_plain = a_secure = ArrayRecord({"w": Array(np.linspace(-1, 1, 6).astype(np.float32))})
+    for rnd in (1, 2):
+        msgs = list(plain.configure_train(rnd, a_plain, ConfigRecord(), FakeGrid(4)))
+        list(secure.configure_train(rnd, a_secure, ConfigRecord(), FakeGrid(4)))
+        rng = np.random.default_rng(rnd)
+        deltas = [rng.normal(0, 0.1, 6).astype(np.float32) for _ in msgs]
+        replies = [Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(a_plain["w"].numpy() + d)}),
+                                               "metrics": MetricRecord({R.WEIGHT: 1.0})}), reply_to=m)
+                   for m, d in zip(msgs, deltas)]
+        a_plain, _ = plain.aggregate_train(rnd, replies)
+        mean = a_secure["w"].numpy() + np.mean(deltas, axis=0)
+        release = Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(mean.astype(np.float32))}),
+                                              "metrics": MetricRecord({R.WEIGHT: 1.0})}),
+                          dst_node_id=0, message_type="train")
+        a_secure, _ = secure.aggregate_train(rnd, [release])
+        np.testing.assert_allclose(a_secure["w"].numpy(), a_plain["w"].numpy(), rtol=1e-5, atol=1e-6)

@@ -103,8 +103,22 @@ def deployed(tmp_path_factory):
         killed_at = time.time()
         dep.kill_site(victim, signal.SIGKILL)
         status = dep.wait(handle, RUN_TIMEOUT)
+
+        # A secure-aggregation run on the same deployment (issue 22), the victim back: the site
+        # without data fails in the training stage, after it shared its keys; the others go on.
+        # The first run spent the sites' budget of 8 on these records (their ledgers refuse a
+        # ninth): this run grants 30 in all.
+        victim.procs.clear()  # the killed ones (wait_online reads the first as the SuperNode)
+        dep.start_site(victim)
+        dep.wait_online(4)
+        secure_runs = base / "secure-runs"
+        secure = dep.submit(dep.write_run_config(
+            "digits-quick", [*overrides, "run.num-rounds=1", "strategy.secure-aggregation=true", "privacy.budget=30"],
+            secure_runs))
+        secure_status = dep.wait(secure, RUN_TIMEOUT)
         yield {"dep": dep, "status": status, "runs": runs_dir, "good": good, "bad": bad, "victim": victim,
-               "intruder": intruder, "killed_at": killed_at, "online_s": online_s, "t0": t0, "handle": handle}
+               "intruder": intruder, "killed_at": killed_at, "online_s": online_s, "t0": t0, "handle": handle,
+               "secure_status": secure_status, "secure_runs": secure_runs}
     finally:
         dep.close()
 
@@ -167,6 +181,17 @@ def test_privacy_ledgers_stay_at_the_sites(deployed):
         # One entry, keyed by the digest of this site's own records (not by its folder).
         ((key, entry),) = ledger["entries"].items()
         assert key.startswith("image-folder|sha256:") and [r["round"] for r in entry["rounds"]][:1] == [1]
+
+
+def test_a_secure_round_completes_over_tls_and_survives_a_site_dropping_after_key_sharing(deployed):
+    assert deployed["secure_status"]["status"] == "finished:completed", deployed["secure_status"]
+    (r1,) = [r for r in _records(deployed["secure_runs"]) if r["round"] == 1]
+    sa = r1["secagg"]
+    assert sa["reason"] == "" and sa["sampled"] == 4 and sa["sent"] == 3 and sa["dropped-after-sharing"] == 1, sa
+    rows = {s["node_id"]: s for s in r1["sites"]}
+    assert "image folder not found" in rows[deployed["bad"].node_id]["reason"]
+    assert all(rows[site.node_id]["status"] == "ok" for site in deployed["good"])
+    assert r1["bytes_received"] == sa["masked-bytes"] > 0 and np.isfinite(r1["eval"]["neg-elbo"])
 
 
 def test_unregistered_supernode_is_refused(deployed):

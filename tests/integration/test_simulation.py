@@ -81,3 +81,38 @@ def test_invalid_config_fails_the_run_before_round_one(tmp_path, capfd):
     text = out.out + out.err
     assert "privacy.target-epsilon = -1" in text and "train.batch-size = 0" in text
     assert not any(tmp_path.iterdir())  # no run folder: nothing started
+
+
+@pytest.fixture(scope="module")
+def secure_run(tmp_path_factory):
+    """The same job as ``finished_run`` with secure aggregation (SecAgg+, server/secagg.py)."""
+    runs = tmp_path_factory.mktemp("secure-runs")
+    code = launch("digits-quick", ["run.num-rounds=3", "strategy.secure-aggregation=true"], num_sites=3,
+                  runs_dir=runs, quiet=True)
+    assert code == 0, ("the secure simulation failed; run `python -m simulations.launch --preset digits-quick "
+                       "--set strategy.secure-aggregation=true` to see why")
+    (run_dir,) = [p for p in runs.iterdir() if (p / "run.db").exists()]
+    return run_dir
+
+
+def _round_one_model(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "round-0001.pt", weights_only=False)["arrays"]
+
+
+def test_a_secure_simulation_aggregates_what_the_plain_one_does_within_the_quantization_error(
+        finished_run, secure_run):
+    """Both runs train the same updates in round 1 (the tests' reproducible noise, the same seeds,
+    uniform weights under DP): the secure round's model differs from the plain one by no more
+    than its stated quantization error of the mean (one step) plus float32 rounding."""
+    recs = [json.loads(line) for line in (secure_run / "rounds.jsonl").read_text().splitlines()]
+    r1 = recs[1]
+    assert r1["secagg"]["reason"] == "" and r1["secagg"]["sent"] == 3 and r1["secagg"]["messages"] == 24
+    assert [s["status"] for s in r1["sites"]] == ["ok"] * 3
+    plain, secure = _round_one_model(finished_run), _round_one_model(secure_run)
+    assert plain.keys() == secure.keys()
+    worst = max(float((plain[k].double() - secure[k].double()).abs().max()) for k in plain
+                if plain[k].is_floating_point())
+    assert 0 < worst <= r1["secagg"]["max-abs-error-bound"] / 3 + 1e-6, worst
+    # The privacy figures are the sites' own, as in the plain run.
+    assert [r["epsilon_max"] for r in recs[1:]] == pytest.approx(
+        [json.loads(x)["epsilon_max"] for x in (finished_run / "rounds.jsonl").read_text().splitlines()[1:]])

@@ -20,7 +20,8 @@ from cli.views import render_status, status_payload
 from server import fid
 from server.evaluation import Evaluator
 from server.fid import ImageFID
-from server.rounds import RoundRecorder, run_rounds
+from server.round_records import RoundRecorder
+from server.rounds import run_rounds
 from server.store import RunStore
 from server.strategy import aggregate_train_metrics
 from tests.conftest import FakeGrid, quick_config

@@ -147,7 +147,7 @@ def test_reply_poll_interval_is_validated_and_may_change_on_resume():
 
 
 def test_the_federation_epsilon_remembers_sites_not_heard_from_this_round():
-    from server.rounds import known_epsilons
+    from server.round_records import known_epsilons
 
     rounds = [{"sites": [{"node_id": 1, "partition_id": 0, "epsilon": 5.0},
                          {"node_id": 2, "partition_id": 1, "epsilon": 7.0}]},

@@ -1,0 +1,226 @@
+"""The server's side of secure aggregation: it learns the sum of the sites' updates, not one of them.
+
+``strategy.secure-aggregation = true``. One training round becomes four exchanges with the
+sampled sites (SecAgg+, Bell et al. 2020; the arithmetic and its guarantee: ``common/secagg.py``;
+a site's side: ``client/secagg.py``):
+
+1. ``keys``: each site's two public keys.
+2. ``shares``: the public keys of all who answered, in a random ring order that fixes each site's
+   neighbours (``strategy.secagg-degree``); back come sealed shares, routed in stage 3.
+3. ``train``: the strategy's own train message plus the shares addressed to the site; back come
+   the site's metrics and its masked, quantized update.
+4. ``unmask``: who sent a masked update and who did not; back come the shares that rebuild the
+   self masks of the first and the masking keys of the second.
+
+The server sums the masked updates, removes the masks and dequantizes: the sum of the updates
+(trained minus global) of the sites that sent one, exact up to rounding (each coordinate of each
+update moves less than one quantization step, unbiased). A site that drops after sharing its
+keys is survived while every secret still has ``t`` holders answering; otherwise the round
+fails cleanly: nothing is aggregated and the record says why.
+
+:meth:`SecureRound.run` returns what the round loop needs; the plain and the secure paths share
+everything after it (rows, records, the strategy's own step on the aggregate).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from common import records as R
+from common import secagg as S
+from common.config import AppConfig
+
+log = logging.getLogger(__name__)
+
+SECAGG = "secagg"  # the ConfigRecord of the protocol's fields in every secure message
+
+
+def _ids(values) -> list[int]:
+    return [int(v) for v in values]
+
+
+def _strs(ids) -> list[str]:
+    return [str(int(v)) for v in ids]
+
+
+@dataclass
+class SecureOutcome:
+    """A secure round as the round loop sees it."""
+
+    replies: list[Message]  # stage 3's replies (metrics and status; their masked arrays removed)
+    dst_of: dict[str, int]  # stage 3's message id -> node
+    total: dict[str, np.ndarray] | None  # sum of the senders' updates (float64), None if the round failed
+    senders: list[int]  # the sites whose update is in the sum
+    failed: dict[int, str] = field(default_factory=dict)  # sites that dropped before stage 3, and why
+    reason: str = ""  # why the sum could not be computed ('' when it was)
+    stats: dict = field(default_factory=dict)  # for the round record
+
+
+class SecureRound:
+    """Runs the four stages; ``exchange(grid, messages, timeout, poll) -> (replies, dst_of)``."""
+
+    def __init__(self, grid, cfg: AppConfig, exchange: Callable) -> None:
+        self.grid, self.cfg, self.exchange = grid, cfg, exchange
+        st = cfg.strategy
+        self.user_clip = cfg.central_dp.clipping_norm if cfg.central_dp.enabled else 0.0
+        self.quantizer = S.Quantizer(self.user_clip or st.secagg_range or S.DEFAULT_RANGE, st.secagg_bits)
+
+    def _stage(self, name: str, nodes: list[int], content_of: Callable[[int], RecordDict],
+               message_type: str) -> tuple[dict[int, Message], dict[str, int], float]:
+        messages = [Message(content=content_of(n), dst_node_id=n, message_type=message_type) for n in nodes]
+        t = time.perf_counter()
+        replies, dst_of = self.exchange(self.grid, messages, self.cfg.run.round_timeout,
+                                        self.cfg.run.reply_poll_interval)
+        by_node = {}
+        for msg in replies:
+            node = dst_of.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
+            by_node[node] = msg
+        return by_node, dst_of, time.perf_counter() - t
+
+    def run(self, rnd: int, train_messages: list[Message], global_arrays: ArrayRecord) -> SecureOutcome:
+        st = self.cfg.strategy
+        sampled = [int(m.metadata.dst_node_id) for m in train_messages]
+        S.check_field(self.quantizer, len(sampled))
+        base = {"round": rnd}
+        stats: dict = {"bits": st.secagg_bits, "range": self.quantizer.value_range, "step": self.quantizer.step,
+                       "sampled": len(sampled)}
+        failed: dict[int, str] = {}
+
+        def ok(msg: Message | None) -> bool:
+            return msg is not None and not msg.has_error() and SECAGG in msg.content.config_records
+
+        def note(nodes: list[int], replies: dict[int, Message], stage: str) -> list[int]:
+            kept = []
+            for n in nodes:
+                if ok(replies.get(n)):
+                    kept.append(n)
+                else:
+                    msg = replies.get(n)
+                    why = "no reply"
+                    if msg is not None and msg.has_error():
+                        why = msg.error.reason
+                    elif msg is not None and R.STATUS_RECORD in msg.content.config_records:
+                        why = str(msg.content[R.STATUS_RECORD].get(R.REASON, "the site failed"))
+                    failed[n] = f"secure aggregation, stage {stage}: {why}"
+            return kept
+
+        def fail(reason: str, replies=(), dst_of=None) -> SecureOutcome:
+            log.error("round %d: %s; nothing is aggregated", rnd, reason)
+            return SecureOutcome(list(replies), dict(dst_of or {}), None, [], failed, reason, stats)
+
+        # 1: keys
+        keys, _, stats["keys-seconds"] = self._stage(
+            "keys", sampled, lambda n: RecordDict({SECAGG: ConfigRecord(base)}), "query.secagg_keys")
+        with_keys = note(sampled, keys, "keys")
+        order = list(with_keys)
+        secrets.SystemRandom().shuffle(order)  # the ring: who neighbours whom
+        degree = st.secagg_degree
+        holders = len(S.neighbours(order or [0], (order or [0])[0], degree))
+        t = S.threshold_for(holders, st.secagg_threshold) if order else 1
+        stats.update({"threshold": t, "holders": holders})
+        if len(with_keys) < max(t, 2):
+            return fail(f"secure aggregation: {len(with_keys)} site(s) sent keys, fewer than the threshold {t} "
+                        "(or 2)")
+        c_pk = {n: bytes(keys[n].content[SECAGG]["c-pk"]) for n in with_keys}
+        s_pk = {n: bytes(keys[n].content[SECAGG]["s-pk"]) for n in with_keys}
+
+        # 2: shares
+        shares_cfg = ConfigRecord({**base, "order": _strs(order), "degree": degree, "threshold": st.secagg_threshold,
+                                   "nodes": _strs(with_keys), "c-pk": [c_pk[n] for n in with_keys],
+                                   "s-pk": [s_pk[n] for n in with_keys]})
+        shared_replies, _, stats["shares-seconds"] = self._stage(
+            "shares", with_keys, lambda n: RecordDict({SECAGG: shares_cfg}), "query.secagg_shares")
+        shared = note(with_keys, shared_replies, "shares")
+        if len(shared) < max(t, 2):
+            return fail(f"secure aggregation: {len(shared)} site(s) shared keys, fewer than the threshold {t} (or 2)")
+        inbox: dict[int, list[tuple[int, bytes]]] = {n: [] for n in shared}
+        for src in shared:
+            rec = shared_replies[src].content[SECAGG]
+            for dst, box in zip(_ids(rec.get("dst", [])), rec.get("box", [])):
+                if dst in inbox:
+                    inbox[dst].append((src, bytes(box)))
+
+        # 3: train and mask
+        train_of = {int(m.metadata.dst_node_id): m for m in train_messages}
+        range_cfg = {"range": self.quantizer.value_range, "bits": st.secagg_bits, "shared": _strs(shared)}
+        if self.user_clip:
+            range_cfg["clip-norm"] = self.user_clip
+
+        def train_content(n: int) -> RecordDict:
+            content = RecordDict(dict(train_of[n].content.items()))
+            content[SECAGG] = ConfigRecord({**range_cfg, "inbox-from": _strs(s for s, _ in inbox[n]),
+                                            "inbox": [box for _, box in inbox[n]]})
+            return content
+
+        trained, dst_of, stats["train-seconds"] = self._stage("train", shared, train_content, "train.secagg")
+        replies = list(trained.values())
+        senders = [n for n in shared if n in trained and not trained[n].has_error()
+                   and S.MASKED in trained[n].content.array_records]
+        dropped = [n for n in shared if n not in senders]
+        for n in shared:
+            if n not in trained:
+                failed[n] = "secure aggregation, stage train: no reply"
+        masked = {}
+        for n in senders:
+            rec = trained[n].content.array_records[S.MASKED]
+            y = rec[S.MASKED_ARRAY].numpy() if S.MASKED_ARRAY in rec else None
+            if y is None or y.dtype != np.uint32 or y.ndim != 1:
+                return fail(f"secure aggregation: site {n} sent a malformed masked update", replies, dst_of)
+            masked[n] = y
+            del trained[n].content[S.MASKED]  # the loop reads metrics and status only
+        stats.update({"sent": len(senders), "dropped-after-sharing": len(dropped),
+                      "masked-bytes": int(sum(y.nbytes for y in masked.values()))})
+        if len(senders) < max(t, 2):
+            return fail(f"secure aggregation: {len(senders)} masked update(s), fewer than the threshold {t} (or 2)",
+                        replies, dst_of)
+        sizes = {y.size for y in masked.values()}
+        if len(sizes) != 1:
+            return fail(f"secure aggregation: masked updates of different sizes {sorted(sizes)}", replies, dst_of)
+
+        # 4: unmask
+        unmask_cfg = ConfigRecord({**base, "sent": _strs(senders), "dropped": _strs(dropped)})
+        revealed, _, stats["unmask-seconds"] = self._stage(
+            "unmask", senders, lambda n: RecordDict({SECAGG: unmask_cfg}), "query.secagg_unmask")
+        b_shares: dict[int, list[bytes]] = {n: [] for n in senders}
+        k_shares: dict[int, list[bytes]] = {n: [] for n in dropped}
+        for n, msg in revealed.items():
+            if not ok(msg):
+                continue
+            rec = msg.content[SECAGG]
+            for v, share in zip(_ids(rec.get("b-of", [])), rec.get("b", [])):
+                if v in b_shares:
+                    b_shares[v].append(bytes(share))
+            for v, share in zip(_ids(rec.get("k-of", [])), rec.get("k", [])):
+                if v in k_shares:
+                    k_shares[v].append(bytes(share))
+        short = [n for n, s in {**b_shares, **k_shares}.items() if len(s) < t]
+        if short:
+            return fail(f"secure aggregation: fewer than {t} shares came back for {len(short)} site(s)' secrets "
+                        "(too many sites dropped in the unmask stage)", replies, dst_of)
+
+        size = sizes.pop()
+        total = np.zeros(size, dtype=np.uint32)
+        for y in masked.values():
+            total += y
+        for n in senders:
+            total -= S.prg(S.combine(b_shares[n][:t]), b"self", size)
+        for v in dropped:  # its pairwise masks stayed in its neighbours' updates
+            key = S.load_private(S.combine(k_shares[v][:t]))
+            for u in S.neighbours(order, v, degree)[1:]:
+                if u in masked:
+                    mask = S.prg(S.agreed_seed(key, s_pk[u]), b"pair", size)
+                    total = total - mask if S.pair_sign(u, v) > 0 else total + mask
+        reference = R.numpy_arrays(global_arrays)
+        keys_ = S.float_keys(reference)
+        vector = self.quantizer.dequantize_sum(total, len(senders))
+        stats.update({"max-abs-error-bound": len(senders) * self.quantizer.step,
+                      "rms-error-bound": self.quantizer.step * np.sqrt(len(senders)) / 2,
+                      "messages": 2 * (len(sampled) + len(with_keys) + len(shared) + len(senders))})
+        return SecureOutcome(replies, dst_of, S.unflatten(vector, reference, keys_), senders, failed, "", stats)
