@@ -137,6 +137,9 @@ def unmask(config: ConfigRecord, state: RecordDict, me: int) -> ConfigRecord:
         raise ProtocolError("secure aggregation: the server lists a site both as sent and as dropped")
     if me in dropped or me not in sent:
         raise ProtocolError("secure aggregation: the server counts this site as dropped; revealing nothing")
+    if not S.connected(_ids(rec["order"]), int(rec["degree"]), sorted(sent)):
+        raise ProtocolError("secure aggregation: the senders are not connected through their neighbours; "
+                            "unmasking would reveal a partial sum; revealing nothing")
     c_key = S.load_private(bytes(rec["c-sk"]))
     c_pk = dict(zip(_ids(rec["pk-nodes"]), rec["c-pk"]))
     inbox = dict(zip(_ids(rec["inbox-from"]), rec["inbox"]))

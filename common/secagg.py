@@ -188,12 +188,36 @@ def neighbours(order: list[int], node: int, degree: int) -> list[int]:
     return [node] + [order[(i - k) % n] for k in range(1, half + 1)] + [order[(i + k) % n] for k in range(1, half + 1)]
 
 
+def connected(order: list[int], degree: int, nodes: list[int]) -> bool:
+    """Whether ``nodes`` form one group through the neighbour graph among themselves.
+
+    The server learns the self mask of every sender and the masking key of every site that
+    shared keys and sent nothing, so it can strip the masks from the sum over *any* group of
+    senders with no neighbour among the other senders. Only when the senders are connected is
+    that group all of them, and the sum all it learns (a sparse graph with dropouts can cut it:
+    found by review). Checked by the server before it unmasks and by every site before it reveals."""
+    if not nodes:
+        return True
+    members, seen, todo = set(nodes), {nodes[0]}, [nodes[0]]
+    while todo:
+        u = todo.pop()
+        for v in neighbours(order, u, degree)[1:]:
+            if v in members and v not in seen:
+                seen.add(v)
+                todo.append(v)
+    return seen == members
+
+
 def threshold_for(holders: int, threshold: int) -> int:
-    """Shares needed to reconstruct: ``threshold`` if set, else a majority of the holders."""
+    """Shares needed to reconstruct: ``threshold`` if set, else a majority of the holders.
+
+    More than half the holders, so that the server with a minority of colluding sites never
+    holds enough shares of both secrets of one site. Equal to the holders, no dropout can be
+    survived (a site that drops takes its own share with it)."""
     t = threshold if threshold > 0 else holders // 2 + 1
-    if not 1 <= t <= holders:
-        raise ValueError(f"strategy.secagg-threshold = {threshold}: each secret has {holders} holders; "
-                         f"use 0 (a majority) or a count up to {holders}")
+    if not holders // 2 < t <= holders:
+        raise ValueError(f"strategy.secagg-threshold = {threshold}: each secret has {holders} holders this round; "
+                         f"use 0 (a majority) or a count from {holders // 2 + 1} to {holders}")
     return t
 
 

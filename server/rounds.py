@@ -34,6 +34,10 @@ from server.validation import InvalidUpdate, check_train_reply
 
 log = logging.getLogger(__name__)
 
+#: A run under secure aggregation fails after this many rounds in a row whose sum could not be
+#: unmasked (too many sites dropped); fewer, and it goes on without them (README, "Secure aggregation").
+SECURE_FAILURES_TO_STOP = 3
+
 
 class _ActiveGrid:
     """The grid as the strategy should see it: without sites that can no longer train."""
@@ -118,6 +122,7 @@ class RoundLoop:
         self.active = _ActiveGrid(grid, self.exhausted)
         self.records: list[dict] = []
         self.secure = SecureRound(grid, cfg, exchange) if cfg.strategy.secure_aggregation else None
+        self.secure_failures = 0  # secure rounds in a row whose sum failed
 
     def run(self, arrays: ArrayRecord, start_round: int = 1) -> Outcome:
         """Rounds ``start_round..num_rounds`` from ``arrays`` (round 0, the initial evaluation, when starting)."""
@@ -139,7 +144,9 @@ class RoundLoop:
                 replies, dst_of = exchange(self.grid, messages, self.cfg.run.round_timeout,
                                            self.cfg.run.reply_poll_interval)
             else:  # four exchanges; the replies carry metrics, the sum comes unmasked (server/secagg.py)
-                secure = self.secure.run(rnd, messages, arrays)
+                # Under user-level DP the sites clip to the bound the server's noise is scaled to.
+                secure = self.secure.run(rnd, messages, arrays,
+                                         clip_norm=self.strategy.clipping_norm if self.user_level else 0.0)
                 replies, dst_of = secure.replies, secure.dst_of
             # As they crossed the network: before _collect turns valid updates to float32.
             bytes_sent = sum(payload_bytes(m) for m in messages)
@@ -153,7 +160,7 @@ class RoundLoop:
                                bytes_sent=bytes_sent, bytes_received=bytes_received, secure=secure)
             if self.on_round_end is not None and released:
                 self.on_round_end(rnd, arrays)
-            end = self._end_reason(rnd, rows, good)
+            end = self._end_reason(rnd, rows, good, secure, released)
             if end is not None:
                 status, reason, done = end
                 (log.warning if status == "stopped" else log.error)("%s", reason)
@@ -195,8 +202,8 @@ class RoundLoop:
                 if node in secure.senders and secure.total is not None:
                     good.append(msg)
                 elif node not in secure.senders:
-                    status, reason = "failed", "secure aggregation: its masked update did not arrive"
-                else:
+                    status, reason = "failed", secure.failed.get(node, "secure aggregation: no masked update")
+                else:  # its update was in a sum that could not be unmasked
                     status, reason = "failed", secure.reason
             elif status == "ok":
                 try:
@@ -217,7 +224,8 @@ class RoundLoop:
         answered = {r["node_id"] for r in rows}
         for node in sampled:
             if node not in answered:
-                why = secure.failed.get(node) if secure is not None else None
+                # Under secure aggregation: why the site dropped, or why the round stopped before training.
+                why = (secure.failed.get(node) or secure.reason) if secure is not None else None
                 rows.append({"node_id": node, "status": "failed", "partition_id": None,
                              "reason": why or f"no reply within run.round-timeout = {cfg.run.round_timeout:g}s",
                              "metrics": {}})
@@ -337,16 +345,26 @@ class RoundLoop:
         self.record(rec)
         self.records.append(rec)
 
-    def _end_reason(self, rnd: int, rows: list[dict], good: list[Message]) -> tuple[str, str, int] | None:
+    def _end_reason(self, rnd: int, rows: list[dict], good: list[Message], secure: SecureOutcome | None = None,
+                    released: bool = False) -> tuple[str, str, int] | None:
         """After a round with no valid update: ("stopped" | "failed", why, rounds done); None to go on
-        (a valid update came, or every site refused before the last round: the stop check ends the run)."""
+        (a valid update came, or every site refused before the last round: the stop check ends the run;
+        or the secure sum failed, fewer than SECURE_FAILURES_TO_STOP rounds in a row: sites that
+        dropped may be back for the next round)."""
         if good:
+            self.secure_failures = 0
             return None
         if rows and all(r["status"] == "refused" for r in rows):
             if rnd < self.num_rounds:
                 return None
             return ("stopped", f"every sampled site's privacy budget is exhausted in round {rnd}, the last; "
                                f"the model of round {rnd - 1} is final", rnd)  # rounds recorded, as at the top
+        if secure is not None and secure.reason:
+            self.secure_failures += 1
+            if self.secure_failures < SECURE_FAILURES_TO_STOP:
+                return None
+            return ("failed", f"secure aggregation failed in {self.secure_failures} rounds in a row; the last "
+                              f"(round {rnd}): {secure.reason}", rnd if released else rnd - 1)
         reasons = "; ".join(sorted({f"{r['reason']}" for r in rows})) or "no site replied"
         return "failed", f"every sampled site failed in round {rnd}: {reasons}", rnd - 1
 

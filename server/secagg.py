@@ -68,11 +68,13 @@ class SecureRound:
 
     def __init__(self, grid, cfg: AppConfig, exchange: Callable) -> None:
         self.grid, self.cfg, self.exchange = grid, cfg, exchange
-        st = cfg.strategy
-        self.user_clip = cfg.central_dp.clipping_norm if cfg.central_dp.enabled else 0.0
-        self.quantizer = S.Quantizer(self.user_clip or st.secagg_range or S.DEFAULT_RANGE, st.secagg_bits)
 
-    def _stage(self, name: str, nodes: list[int], content_of: Callable[[int], RecordDict],
+    def quantizer(self, clip_norm: float) -> S.Quantizer:
+        """The round's quantizer: range the user-level clipping norm, else ``strategy.secagg-range``."""
+        st = self.cfg.strategy
+        return S.Quantizer(clip_norm or st.secagg_range or S.DEFAULT_RANGE, st.secagg_bits)
+
+    def _stage(self, nodes: list[int], content_of: Callable[[int], RecordDict],
                message_type: str) -> tuple[dict[int, Message], dict[str, int], float]:
         messages = [Message(content=content_of(n), dst_node_id=n, message_type=message_type) for n in nodes]
         t = time.perf_counter()
@@ -84,50 +86,66 @@ class SecureRound:
             by_node[node] = msg
         return by_node, dst_of, time.perf_counter() - t
 
-    def run(self, rnd: int, train_messages: list[Message], global_arrays: ArrayRecord) -> SecureOutcome:
+    def run(self, rnd: int, train_messages: list[Message], global_arrays: ArrayRecord,
+            clip_norm: float = 0.0) -> SecureOutcome:
+        """One secure round. ``clip_norm`` > 0 (user-level DP): the bound every site clips its
+        update to, the one the server's noise is scaled to (the strategy's current one)."""
         st = self.cfg.strategy
+        quantizer = self.quantizer(clip_norm)
         sampled = [int(m.metadata.dst_node_id) for m in train_messages]
-        S.check_field(self.quantizer, len(sampled))
-        base = {"round": rnd}
-        stats: dict = {"bits": st.secagg_bits, "range": self.quantizer.value_range, "step": self.quantizer.step,
-                       "sampled": len(sampled)}
+        reference = R.numpy_arrays(global_arrays)
+        keys_ = S.float_keys(reference)
+        dim = sum(reference[k].size for k in keys_)
+        stats: dict = {"bits": st.secagg_bits, "range": quantizer.value_range, "step": quantizer.step,
+                       "sampled": len(sampled), "messages": 0}
         failed: dict[int, str] = {}
+        state = {"replies": [], "dst_of": {}, "senders": []}
 
-        def ok(msg: Message | None) -> bool:
-            return msg is not None and not msg.has_error() and SECAGG in msg.content.config_records
+        def fail(reason: str) -> SecureOutcome:
+            log.error("round %d: %s; nothing is aggregated", rnd, reason)
+            return SecureOutcome(list(state["replies"]), dict(state["dst_of"]), None, list(state["senders"]), failed,
+                                 reason, stats)
 
-        def note(nodes: list[int], replies: dict[int, Message], stage: str) -> list[int]:
+        def stage(nodes, content_of, message_type, name):
+            stats["messages"] += 2 * len(nodes)
+            replies, dst_of, stats[f"{name}-seconds"] = self._stage(nodes, content_of, message_type)
+            return replies, dst_of
+
+        def answered(nodes: list[int], replies: dict[int, Message], name: str) -> list[int]:
             kept = []
             for n in nodes:
-                if ok(replies.get(n)):
+                msg = replies.get(n)
+                if msg is not None and not msg.has_error() and SECAGG in msg.content.config_records:
                     kept.append(n)
-                else:
-                    msg = replies.get(n)
-                    why = "no reply"
-                    if msg is not None and msg.has_error():
-                        why = msg.error.reason
-                    elif msg is not None and R.STATUS_RECORD in msg.content.config_records:
-                        why = str(msg.content[R.STATUS_RECORD].get(R.REASON, "the site failed"))
-                    failed[n] = f"secure aggregation, stage {stage}: {why}"
+                    continue
+                why = "no reply"
+                if msg is not None and msg.has_error():
+                    why = msg.error.reason
+                elif msg is not None and R.STATUS_RECORD in msg.content.config_records:
+                    why = str(msg.content[R.STATUS_RECORD].get(R.REASON, "the site failed"))
+                failed[n] = f"secure aggregation, stage {name}: {why}"
             return kept
 
-        def fail(reason: str, replies=(), dst_of=None) -> SecureOutcome:
-            log.error("round %d: %s; nothing is aggregated", rnd, reason)
-            return SecureOutcome(list(replies), dict(dst_of or {}), None, [], failed, reason, stats)
+        try:
+            S.check_field(quantizer, len(sampled))
+        except OverflowError as err:
+            return fail(f"secure aggregation: {err}")
+        base = {"round": rnd}
 
         # 1: keys
-        keys, _, stats["keys-seconds"] = self._stage(
-            "keys", sampled, lambda n: RecordDict({SECAGG: ConfigRecord(base)}), "query.secagg_keys")
-        with_keys = note(sampled, keys, "keys")
+        keys, _ = stage(sampled, lambda n: RecordDict({SECAGG: ConfigRecord(base)}), "query.secagg_keys", "keys")
+        with_keys = answered(sampled, keys, "keys")
         order = list(with_keys)
         secrets.SystemRandom().shuffle(order)  # the ring: who neighbours whom
         degree = st.secagg_degree
-        holders = len(S.neighbours(order or [0], (order or [0])[0], degree))
-        t = S.threshold_for(holders, st.secagg_threshold) if order else 1
+        holders = len(S.neighbours(order, order[0], degree)) if order else 0
+        try:
+            t = S.threshold_for(holders, st.secagg_threshold)
+        except ValueError as err:
+            return fail(f"secure aggregation: {err}")
         stats.update({"threshold": t, "holders": holders})
         if len(with_keys) < max(t, 2):
-            return fail(f"secure aggregation: {len(with_keys)} site(s) sent keys, fewer than the threshold {t} "
-                        "(or 2)")
+            return fail(f"secure aggregation: {len(with_keys)} site(s) sent keys, fewer than the threshold {t} (or 2)")
         c_pk = {n: bytes(keys[n].content[SECAGG]["c-pk"]) for n in with_keys}
         s_pk = {n: bytes(keys[n].content[SECAGG]["s-pk"]) for n in with_keys}
 
@@ -135,9 +153,9 @@ class SecureRound:
         shares_cfg = ConfigRecord({**base, "order": _strs(order), "degree": degree, "threshold": st.secagg_threshold,
                                    "nodes": _strs(with_keys), "c-pk": [c_pk[n] for n in with_keys],
                                    "s-pk": [s_pk[n] for n in with_keys]})
-        shared_replies, _, stats["shares-seconds"] = self._stage(
-            "shares", with_keys, lambda n: RecordDict({SECAGG: shares_cfg}), "query.secagg_shares")
-        shared = note(with_keys, shared_replies, "shares")
+        shared_replies, _ = stage(with_keys, lambda n: RecordDict({SECAGG: shares_cfg}), "query.secagg_shares",
+                                  "shares")
+        shared = answered(with_keys, shared_replies, "shares")
         if len(shared) < max(t, 2):
             return fail(f"secure aggregation: {len(shared)} site(s) shared keys, fewer than the threshold {t} (or 2)")
         inbox: dict[int, list[tuple[int, bytes]]] = {n: [] for n in shared}
@@ -149,9 +167,9 @@ class SecureRound:
 
         # 3: train and mask
         train_of = {int(m.metadata.dst_node_id): m for m in train_messages}
-        range_cfg = {"range": self.quantizer.value_range, "bits": st.secagg_bits, "shared": _strs(shared)}
-        if self.user_clip:
-            range_cfg["clip-norm"] = self.user_clip
+        range_cfg = {"range": quantizer.value_range, "bits": st.secagg_bits, "shared": _strs(shared)}
+        if clip_norm:
+            range_cfg["clip-norm"] = float(clip_norm)
 
         def train_content(n: int) -> RecordDict:
             content = RecordDict(dict(train_of[n].content.items()))
@@ -159,68 +177,74 @@ class SecureRound:
                                             "inbox": [box for _, box in inbox[n]]})
             return content
 
-        trained, dst_of, stats["train-seconds"] = self._stage("train", shared, train_content, "train.secagg")
-        replies = list(trained.values())
-        senders = [n for n in shared if n in trained and not trained[n].has_error()
-                   and S.MASKED in trained[n].content.array_records]
-        dropped = [n for n in shared if n not in senders]
+        trained, dst_of = stage(shared, train_content, "train.secagg", "train")
+        state["replies"], state["dst_of"] = list(trained.values()), dst_of
+        masked: dict[int, np.ndarray] = {}
         for n in shared:
-            if n not in trained:
+            msg = trained.get(n)
+            if msg is None:
                 failed[n] = "secure aggregation, stage train: no reply"
-        masked = {}
-        for n in senders:
-            rec = trained[n].content.array_records[S.MASKED]
+                continue
+            if msg.has_error() or S.MASKED not in msg.content.array_records:
+                continue  # the site's own failure or refusal: its row says why
+            rec = msg.content.array_records[S.MASKED]
             y = rec[S.MASKED_ARRAY].numpy() if S.MASKED_ARRAY in rec else None
-            if y is None or y.dtype != np.uint32 or y.ndim != 1:
-                return fail(f"secure aggregation: site {n} sent a malformed masked update", replies, dst_of)
+            del msg.content[S.MASKED]  # the loop reads metrics and status only
+            if y is None or y.dtype != np.uint32 or y.shape != (dim,):
+                # Counted as dropped: its self mask is never revealed, so its masked array, if
+                # anything, stays a one-time pad; its pairwise masks come out with its key.
+                failed[n] = (f"secure aggregation: a malformed masked update (expected {dim} uint32 values, got "
+                             f"{'none' if y is None else f'{y.size} {y.dtype}'})")
+                continue
             masked[n] = y
-            del trained[n].content[S.MASKED]  # the loop reads metrics and status only
+        senders = [n for n in shared if n in masked]
+        dropped = [n for n in shared if n not in masked]
+        state["senders"] = senders
         stats.update({"sent": len(senders), "dropped-after-sharing": len(dropped),
                       "masked-bytes": int(sum(y.nbytes for y in masked.values()))})
         if len(senders) < max(t, 2):
-            return fail(f"secure aggregation: {len(senders)} masked update(s), fewer than the threshold {t} (or 2)",
-                        replies, dst_of)
-        sizes = {y.size for y in masked.values()}
-        if len(sizes) != 1:
-            return fail(f"secure aggregation: masked updates of different sizes {sorted(sizes)}", replies, dst_of)
+            return fail(f"secure aggregation: {len(senders)} masked update(s), fewer than the threshold {t} (or 2)")
+        if not S.connected(order, degree, senders):
+            return fail("secure aggregation: the sites that sent are not connected through their neighbours "
+                        "(too many dropped on a sparse graph); unmasking would reveal partial sums. Raise "
+                        "strategy.secagg-degree")
 
         # 4: unmask
         unmask_cfg = ConfigRecord({**base, "sent": _strs(senders), "dropped": _strs(dropped)})
-        revealed, _, stats["unmask-seconds"] = self._stage(
-            "unmask", senders, lambda n: RecordDict({SECAGG: unmask_cfg}), "query.secagg_unmask")
+        revealed, _ = stage(senders, lambda n: RecordDict({SECAGG: unmask_cfg}), "query.secagg_unmask", "unmask")
         b_shares: dict[int, list[bytes]] = {n: [] for n in senders}
-        k_shares: dict[int, list[bytes]] = {n: [] for n in dropped}
-        for n, msg in revealed.items():
-            if not ok(msg):
-                continue
-            rec = msg.content[SECAGG]
+        # A dropped site's key is needed only where one of its neighbours sent: its masks are there.
+        k_shares: dict[int, list[bytes]] = {v: [] for v in dropped
+                                            if any(u in masked for u in S.neighbours(order, v, degree)[1:])}
+        for n in answered(senders, revealed, "unmask"):
+            rec = revealed[n].content[SECAGG]
             for v, share in zip(_ids(rec.get("b-of", [])), rec.get("b", [])):
                 if v in b_shares:
                     b_shares[v].append(bytes(share))
             for v, share in zip(_ids(rec.get("k-of", [])), rec.get("k", [])):
                 if v in k_shares:
                     k_shares[v].append(bytes(share))
-        short = [n for n, s in {**b_shares, **k_shares}.items() if len(s) < t]
+        short = [n for n, got in {**b_shares, **k_shares}.items() if len(got) < t]
         if short:
             return fail(f"secure aggregation: fewer than {t} shares came back for {len(short)} site(s)' secrets "
-                        "(too many sites dropped in the unmask stage)", replies, dst_of)
+                        "(too many sites dropped in the unmask stage)")
 
-        size = sizes.pop()
-        total = np.zeros(size, dtype=np.uint32)
-        for y in masked.values():
-            total += y
-        for n in senders:
-            total -= S.prg(S.combine(b_shares[n][:t]), b"self", size)
-        for v in dropped:  # its pairwise masks stayed in its neighbours' updates
-            key = S.load_private(S.combine(k_shares[v][:t]))
-            for u in S.neighbours(order, v, degree)[1:]:
-                if u in masked:
-                    mask = S.prg(S.agreed_seed(key, s_pk[u]), b"pair", size)
-                    total = total - mask if S.pair_sign(u, v) > 0 else total + mask
-        reference = R.numpy_arrays(global_arrays)
-        keys_ = S.float_keys(reference)
-        vector = self.quantizer.dequantize_sum(total, len(senders))
-        stats.update({"max-abs-error-bound": len(senders) * self.quantizer.step,
-                      "rms-error-bound": self.quantizer.step * np.sqrt(len(senders)) / 2,
-                      "messages": 2 * (len(sampled) + len(with_keys) + len(shared) + len(senders))})
-        return SecureOutcome(replies, dst_of, S.unflatten(vector, reference, keys_), senders, failed, "", stats)
+        total = np.zeros(dim, dtype=np.uint32)
+        try:
+            for y in masked.values():
+                total += y
+            for n in senders:
+                total -= S.prg(S.combine(b_shares[n][:t]), b"self", dim)
+            for v in k_shares:  # its pairwise masks stayed in its sending neighbours' updates
+                key = S.load_private(S.combine(k_shares[v][:t]))
+                for u in S.neighbours(order, v, degree)[1:]:
+                    if u in masked:
+                        mask = S.prg(S.agreed_seed(key, s_pk[u]), b"pair", dim)
+                        total = total - mask if S.pair_sign(u, v) > 0 else total + mask
+        except ValueError as err:  # shares that do not combine (a site sent garbage)
+            return fail(f"secure aggregation: a secret could not be rebuilt from its shares ({err})")
+        vector = quantizer.dequantize_sum(total, len(senders))
+        stats.update({"max-abs-error-bound": len(senders) * quantizer.step,
+                      "rms-error-bound": quantizer.step * np.sqrt(len(senders)) / 2})
+        return SecureOutcome(state["replies"], dst_of, S.unflatten(vector, reference, keys_), senders, failed, "",
+                             stats)

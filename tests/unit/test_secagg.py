@@ -40,10 +40,11 @@ def updates_for(nodes, seed=0, scale=0.05) -> dict[int, np.ndarray]:
 
 class SiteGrid:
     """Delivers each message to ``client.app.app`` with the node's own Context (kept across
-    messages, as a SuperNode keeps it). ``drop(node, message_type)`` True: the node never answers."""
+    messages, as a SuperNode keeps it). ``drop(node, message_type, round)`` True: the node never
+    answers; ``tamper(node, message_type, reply)`` may change a reply before the server sees it."""
 
-    def __init__(self, nodes, run_config, drop=lambda node, kind: False) -> None:
-        self.nodes, self.drop, self.pending, self.seen = list(nodes), drop, {}, []
+    def __init__(self, nodes, run_config, drop=lambda node, kind, rnd: False, tamper=None) -> None:
+        self.nodes, self.drop, self.tamper, self.pending, self.seen = list(nodes), drop, tamper, {}, []
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": i, "num-partitions": len(nodes)},
                                     state=RecordDict(), run_config=run_config) for i, n in enumerate(nodes)}
 
@@ -63,10 +64,15 @@ class SiteGrid:
         for mid in list(ids):
             msg = self.pending[mid]
             node = int(msg.metadata.dst_node_id)
-            if self.drop(node, msg.metadata.message_type):
+            kind = msg.metadata.message_type
+            rnd = int(msg.content["config"]["server-round"] if kind.startswith("train")
+                      else msg.content["secagg"]["round"])
+            if self.drop(node, kind, rnd):
                 continue  # never answered: the server waits for it until run.round-timeout
             del self.pending[mid]
             reply = app(message=msg, context=self.contexts[node])
+            if self.tamper is not None:
+                self.tamper(node, kind, reply)
             masked = reply.content.array_records.get(S.MASKED)  # copied: the server deletes it once read
             self.seen.append((node, msg.metadata.message_type,
                               None if masked is None else masked[S.MASKED_ARRAY].numpy().copy()))
@@ -97,11 +103,12 @@ def config(**overrides):
                            "strategy.min-train-nodes": 2, "run.round-timeout": 0.3, **overrides})
 
 
-def secure_round(cfg, nodes, drop=lambda node, kind: False):
-    grid = SiteGrid(nodes, dict(cfg.to_flat()), drop)
+def secure_round(cfg, nodes, drop=lambda node, kind, rnd: False, tamper=None):
+    grid = SiteGrid(nodes, dict(cfg.to_flat()), drop, tamper)
     train = [Message(content=RecordDict({"arrays": GLOBAL, "config": ConfigRecord({"server-round": 1})}),
                      dst_node_id=n, message_type="train") for n in nodes]
-    return SecureRound(grid, cfg, exchange).run(1, train, GLOBAL), grid
+    clip = cfg.central_dp.clipping_norm if cfg.central_dp.enabled else 0.0  # as the round loop passes it
+    return SecureRound(grid, cfg, exchange).run(1, train, GLOBAL, clip_norm=clip), grid
 
 
 def true_sum(updates, nodes):
@@ -161,7 +168,7 @@ def test_one_site_dropping_after_key_sharing_is_survived(scripted_training):
     nodes = NODES[:5]
     scripted_training.update(updates_for(nodes, seed=2))
     gone = nodes[3]
-    outcome, _ = secure_round(config(), nodes, drop=lambda n, kind: n == gone and kind == "train.secagg")
+    outcome, _ = secure_round(config(), nodes, drop=lambda n, kind, rnd: n == gone and kind == "train.secagg")
     alive = [n for n in nodes if n != gone]
     assert outcome.reason == "" and sorted(outcome.senders) == sorted(alive)
     assert outcome.stats["dropped-after-sharing"] == 1
@@ -172,7 +179,8 @@ def test_one_site_dropping_after_key_sharing_is_survived(scripted_training):
 def test_a_site_dropping_in_the_unmask_stage_is_survived_its_update_counts(scripted_training):
     nodes = NODES[:5]
     scripted_training.update(updates_for(nodes, seed=3))
-    outcome, _ = secure_round(config(), nodes, drop=lambda n, kind: n == nodes[0] and kind == "query.secagg_unmask")
+    outcome, _ = secure_round(config(), nodes,
+                              drop=lambda n, kind, rnd: n == nodes[0] and kind == "query.secagg_unmask")
     assert outcome.reason == "" and sorted(outcome.senders) == sorted(nodes)
     assert np.abs(secure_vector(outcome) - true_sum(scripted_training, nodes)).max() \
         <= outcome.stats["max-abs-error-bound"]
@@ -183,7 +191,7 @@ def test_a_sparse_neighbour_graph_with_a_dropout(scripted_training):
     nodes = NODES[:6]
     scripted_training.update(updates_for(nodes, seed=4))
     outcome, _ = secure_round(config(**{"strategy.secagg-degree": 2}), nodes,
-                              drop=lambda n, kind: n == nodes[2] and kind == "train.secagg")
+                              drop=lambda n, kind, rnd: n == nodes[2] and kind == "train.secagg")
     alive = [n for n in nodes if n != nodes[2]]
     assert outcome.reason == "" and outcome.stats["holders"] == 3 and outcome.stats["threshold"] == 2
     assert np.abs(secure_vector(outcome) - true_sum(scripted_training, alive)).max() \
@@ -202,11 +210,11 @@ def test_too_many_dropping_fails_the_round_cleanly_nothing_is_aggregated(scripte
     nodes = NODES[:5]
     scripted_training.update(updates_for(nodes, seed=5))
     drop = {nodes[1], nodes[2], nodes[4]}  # 2 of 5 send: below the threshold of 3
-    outcome, _ = secure_round(config(), nodes, drop=lambda n, kind: n in drop and kind == "train.secagg")
+    outcome, _ = secure_round(config(), nodes, drop=lambda n, kind, rnd: n in drop and kind == "train.secagg")
     assert outcome.total is None and "fewer than the threshold 3" in outcome.reason
 
     cfg = config(**{"run.num-rounds": 1})
-    grid = SiteGrid(nodes, dict(cfg.to_flat()), drop=lambda n, kind: n in drop and kind == "train.secagg")
+    grid = SiteGrid(nodes, dict(cfg.to_flat()), drop=lambda n, kind, rnd: n in drop and kind == "train.secagg")
     recorded: list[dict] = []
     out = run_rounds(grid, cfg, fedavg(), NoEval(), recorded.append, tmp_path, arrays=GLOBAL)
     (rec,) = [r for r in recorded if r["round"] == 1]
@@ -332,3 +340,81 @@ def test_the_masks_use_the_whole_seed():
     b = b"".join(w.to_bytes(4, "little") for w in words)
     assert not np.array_equal(S.prg(a, b"self", 64), S.prg(b, b"self", 64))
     assert not np.array_equal(S.prg(a, b"self", 64), S.prg(a, b"pair", 64))
+
+
+class FixedRing:
+    """In place of ``secrets.SystemRandom``: the ring is the order the sites were sampled in."""
+
+    def shuffle(self, order):
+        pass
+
+
+def test_senders_cut_apart_on_a_sparse_graph_are_refused_not_unmasked(scripted_training, monkeypatch):
+    """Found by review: 8 sites on a ring of degree 2, the 3rd and 6th drop after sharing. The
+    server would hold the self masks of all senders and the keys of both dropped sites, enough to
+    strip the masks from the sum of the 4th and 5th alone. The round must fail instead."""
+    monkeypatch.setattr("server.secagg.secrets.SystemRandom", FixedRing)
+    nodes = NODES[:6] + [2**63 + 1001, 2**63 + 1002]
+    NODES.extend(nodes[6:])  # the scripted training finds a site's node by its partition
+    try:
+        scripted_training.update(updates_for(nodes, seed=7))
+        outcome, grid = secure_round(config(**{"strategy.secagg-degree": 2}), nodes,
+                                     drop=lambda n, kind, rnd: n in (nodes[2], nodes[5]) and kind == "train.secagg")
+    finally:
+        del NODES[6:]
+    assert outcome.total is None and "not connected" in outcome.reason
+    assert not [kind for _, kind, _ in grid.seen if kind == "query.secagg_unmask"]  # nothing was revealed
+
+
+def test_a_site_refuses_to_unmask_senders_that_are_cut_apart():
+    """The same check at the site, against a server that would ask anyway."""
+    order = [str(i) for i in range(1, 9)]
+    state = RecordDict({site_secagg.STATE: ConfigRecord({
+        "round": 1, "stage": "train", "order": order, "degree": 2, "pk-nodes": [], "c-pk": [], "inbox-from": [],
+        "inbox": [], "holders": ["4"], "own-b": b"x", "own-k": b"y"})})
+    with pytest.raises(site_secagg.ProtocolError, match="not connected"):
+        site_secagg.unmask(ConfigRecord({"round": 1, "sent": ["1", "2", "4", "5", "7", "8"], "dropped": ["3", "6"]}),
+                           state, 4)
+
+
+def test_a_malformed_masked_update_drops_that_site_only(scripted_training):
+    nodes = NODES[:5]
+    scripted_training.update(updates_for(nodes, seed=8))
+
+    def short(node, kind, reply):
+        if node == nodes[1] and kind == "train.secagg":
+            reply.content[S.MASKED] = ArrayRecord({S.MASKED_ARRAY: Array(np.zeros(10, dtype=np.uint32))})
+
+    outcome, _ = secure_round(config(), nodes, tamper=short)
+    alive = [n for n in nodes if n != nodes[1]]
+    assert outcome.reason == "" and sorted(outcome.senders) == sorted(alive)
+    assert "malformed masked update" in outcome.failed[nodes[1]]
+    assert np.abs(secure_vector(outcome) - true_sum(scripted_training, alive)).max() \
+        <= outcome.stats["max-abs-error-bound"]
+
+
+def test_a_threshold_the_round_cannot_meet_fails_it_cleanly(scripted_training):
+    nodes = NODES[:3]
+    scripted_training.update(updates_for(nodes))
+    outcome, _ = secure_round(config(**{"strategy.secagg-threshold": 5}), nodes)
+    assert outcome.total is None and "secagg-threshold = 5" in outcome.reason
+
+
+def test_a_failed_secure_round_does_not_end_the_run_three_in_a_row_do(scripted_training, tmp_path):
+    nodes = NODES[:5]
+    scripted_training.update(updates_for(nodes, seed=9))
+    drop = {nodes[1], nodes[2], nodes[4]}
+    cfg = config(**{"run.num-rounds": 2})
+    recorded: list[dict] = []
+    grid = SiteGrid(nodes, dict(cfg.to_flat()), drop=lambda n, kind, rnd: rnd == 1 and n in drop
+                    and kind == "train.secagg")
+    out = run_rounds(grid, cfg, fedavg(), NoEval(), recorded.append, tmp_path, arrays=GLOBAL)
+    assert out.status == "completed", out.reason
+    r1, r2 = [r for r in recorded if r["round"] >= 1]
+    assert "fewer than the threshold" in r1["secagg"]["reason"] and r2["secagg"]["reason"] == ""
+    assert [r["status"] for r in r2["sites"]] == ["ok"] * 5
+
+    cfg = config(**{"run.num-rounds": 4})
+    grid = SiteGrid(nodes, dict(cfg.to_flat()), drop=lambda n, kind, rnd: n in drop and kind == "train.secagg")
+    out = run_rounds(grid, cfg, fedavg(), NoEval(), [].append, tmp_path / "b", arrays=GLOBAL)
+    assert out.status == "failed" and "failed in 3 rounds in a row" in out.reason and out.rounds_done == 2
