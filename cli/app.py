@@ -22,11 +22,11 @@ import click
 import typer
 from rich.text import Text
 
-from cli import audit_commands, generate_commands, read_commands
+from cli import audit_commands, generate_commands, read_commands, site_commands
 from cli.output import fail, stderr
 from server.store import StoreError
 
-__all__ = ["app", "audit_app", "main"]
+__all__ = ["app", "audit_app", "main", "site_app"]
 
 app = typer.Typer(
     name="fedgen",
@@ -40,6 +40,11 @@ audit_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(audit_app, name="audit")
+site_app = typer.Typer(
+    help="A site operator's commands, on the site's machine: approvals, the log of every computation, status.",
+    no_args_is_help=True,
+)
+app.add_typer(site_app, name="site")
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -82,6 +87,11 @@ COMMANDS: tuple[tuple[typer.Typer, str, Callable[..., Any]], ...] = (
     (audit_app, "show", read_commands.audit_show_cmd),
     (audit_app, "run", audit_commands.audit_run_cmd),
     (audit_app, "sample", audit_commands.audit_sample_cmd),
+    (site_app, "status", site_commands.status_cmd),
+    (site_app, "pending", site_commands.pending_cmd),
+    (site_app, "approve", site_commands.approve_cmd),
+    (site_app, "reject", site_commands.reject_cmd),
+    (site_app, "log", site_commands.log_cmd),
 )
 for _group, _name, _fn in COMMANDS:
     _group.command(_name)(guarded(_fn))

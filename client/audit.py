@@ -47,7 +47,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 
 from client.dp import make_private
-from client.privacy_state import BudgetExceeded, SitePrivacy, dataset_key, legacy_dataset_key, make_plan
+from client.policy import PolicyRefusal, check_request, config_digest, load_policy
+from client.privacy_state import (BudgetExceeded, SitePrivacy, dataset_key, ledger_path, legacy_dataset_key,
+                                  make_plan)
+from client.site_log import SiteLog
 from common import privacy
 from common.audit import default_guess_counts, one_run_audit
 from common.config import AppConfig, SiteConfig
@@ -181,6 +184,12 @@ def run_sample_audit(
     """
     if num_canaries < 2:
         raise ValueError(f"num_canaries must be >= 2, got {num_canaries}")
+    policy = load_policy(site.policy_path) if site.policy_path else None
+    if policy is not None:  # the site's own rules first: an audit trains on its records
+        try:
+            check_request(policy, cfg, "audit")
+        except PolicyRefusal as err:
+            raise AuditRefused(str(err)) from None
     start = time.perf_counter()
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**63))
@@ -209,11 +218,12 @@ def run_sample_audit(
         # The site's own plan for n records, calibrated for the audit's steps, at the site's own delta.
         plan = make_plan(cfg, n, total_steps=steps, delta_records=len(data))
         delta, noise = plan.delta, plan.noise_multiplier
-        sp = SitePrivacy(cfg, site, dataset_key(cfg, data), legacy_keys=(legacy_dataset_key(cfg, site),))
+        sp = SitePrivacy(cfg, site, dataset_key(cfg, data), legacy_keys=(legacy_dataset_key(cfg, site),),
+                         policy=policy)
         try:  # priced and charged ahead on the site's ledger, before the audit touches data
             reservation = sp.reserve(plan, steps, line={"run": f"audit-{seed}", "family": cfg.task.family, "round": 0,
                                                    "audit": True}, what="the audit")
-        except BudgetExceeded as err:
+        except (BudgetExceeded, PolicyRefusal) as err:
             raise AuditRefused(str(err)) from None
         dp = make_private(task, optimizers, loader, plan=plan, history=[], grad_sample_mode=p.grad_sample_mode)
         loader = dp.loader
@@ -242,4 +252,9 @@ def run_sample_audit(
     if result.violation:
         log.error("privacy audit VIOLATION: empirical epsilon %.3f exceeds the claimed %.3f",
                   result.empirical_epsilon, result.claimed_epsilon)
+    path = ledger_path(cfg, site)
+    if path:  # the site's log of every computation on its records (client/site_log.py)
+        SiteLog(path).append({"run": f"audit-{seed}", "round": 0, "kind": "audit", "config": config_digest(cfg),
+                              "steps": steps, "epsilon": float(claimed) if p.enabled else None,
+                              "decision": "ok", "reason": ""})
     return result

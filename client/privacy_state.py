@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
+from client.policy import SitePolicy, check_plan
 from common import privacy
 from common.atomic import write_bytes
 from common.config import AppConfig, SiteConfig, site_budget
@@ -266,19 +267,26 @@ def _without(history: list[HistoryEntry], removed: HistoryEntry) -> list[History
     return privacy.compact(list(reversed(out)))
 
 
+def ledger_path(cfg: AppConfig, site: SiteConfig) -> str:
+    """The site's ledger file: its node config's ``ledger-path``, else one under the run's
+    ``privacy.ledger-dir``, else '' (none). Its log and approvals live beside it."""
+    ledger_dir = cfg.privacy.ledger_dir
+    return site.ledger_path or (
+        str(Path(ledger_dir) / f"partition-{site.partition_id}-of-{site.num_partitions}.json") if ledger_dir else "")
+
+
 class SitePrivacy:
     """One site's spend on one set of records: the ledger file when there is one, else ``Context.state``."""
 
     def __init__(self, cfg: AppConfig, site: SiteConfig, key: str, state: RecordDict | None = None,
-                 legacy_keys: tuple[str, ...] = ()) -> None:
-        self.cfg, self.site, self.key, self.legacy_keys = cfg, site, key, legacy_keys
+                 legacy_keys: tuple[str, ...] = (), policy: SitePolicy | None = None) -> None:
+        self.cfg, self.site, self.key, self.legacy_keys, self.policy = cfg, site, key, legacy_keys, policy
         self.state = state if state is not None else RecordDict()
-        ledger_dir = cfg.privacy.ledger_dir
-        path = site.ledger_path or (
-            str(Path(ledger_dir) / f"partition-{site.partition_id}-of-{site.num_partitions}.json") if ledger_dir else ""
-        )
+        path = ledger_path(cfg, site)
         self.ledger = Ledger(path) if path else None
         self.budget = site_budget(cfg, site)
+        if policy is not None and policy.max_epsilon > 0:  # the site's policy caps every budget a run names
+            self.budget = min(self.budget, policy.max_epsilon)
 
     def require_durable(self) -> None:
         """Refuse DP without a ledger file unless the operator accepted an in-memory one."""
@@ -343,6 +351,9 @@ class SitePrivacy:
         with self._entry() as entry:
             spent = privacy.epsilon(entry.history, plan.delta, plan.accountant)
             would = privacy.epsilon(privacy.compact([*entry.history, *charge]), plan.delta, plan.accountant)
+            if self.policy is not None:  # the site's own rules on the plan (PolicyRefusal: nothing written)
+                check_plan(self.policy, noise_multiplier=plan.noise_multiplier, delta=plan.delta, spent=spent,
+                           would=would)
             if would > self.budget * (1 + 1e-9):
                 raise BudgetExceeded(what, spent, would, self.budget, plan.delta)
             line_id = uuid.uuid4().hex

@@ -22,6 +22,7 @@ another round than the state's, or out of order, is refused: nothing is reused a
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 import numpy as np
@@ -31,6 +32,8 @@ from common import records as R
 from common import secagg as S
 from common.config import AppConfig, SiteConfig
 from client.site import RoundResult, train_round
+
+log = logging.getLogger(__name__)
 
 STATE = "secagg"  # the ConfigRecord in Context.state that holds this round's secrets
 
@@ -89,7 +92,7 @@ def shares(config: ConfigRecord, state: RecordDict, me: int) -> ConfigRecord:
                 "holders": _strs(holders), "own-b": b_shares[0], "own-k": k_shares[0],
                 "pk-nodes": _strs(with_keys), "c-pk": [c_pk[v] for v in with_keys],
                 "s-pk": [s_pk[v] for v in with_keys]})
-    return ConfigRecord({"dst": _strs(dst), "box": boxes})
+    return ConfigRecord({"dst": _strs(dst), "box": boxes, "b-hash": S.seed_hash(b)})
 
 
 def train(cfg: AppConfig, site: SiteConfig, global_arrays: ArrayRecord, config: ConfigRecord, secure: ConfigRecord,
@@ -147,7 +150,11 @@ def unmask(config: ConfigRecord, state: RecordDict, me: int) -> ConfigRecord:
     for v in _ids(rec["holders"])[1:]:
         if v not in inbox or (v not in sent and v not in dropped):
             continue  # its shares never came (it dropped before sharing), or it is not in this round
-        b_share, k_share = S.unseal(S.agreed_seed(c_key, c_pk[v]), bytes(inbox[v]), v, me)
+        try:
+            b_share, k_share = S.unseal(S.agreed_seed(c_key, c_pk[v]), bytes(inbox[v]), v, me)
+        except Exception as err:  # noqa: BLE001 - one neighbour's unreadable box: skip it, reveal the rest
+            log.warning("secure aggregation: the shares from node %d cannot be opened (%s); skipping them", v, err)
+            continue
         if v in sent:
             b_of.append(v)
             b_out.append(b_share)

@@ -21,7 +21,11 @@ from flwr.app import ArrayRecord, RecordDict
 
 from client import diagnostics, faults
 from client.dp import make_private
-from client.privacy_state import BudgetExceeded, SitePrivacy, dataset_key, legacy_dataset_key, make_plan
+from client.approvals import APPROVED, REJECTED, Approvals
+from client.policy import PolicyRefusal, SitePolicy, check_request, config_digest, load_policy
+from client.privacy_state import (BudgetExceeded, LedgerError, SitePrivacy, dataset_key, ledger_path,
+                                  legacy_dataset_key, make_plan)
+from client.site_log import SiteLog, arrays_digest
 from common import atomic
 from common import privacy
 from common import records as R
@@ -34,10 +38,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RoundResult:
-    status: str  # "ok" | "budget-exhausted"
+    status: str  # "ok" | "budget-exhausted" | "refused-by-policy" | "awaiting-approval"
     metrics: dict[str, float] = field(default_factory=dict)
     arrays: ArrayRecord | None = None
     reason: str = ""
+    request: str = ""  # the request's digest, when the ledger line of its charge names it
 
 
 def request_digest(cfg: AppConfig, site: SiteConfig, *, key: str, run_name: str, server_round: int,
@@ -113,12 +118,64 @@ def train_round(
 ) -> RoundResult:
     """Train one round; with a ledger on disk and a ``run_name``, a round asked again with
     the same model and settings is answered with the saved update (:class:`SavedReply`).
-    Every reply says how long the site took (``R.SITE_SECONDS``...)."""
+    Every reply says how long the site took (``R.SITE_SECONDS``...).
+
+    The site's policy (``policy-path``, ``client/policy.py``) is read first: a malformed one
+    raises (the site fails every request, listing every problem); a request it forbids, or a
+    config its operator has not approved, is refused before the data is opened. Every request
+    and its outcome goes to the site's hash-chained log beside its ledger (``client/site_log.py``)."""
     start = time.perf_counter()
-    result = _train_round(cfg, site, global_arrays, server_round=server_round, state=state,
-                          proximal_mu=proximal_mu, run_id=run_id, run_name=run_name)
+    policy = load_policy(site.policy_path) if site.policy_path else None
+    path = ledger_path(cfg, site)
+    record = {"run": str(run_id), "run_name": run_name, "round": server_round, "kind": "train",
+              "config": config_digest(cfg), "model": arrays_digest(global_arrays) if path else ""}
+    try:
+        result = _gate(cfg, site, policy, path, run_name) or _train_round(
+            cfg, site, global_arrays, server_round=server_round, state=state, proximal_mu=proximal_mu,
+            run_id=run_id, run_name=run_name, policy=policy)
+    except Exception as err:
+        if path:
+            SiteLog(path).append({**record, "decision": "failed", "reason": f"{type(err).__name__}: {err}"[:500]})
+        raise
     result.metrics[R.SITE_SECONDS] = time.perf_counter() - start
+    if path:
+        SiteLog(path).append({**record, "update": arrays_digest(result.arrays), "request": result.request,
+                              "steps": result.metrics.get(R.STEPS), "epsilon": result.metrics.get(R.EPSILON),
+                              "replayed": bool(result.metrics.get(R.REPLAYED)), "decision": result.status,
+                              "reason": result.reason})
     return result
+
+
+def _gate(cfg: AppConfig, site: SiteConfig, policy: SitePolicy | None, path: str, run_name: str
+          ) -> RoundResult | None:
+    """A refusal by the site's policy or its operator, before any data is opened; None to go on."""
+    if policy is None:
+        return None
+    metrics = {R.PARTITION: float(site.partition_id), R.WEIGHT: 0.0}
+    try:
+        check_request(policy, cfg, "train")
+    except PolicyRefusal as err:
+        log.warning("site %d: %s", site.partition_id, err)
+        return RoundResult(status=R.REFUSED_BY_POLICY, metrics=metrics, reason=str(err))
+    if not policy.require_approval:
+        return None
+    if not path:
+        raise LedgerError("the site's policy requires approval, which is recorded beside the ledger: set the node "
+                          "config's ledger-path")
+    digest = config_digest(cfg)
+    state = Approvals(path).decide(digest, {
+        "run_name": run_name, "run_prefix": cfg.run.name, "family": cfg.task.family, "dataset": cfg.data.dataset,
+        "planned_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
+        "rounds": cfg.run.num_rounds})
+    if state == APPROVED:
+        return None
+    if state == REJECTED:
+        reason = f"refused by the site's operator: the run config {digest} was rejected; nothing was trained or spent"
+        return RoundResult(status=R.REFUSED_BY_POLICY, metrics=metrics, reason=reason)
+    reason = (f"awaiting approval of the run config {digest} by the site's operator (`fedgen site approve {digest}` "
+              "on the site's machine); nothing was trained or spent")
+    log.warning("site %d: %s", site.partition_id, reason)
+    return RoundResult(status=R.AWAITING_APPROVAL, metrics=metrics, reason=reason)
 
 
 def _train_round(
@@ -131,6 +188,7 @@ def _train_round(
     proximal_mu: float,
     run_id: int | str,
     run_name: str,
+    policy: SitePolicy | None = None,
 ) -> RoundResult:
     fault = faults.planned_fault(site.partition_id, server_round)
     if fault == "crash":
@@ -163,7 +221,7 @@ def _train_round(
 
     plan = make_plan(cfg, n)
     key = dataset_key(cfg, data)
-    sp = SitePrivacy(cfg, site, key, state, legacy_keys=(legacy_dataset_key(cfg, site),))
+    sp = SitePrivacy(cfg, site, key, state, legacy_keys=(legacy_dataset_key(cfg, site),), policy=policy)
     sp.require_durable()
     # Under DP a reply carries only DP outputs and values that do not depend on the records
     # beyond the plan (README, "What a site sends"): no exact count, loss or clip fraction.
@@ -188,7 +246,8 @@ def _train_round(
                      "update already trained and paid for (epsilon stays %.4f)", site.partition_id, server_round,
                      run_name, spent)
             metrics = {**sent, R.EPSILON: spent, R.REPLAYED: 1.0, R.TRAIN_SECONDS: 0.0, R.TRAIN_CPU_SECONDS: 0.0}
-            return RoundResult(status="ok", metrics=metrics, arrays=_with_fault(arrays, fault, global_arrays))
+            return RoundResult(status="ok", metrics=metrics, arrays=_with_fault(arrays, fault, global_arrays),
+                               request=key_digest)
         line = {"run": str(run_id), "family": cfg.task.family, "round": server_round, "request": key_digest}
         return _train_private(cfg, task, data, optimizers, loader, plan=plan, sp=sp, entry=entry, metrics=metrics,
                               fault=fault, global_arrays=global_arrays, line=line, proximal_mu=proximal_mu,
@@ -207,6 +266,10 @@ def _train_private(cfg: AppConfig, task, data, optimizers, loader, *, plan, sp: 
         log.warning("site %d: %s", sp.site.partition_id, err)
         metrics.update({R.EPSILON: err.spent, R.BUDGET_EXHAUSTED: 1.0, R.WEIGHT: 0.0})
         return RoundResult(status="budget-exhausted", metrics=metrics, reason=str(err))
+    except PolicyRefusal as err:  # a rule on the plan (the noise a calibration picked, the round's epsilon)
+        log.warning("site %d: %s", sp.site.partition_id, err)
+        metrics.update({R.EPSILON: sp.spent(plan), R.WEIGHT: 0.0})
+        return RoundResult(status=R.REFUSED_BY_POLICY, metrics=metrics, reason=str(err))
     dp = make_private(task, optimizers, loader, plan=plan, history=entry.history,
                       grad_sample_mode=cfg.privacy.grad_sample_mode)
     result, wall, cpu = _train(task, dp.loader, optimizers, plan.steps_per_round, proximal_mu, check_loss=False)
@@ -225,7 +288,8 @@ def _train_private(cfg: AppConfig, task, data, optimizers, loader, *, plan, sp: 
     if saved is not None:
         saved.save(line["request"], arrays, metrics)  # before the charge is confirmed: see SavedReply
     metrics[R.EPSILON] = sp.confirm(reservation, dp.charged)
-    return RoundResult(status="ok", metrics=metrics, arrays=_with_fault(arrays, fault, global_arrays))
+    return RoundResult(status="ok", metrics=metrics, arrays=_with_fault(arrays, fault, global_arrays),
+                       request=line.get("request", ""))
 
 
 def _train(task, loader, optimizers, steps: int, proximal_mu: float, *, check_loss: bool = True):
@@ -256,6 +320,8 @@ def evaluate_round(cfg: AppConfig, site: SiteConfig, global_arrays: ArrayRecord)
     if cfg.privacy.enabled:
         raise PermissionError("this site trains with DP: it does not release exact evaluation metrics on its "
                               "records (the server evaluates on its own held-out data)")
+    if site.policy_path:
+        check_request(load_policy(site.policy_path), cfg, "evaluate")  # PolicyRefusal: the reply says which rule
     data, spec = site_dataset(cfg, site)
     task = build_task(cfg, spec, pick_device(cfg.run.device))
     R.load_arrayrecord(task.modules, global_arrays)

@@ -404,6 +404,15 @@ class AppConfig(_Section):
         if self.audit.user_canaries:
             problems.append("audit.user-canaries: the user-level audit inserts canary updates into the server's "
                             "sum of individual updates; run it without secure aggregation")
+        if st.secagg_threshold == 1:
+            problems.append("strategy.secagg-threshold = 1: one share would rebuild a secret, so any one site could "
+                            "hand the server both of a neighbour's; use 0 (a majority) or more")
+        elif st.secagg_threshold and st.secagg_degree:
+            holders = 2 * ((st.secagg_degree + 1) // 2) + 1  # a site and its neighbours on the ring
+            if not holders // 2 < st.secagg_threshold <= holders:
+                problems.append(f"strategy.secagg-threshold = {st.secagg_threshold}: with secagg-degree = "
+                                f"{st.secagg_degree} each secret has {holders} holders; use 0 (a majority) or "
+                                f"{holders // 2 + 1} to {holders}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -500,6 +509,7 @@ class SiteConfig(_Section):
         0, ge=0, description="a record count the site declares public: its weight in the merge under DP "
         "(0 = uniform weights; the exact count is never sent under DP)")
     privacy_budget: float = Field(0.0, ge=0, description="0 = the run's privacy.budget")
+    policy_path: str = Field("", description="the site's policy file (client/policy.py); empty = no policy")
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> SiteConfig:

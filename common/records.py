@@ -45,6 +45,8 @@ SITE_SECONDS = "site-seconds"
 TRAIN_SECONDS = "train-seconds"
 TRAIN_CPU_SECONDS = "train-cpu-seconds"
 BUDGET_EXHAUSTED = "budget-exhausted"
+REFUSED_BY_POLICY = "refused-by-policy"  # the site's policy forbids what the run asks (client/policy.py)
+AWAITING_APPROVAL = "awaiting-approval"  # the site's operator has not approved this run config yet
 FAILED = "failed"  # the site caught its own error: the reply says so, with its partition (client/app.py)
 # Key of the train config the server sends: its name for the run, the same across a resume
 # (the flwr run id is not).

@@ -16,9 +16,12 @@ shares held by the sites: ``b_u`` of every site that sent ``y_u``, and the maski
 site that shared keys but sent nothing (so its pairwise masks in the others' ``y`` can be
 recomputed). An honest site reveals, for each neighbour, a share of ``b`` or a share of the key,
 never both, so the server never holds both secrets of one ``y``. Trust model: honest but
-curious server and sites; fewer than ``t`` sites colluding with the server learn nothing beyond
-the sum (Bell et al.'s semi-honest guarantee); a malicious server that lies about who dropped
-is outside it (the paper's malicious variant adds signatures and consistency checks).
+curious server and sites. With every site neighbouring every other, fewer than ``t`` sites
+colluding with the server learn nothing beyond the sum (Bell et al.'s semi-honest guarantee);
+on a sparse graph only while the honest senders stay connected without the colluders (not
+checked: a reviewer showed one colluder bridging a dropout's gap). A malicious server that
+tells sites different lists of who dropped is outside it (the paper's malicious variant adds
+signatures and a consistency round).
 
 Our own choices, each because the primitive at hand was not enough:
 
@@ -34,6 +37,8 @@ Our own choices, each because the primitive at hand was not enough:
 from __future__ import annotations
 
 import base64
+import hashlib
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -167,6 +172,42 @@ def private_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def load_private(raw: bytes) -> ec.EllipticCurvePrivateKey:
     return ec.derive_private_key(int.from_bytes(raw, "big"), CURVE)
+
+
+def checked_public(raw) -> bytes:
+    """Public key bytes, refused (ValueError) unless they are a point of the curve."""
+    raw = bytes(raw)
+    ec.EllipticCurvePublicKey.from_encoded_point(CURVE, raw)
+    return raw
+
+
+def public_of(private_raw: bytes) -> bytes:
+    """The public key bytes of a private key's bytes (b'' when they are not a valid key)."""
+    try:
+        return public_bytes(load_private(private_raw))
+    except ValueError:
+        return b""
+
+
+def seed_hash(seed: bytes) -> bytes:
+    """A site's commitment to its self-mask seed (stage 2): SHA-256, which reveals nothing of a
+    256-bit random seed and lets the server check the seed it rebuilds from shares."""
+    return hashlib.sha256(b"fedgen-secagg-self-seed" + seed).digest()
+
+
+def rebuild(shares: list[bytes], t: int, valid, tries: int = 64) -> bytes | None:
+    """The secret ``t`` of ``shares`` rebuild and ``valid`` accepts, trying other subsets when
+    one is wrong (at most ``tries``); None if none does."""
+    for i, subset in enumerate(itertools.combinations(shares, t)):
+        if i >= tries:
+            break
+        try:
+            secret = combine(list(subset))
+        except ValueError:
+            continue
+        if valid(secret):
+            return secret
+    return None
 
 
 def agreed_seed(key: ec.EllipticCurvePrivateKey, peer_public: bytes) -> bytes:

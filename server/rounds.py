@@ -82,11 +82,17 @@ def _reply_status(msg: Message) -> tuple[str, str]:
     if msg.has_error():
         return "failed", msg.error.reason
     status = msg.content.get(R.STATUS_RECORD)
-    if status is not None and status.get(R.STATUS) == R.BUDGET_EXHAUSTED:
-        return "refused", str(status.get(R.REASON, R.BUDGET_EXHAUSTED))
+    # Refusals: the site's budget, its policy (client/policy.py), or its operator's approval pending.
+    if status is not None and status.get(R.STATUS) in (R.BUDGET_EXHAUSTED, R.REFUSED_BY_POLICY, R.AWAITING_APPROVAL):
+        return "refused", str(status.get(R.REASON, status.get(R.STATUS)))
     if status is not None and status.get(R.STATUS) == R.FAILED:  # the site caught its own error (client/app.py)
         return "failed", str(status.get(R.REASON, "the site failed"))
     return "ok", ""
+
+
+def _awaiting_approval(msg: Message) -> bool:
+    status = None if msg.has_error() else msg.content.get(R.STATUS_RECORD)
+    return status is not None and status.get(R.STATUS) == R.AWAITING_APPROVAL
 
 
 @dataclass
@@ -173,7 +179,8 @@ class RoundLoop:
         """Why the run stops before round ``rnd`` (too few sites with budget, user-level budget), or ''."""
         cfg = self.cfg
         if self.exhausted and len(remaining) < cfg.strategy.min_train_nodes:
-            return (f"only {len(remaining)} site(s) still have privacy budget, fewer than "
+            return (f"only {len(remaining)} site(s) can still train (the others' privacy budget is spent or "
+                    "their policy refuses this run), fewer than "
                     f"strategy.min-train-nodes = {cfg.strategy.min_train_nodes}; stopping before round {rnd}")
         if self.user_level and cfg.central_dp.max_epsilon > 0:
             n = len(remaining)
@@ -214,10 +221,12 @@ class RoundLoop:
                 except InvalidUpdate as err:
                     status, reason = "failed", f"invalid update dropped: {err}"
             node = dst_of.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
-            if status == "refused":
-                self.exhausted.add(node)
             row = site_row(msg, status, reason or None)
             row["node_id"] = node
+            if status == "refused" and _awaiting_approval(msg):
+                row["awaiting_approval"] = True  # asked again next round: its operator may approve meanwhile
+            elif status == "refused":
+                self.exhausted.add(node)  # out of budget, or its policy forbids this run: never sampled again
             rows.append(row)
             row_of[id(msg)] = row
         good = _same_metric_keys(good, row_of)
@@ -354,6 +363,12 @@ class RoundLoop:
         if good:
             self.secure_failures = 0
             return None
+        if rows and all(r["status"] == "refused" for r in rows) and any(r.get("awaiting_approval") for r in rows):
+            if rnd < self.num_rounds:
+                return None  # some site's operator may approve before the next round
+            waiting = sum(bool(r.get("awaiting_approval")) for r in rows)
+            return ("stopped", f"no site trained in round {rnd}, the last: {waiting} site(s) still await their "
+                               "operator's approval of this run config", rnd)
         if rows and all(r["status"] == "refused" for r in rows):
             if rnd < self.num_rounds:
                 return None
@@ -361,8 +376,11 @@ class RoundLoop:
                                f"the model of round {rnd - 1} is final", rnd)  # rounds recorded, as at the top
         if secure is not None and secure.reason:
             self.secure_failures += 1
-            if self.secure_failures < SECURE_FAILURES_TO_STOP:
+            if self.secure_failures < SECURE_FAILURES_TO_STOP and rnd < self.num_rounds:
                 return None
+            if rnd == self.num_rounds and self.secure_failures < SECURE_FAILURES_TO_STOP:
+                return ("failed", f"secure aggregation failed in round {rnd}, the last: {secure.reason}",
+                        rnd if released else rnd - 1)
             return ("failed", f"secure aggregation failed in {self.secure_failures} rounds in a row; the last "
                               f"(round {rnd}): {secure.reason}", rnd if released else rnd - 1)
         reasons = "; ".join(sorted({f"{r['reason']}" for r in rows})) or "no site replied"

@@ -135,6 +135,16 @@ class SecureRound:
         # 1: keys
         keys, _ = stage(sampled, lambda n: RecordDict({SECAGG: ConfigRecord(base)}), "query.secagg_keys", "keys")
         with_keys = answered(sampled, keys, "keys")
+        c_pk, s_pk = {}, {}
+        for n in list(with_keys):  # a key that is not a point of the curve drops its site, no one else
+            try:
+                rec = keys[n].content[SECAGG]
+                c_pk[n], s_pk[n] = S.checked_public(rec["c-pk"]), S.checked_public(rec["s-pk"])
+            except (KeyError, TypeError, ValueError) as err:
+                failed[n] = f"secure aggregation, stage keys: unusable public keys ({err})"
+                with_keys.remove(n)
+        if not with_keys:
+            return fail("secure aggregation: no site sent usable keys")
         order = list(with_keys)
         secrets.SystemRandom().shuffle(order)  # the ring: who neighbours whom
         degree = st.secagg_degree
@@ -145,9 +155,8 @@ class SecureRound:
             return fail(f"secure aggregation: {err}")
         stats.update({"threshold": t, "holders": holders})
         if len(with_keys) < max(t, 2):
-            return fail(f"secure aggregation: {len(with_keys)} site(s) sent keys, fewer than the threshold {t} (or 2)")
-        c_pk = {n: bytes(keys[n].content[SECAGG]["c-pk"]) for n in with_keys}
-        s_pk = {n: bytes(keys[n].content[SECAGG]["s-pk"]) for n in with_keys}
+            return fail(f"secure aggregation: {len(with_keys)} site(s) sent usable keys, fewer than the threshold "
+                        f"{t} (or 2)")
 
         # 2: shares
         shares_cfg = ConfigRecord({**base, "order": _strs(order), "degree": degree, "threshold": st.secagg_threshold,
@@ -158,12 +167,23 @@ class SecureRound:
         shared = answered(with_keys, shared_replies, "shares")
         if len(shared) < max(t, 2):
             return fail(f"secure aggregation: {len(shared)} site(s) shared keys, fewer than the threshold {t} (or 2)")
+        boxes: dict[int, list[tuple[int, bytes]]] = {}
+        b_hash: dict[int, bytes] = {}
+        for src in list(shared):  # a malformed reply drops its site: no one masks with it
+            try:
+                rec = shared_replies[src].content[SECAGG]
+                boxes[src] = [(dst, bytes(box)) for dst, box in zip(_ids(rec["dst"]), rec["box"], strict=True)]
+                b_hash[src] = bytes(rec["b-hash"])
+            except (KeyError, TypeError, ValueError) as err:
+                failed[src] = f"secure aggregation, stage shares: a malformed reply ({err})"
+                shared.remove(src)
+        if len(shared) < max(t, 2):
+            return fail(f"secure aggregation: {len(shared)} site(s) shared keys, fewer than the threshold {t} (or 2)")
         inbox: dict[int, list[tuple[int, bytes]]] = {n: [] for n in shared}
         for src in shared:
-            rec = shared_replies[src].content[SECAGG]
-            for dst, box in zip(_ids(rec.get("dst", [])), rec.get("box", [])):
+            for dst, box in boxes[src]:
                 if dst in inbox:
-                    inbox[dst].append((src, bytes(box)))
+                    inbox[dst].append((src, box))
 
         # 3: train and mask
         train_of = {int(m.metadata.dst_node_id): m for m in train_messages}
@@ -188,13 +208,16 @@ class SecureRound:
             if msg.has_error() or S.MASKED not in msg.content.array_records:
                 continue  # the site's own failure or refusal: its row says why
             rec = msg.content.array_records[S.MASKED]
-            y = rec[S.MASKED_ARRAY].numpy() if S.MASKED_ARRAY in rec else None
+            try:
+                y = rec[S.MASKED_ARRAY].numpy() if S.MASKED_ARRAY in rec else None
+            except (ValueError, TypeError):
+                y = None
             del msg.content[S.MASKED]  # the loop reads metrics and status only
             if y is None or y.dtype != np.uint32 or y.shape != (dim,):
                 # Counted as dropped: its self mask is never revealed, so its masked array, if
                 # anything, stays a one-time pad; its pairwise masks come out with its key.
-                failed[n] = (f"secure aggregation: a malformed masked update (expected {dim} uint32 values, got "
-                             f"{'none' if y is None else f'{y.size} {y.dtype}'})")
+                failed[n] = (f"secure aggregation: a malformed masked update (expected uint32 of shape ({dim},), "
+                             f"got {'nothing readable' if y is None else f'{y.dtype} of shape {y.shape}'})")
                 continue
             masked[n] = y
         senders = [n for n in shared if n in masked]
@@ -217,32 +240,43 @@ class SecureRound:
         k_shares: dict[int, list[bytes]] = {v: [] for v in dropped
                                             if any(u in masked for u in S.neighbours(order, v, degree)[1:])}
         for n in answered(senders, revealed, "unmask"):
-            rec = revealed[n].content[SECAGG]
-            for v, share in zip(_ids(rec.get("b-of", [])), rec.get("b", [])):
+            try:  # a malformed reply is ignored whole: its shares count for nothing
+                rec = revealed[n].content[SECAGG]
+                got_b = [(v, bytes(x)) for v, x in zip(_ids(rec["b-of"]), rec["b"], strict=True)]
+                got_k = [(v, bytes(x)) for v, x in zip(_ids(rec["k-of"]), rec["k"], strict=True)]
+            except (KeyError, TypeError, ValueError) as err:
+                log.warning("round %d: site %d's unmask reply is malformed (%s); its shares are not used", rnd, n, err)
+                continue
+            for v, share in got_b:
                 if v in b_shares:
-                    b_shares[v].append(bytes(share))
-            for v, share in zip(_ids(rec.get("k-of", [])), rec.get("k", [])):
+                    b_shares[v].append(share)
+            for v, share in got_k:
                 if v in k_shares:
-                    k_shares[v].append(bytes(share))
+                    k_shares[v].append(share)
         short = [n for n, got in {**b_shares, **k_shares}.items() if len(got) < t]
         if short:
             return fail(f"secure aggregation: fewer than {t} shares came back for {len(short)} site(s)' secrets "
                         "(too many sites dropped in the unmask stage)")
-
+        # Every rebuilt secret is checked: a self-mask seed against the hash its site committed to
+        # in stage 2, a masking key against its public key; a wrong share is outvoted when more
+        # than t came back (S.rebuild), and a secret no subset rebuilds fails the round.
+        self_seeds = {n: S.rebuild(b_shares[n], t, lambda b, n=n: S.seed_hash(b) == b_hash[n]) for n in senders}
+        keys_of = {v: S.rebuild(k_shares[v], t, lambda k, v=v: S.public_of(k) == s_pk[v]) for v in k_shares}
+        bad = sorted(n for n, x in {**self_seeds, **keys_of}.items() if x is None)
+        if bad:
+            return fail(f"secure aggregation: the shares of {len(bad)} site(s)' secrets do not rebuild them "
+                        "(a holder sent a wrong share)")
         total = np.zeros(dim, dtype=np.uint32)
-        try:
-            for y in masked.values():
-                total += y
-            for n in senders:
-                total -= S.prg(S.combine(b_shares[n][:t]), b"self", dim)
-            for v in k_shares:  # its pairwise masks stayed in its sending neighbours' updates
-                key = S.load_private(S.combine(k_shares[v][:t]))
-                for u in S.neighbours(order, v, degree)[1:]:
-                    if u in masked:
-                        mask = S.prg(S.agreed_seed(key, s_pk[u]), b"pair", dim)
-                        total = total - mask if S.pair_sign(u, v) > 0 else total + mask
-        except ValueError as err:  # shares that do not combine (a site sent garbage)
-            return fail(f"secure aggregation: a secret could not be rebuilt from its shares ({err})")
+        for y in masked.values():
+            total += y
+        for n in senders:
+            total -= S.prg(self_seeds[n], b"self", dim)
+        for v, raw in keys_of.items():  # its pairwise masks stayed in its sending neighbours' updates
+            key = S.load_private(raw)
+            for u in S.neighbours(order, v, degree)[1:]:
+                if u in masked:
+                    mask = S.prg(S.agreed_seed(key, s_pk[u]), b"pair", dim)
+                    total = total - mask if S.pair_sign(u, v) > 0 else total + mask
         vector = quantizer.dequantize_sum(total, len(senders))
         stats.update({"max-abs-error-bound": len(senders) * quantizer.step,
                       "rms-error-bound": quantizer.step * np.sqrt(len(senders)) / 2})

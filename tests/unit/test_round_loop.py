@@ -37,10 +37,12 @@ class ScriptedGrid(FakeGrid):
         for mid in list(ids):
             msg = self.pending.pop(mid)
             rnd = int(msg.content["config"]["server-round"])
-            if self.answer(int(msg.metadata.dst_node_id), rnd) == "refused":
+            what = self.answer(int(msg.metadata.dst_node_id), rnd)
+            if what in ("refused", "awaiting", "policy"):
+                status = {"refused": "budget-exhausted", "awaiting": "awaiting-approval",
+                          "policy": "refused-by-policy"}[what]
                 content = RecordDict({"metrics": MetricRecord({"weight": 0.0, "epsilon": 8.0}),
-                                      "status": ConfigRecord({"status": "budget-exhausted",
-                                                              "reason": "budget-exhausted: spent"})})
+                                      "status": ConfigRecord({"status": status, "reason": f"{status}: why"})})
             else:
                 arrays = ArrayRecord({"w": Array(np.full(3, float(rnd), dtype=np.float32))})
                 content = RecordDict({"arrays": arrays, "metrics": MetricRecord(
@@ -188,3 +190,27 @@ def test_a_site_that_fails_before_reading_its_node_config_is_named_in_the_round_
     assert row["status"] == "failed" and row["partition_id"] == 1 and row["node_id"] == 100
     assert "public-num-examples" in row["reason"] and "ConfigError" in row["reason"]
     assert outcome.status == "failed" and "public-num-examples" in outcome.reason
+
+
+def test_sites_awaiting_approval_are_asked_again_and_a_policy_refusal_is_final(tmp_path):
+    """Issue 24: round 1 refused at every site (awaiting their operators' approval) does not end
+    the run; a site refused by its policy is never sampled again, like one out of budget."""
+    asked: list[tuple[int, int]] = []
+
+    def answer(node, rnd):
+        asked.append((node, rnd))
+        if rnd == 1:
+            return "awaiting"
+        return "policy" if node == 101 else "ok"
+
+    outcome, recorded = run(tmp_path, 3, answer)
+    assert outcome.status == "completed", outcome.reason
+    r1 = next(r for r in recorded if r["round"] == 1)
+    assert all(row["status"] == "refused" and row["awaiting_approval"] for row in r1["sites"])
+    assert sorted(n for n, rnd in asked if rnd == 2) == [100, 101]  # both asked again
+    assert [n for n, rnd in asked if rnd == 3] == [100]  # the policy's refusal is final
+
+
+def test_a_run_whose_sites_still_await_approval_at_the_last_round_stops_and_says_so(tmp_path):
+    outcome, _ = run(tmp_path, 2, lambda node, rnd: "awaiting")
+    assert outcome.status == "stopped" and "await their operator's approval" in outcome.reason

@@ -418,3 +418,65 @@ def test_a_failed_secure_round_does_not_end_the_run_three_in_a_row_do(scripted_t
     grid = SiteGrid(nodes, dict(cfg.to_flat()), drop=lambda n, kind, rnd: n in drop and kind == "train.secagg")
     out = run_rounds(grid, cfg, fedavg(), NoEval(), [].append, tmp_path / "b", arrays=GLOBAL)
     assert out.status == "failed" and "failed in 3 rounds in a row" in out.reason and out.rounds_done == 2
+
+
+def test_a_site_with_unusable_keys_or_malformed_replies_is_dropped_alone(scripted_training):
+    """Found by the second review: one site's bad reply crashed the ServerApp or failed the round
+    for everyone. A key off the curve (stage 1), a malformed share list (stage 2) and an unreadable
+    unmask reply (stage 4) now cost only their own site (or its shares)."""
+    nodes = NODES[:6]
+    scripted_training.update(updates_for(nodes, seed=10))
+
+    def tamper(node, kind, reply):
+        rec = reply.content.config_records.get("secagg")
+        if node == nodes[0] and kind == "query.secagg_keys":
+            rec["c-pk"] = b"\x05" + b"\x01" * 48  # not an encoded point at all
+        if node == nodes[1] and kind == "query.secagg_shares":
+            rec["dst"] = ["not-a-node"] * len(rec["dst"])
+        if node == nodes[2] and kind == "query.secagg_unmask":
+            rec["b"] = ["garbage"] * len(rec["b"])
+
+    outcome, _ = secure_round(config(), nodes, tamper=tamper)
+    alive = nodes[2:]
+    assert outcome.reason == "" and sorted(outcome.senders) == sorted(alive)
+    assert "unusable public keys" in outcome.failed[nodes[0]] and "malformed reply" in outcome.failed[nodes[1]]
+    assert np.abs(secure_vector(outcome) - true_sum(scripted_training, alive)).max() \
+        <= outcome.stats["max-abs-error-bound"]
+
+
+def test_a_wrong_share_is_outvoted_and_a_secret_no_subset_rebuilds_fails_the_round(scripted_training):
+    nodes = NODES[:5]
+    scripted_training.update(updates_for(nodes, seed=11))
+
+    def wrong_share(liars):
+        def tamper(node, kind, reply):
+            if node in liars and kind == "query.secagg_unmask":
+                rec = reply.content["secagg"]
+                rec["b"] = [x[:4] + bytes(len(x) - 4) for x in rec["b"]]  # right index, wrong value
+        return tamper
+
+    outcome, _ = secure_round(config(), nodes, tamper=wrong_share({nodes[0]}))  # 4 good shares of each, t = 3
+    assert outcome.reason == ""
+    assert np.abs(secure_vector(outcome) - true_sum(scripted_training, nodes)).max() \
+        <= outcome.stats["max-abs-error-bound"]
+    outcome, _ = secure_round(config(), nodes, tamper=wrong_share(set(nodes[:3])))  # 2 good ones: too few
+    assert outcome.total is None and "do not rebuild them" in outcome.reason
+
+
+def test_a_failed_last_round_fails_the_run(scripted_training, tmp_path):
+    nodes = NODES[:5]
+    scripted_training.update(updates_for(nodes, seed=12))
+    cfg = config(**{"run.num-rounds": 2})
+    drop = {nodes[1], nodes[2], nodes[4]}
+    grid = SiteGrid(nodes, dict(cfg.to_flat()), drop=lambda n, kind, rnd: rnd == 2 and n in drop
+                    and kind == "train.secagg")
+    out = run_rounds(grid, cfg, fedavg(), NoEval(), [].append, tmp_path, arrays=GLOBAL)
+    assert out.status == "failed" and "round 2, the last" in out.reason and out.rounds_done == 1
+
+
+def test_thresholds_no_round_could_meet_are_refused_at_config_time():
+    with pytest.raises(ConfigError, match="secagg-threshold = 1"):
+        config(**{"strategy.secagg-threshold": 1})
+    with pytest.raises(ConfigError, match="each secret has 3 holders"):
+        config(**{"strategy.secagg-threshold": 4, "strategy.secagg-degree": 2})
+    config(**{"strategy.secagg-threshold": 3, "strategy.secagg-degree": 2})
