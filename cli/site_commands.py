@@ -33,18 +33,21 @@ def _when(ts: float | None) -> str:
 
 def _requests_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title)
-    for col in ("digest", "state", "run", "family", "dataset", "planned eps", "rounds", "asked"):
+    for col in ("digest", "state", "run", "family", "dataset", "target eps", "noise", "rounds", "asked"):
         table.add_column(col)
     for r in rows:
         eps = r.get("planned_epsilon")
-        table.add_row(r["digest"], r["state"], r.get("run_prefix") or r.get("run_name") or "-", r.get("family", "-"),
-                      r.get("dataset", "-"), "-" if eps is None else f"{eps:g}", str(r.get("rounds", "-")),
-                      _when(r.get("asked")))
+        # Text(): names the server chose are shown as they are, never read as rich markup (review)
+        noise = r.get("noise_multiplier")
+        table.add_row(Text(r["digest"][:16]), r["state"], Text(str(r.get("run_prefix") or r.get("run_name") or "-")),
+                      Text(str(r.get("family", "-"))), Text(str(r.get("dataset", "-"))),
+                      "-" if eps is None else f"{eps:g}", "-" if not noise else f"{noise:g}",
+                      str(r.get("rounds", "-")), _when(r.get("asked")))
     return table
 
 
 def pending_cmd(ledger: LedgerOpt, json_out: JsonOpt = False) -> None:
-    """Run configs waiting for this site's approval."""
+    """Run configs waiting for this site's approval (--json: each with every setting its digest covers)."""
     rows = Approvals(ledger).requests(PENDING)
     if json_out:
         emit_json(rows)
@@ -96,9 +99,10 @@ def log_cmd(ledger: LedgerOpt, verify: Annotated[bool, typer.Option(
         table.add_column(col)
     for line in lines:
         eps = line.get("epsilon")
-        table.add_row(_when(line.get("time")), str(line.get("run_name") or line.get("run", "-")),
-                      str(line.get("round", "-")), line.get("kind", "-"), line.get("config", "-"),
-                      line.get("decision", "-"), str(line.get("steps") or "-"),
+        table.add_row(_when(line.get("time")), Text(str(line.get("run_name") or line.get("run", "-"))),
+                      str(line.get("round", "-")), Text(str(line.get("kind", "-"))),
+                      Text(str(line.get("config", "-"))[:16]), Text(str(line.get("decision", "-"))),
+                      str(line.get("steps") or "-"),
                       "-" if eps is None else f"{eps:.4f}", Text(str(line.get("reason") or "")[:80]))
     stdout().print(table)
 

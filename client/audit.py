@@ -50,7 +50,7 @@ from client.dp import make_private
 from client.policy import PolicyRefusal, check_request, config_digest, load_policy
 from client.privacy_state import (BudgetExceeded, SitePrivacy, dataset_key, ledger_path, legacy_dataset_key,
                                   make_plan)
-from client.site_log import SiteLog
+from client.site_log import record_request
 from common import privacy
 from common.audit import default_guess_counts, one_run_audit
 from common.config import AppConfig, SiteConfig
@@ -184,6 +184,23 @@ def run_sample_audit(
     """
     if num_canaries < 2:
         raise ValueError(f"num_canaries must be >= 2, got {num_canaries}")
+    path = ledger_path(cfg, site)
+    try:
+        return _run_sample_audit(cfg, site, num_canaries=num_canaries, epochs=epochs, confidence=confidence,
+                                 seed=seed, guess_counts=guess_counts, site_data=site_data, path=path)
+    except AuditRefused as err:
+        record_request(path, {"run": "audit", "round": 0, "kind": "audit", "config": config_digest(cfg),
+                              "decision": "refused", "reason": str(err)[:500]})
+        raise
+    except Exception as err:
+        record_request(path, {"run": "audit", "round": 0, "kind": "audit", "config": config_digest(cfg),
+                              "decision": "failed", "reason": f"{type(err).__name__}: {err}"[:500]})
+        raise
+
+
+def _run_sample_audit(cfg: AppConfig, site: SiteConfig, *, num_canaries: int, epochs: int | None,
+                      confidence: float, seed: int | None, guess_counts: list[tuple[int, int]] | None,
+                      site_data: tuple[Dataset, DataSpec] | None, path: str) -> AuditResult:
     policy = load_policy(site.policy_path) if site.policy_path else None
     if policy is not None:  # the site's own rules first: an audit trains on its records
         try:
@@ -252,9 +269,7 @@ def run_sample_audit(
     if result.violation:
         log.error("privacy audit VIOLATION: empirical epsilon %.3f exceeds the claimed %.3f",
                   result.empirical_epsilon, result.claimed_epsilon)
-    path = ledger_path(cfg, site)
-    if path:  # the site's log of every computation on its records (client/site_log.py)
-        SiteLog(path).append({"run": f"audit-{seed}", "round": 0, "kind": "audit", "config": config_digest(cfg),
-                              "steps": steps, "epsilon": float(claimed) if p.enabled else None,
-                              "decision": "ok", "reason": ""})
+    record_request(path, {"run": f"audit-{seed}", "round": 0, "kind": "audit", "config": config_digest(cfg),
+                          "steps": steps, "epsilon": float(claimed) if p.enabled else None,
+                          "decision": "ok", "reason": ""})  # the site's log (client/site_log.py)
     return result

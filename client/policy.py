@@ -63,22 +63,24 @@ class PolicyRefusal(RuntimeError):
 
 
 class SitePolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+    # strict: "yes" is not true, "4" is not 4 (a policy must say what it means; found by review)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True,
                               alias_generator=lambda name: name.replace("_", "-"))
 
     max_epsilon: float = Field(0.0, ge=0, allow_inf_nan=False, description="total epsilon on this site's records; "
                                "0 = the node config's or the run's budget")
-    max_delta: float = Field(1.0, gt=0, le=1, description="largest delta a run may use")
+    max_delta: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="largest delta a run may use")
     max_round_epsilon: float = Field(0.0, ge=0, allow_inf_nan=False, description="largest epsilon one round may "
                                      "add; 0 = no limit")
     min_noise_multiplier: float = Field(0.0, ge=0, allow_inf_nan=False, description="smallest DP-SGD noise")
-    allowed_families: tuple[Family, ...] = Field((), description="model families allowed; empty = all")
-    allowed_datasets: tuple[str, ...] = Field((), description="data.dataset values allowed; empty = all")
+    allowed_families: list[Family] = Field([], description="model families allowed; empty = all")
+    allowed_datasets: list[str] = Field([], description="data.dataset values allowed; empty = all")
     release_diagnostics: bool = Field(False, description="allow privacy.diagnostics = 'noised' (a charged release)")
-    min_diagnostics_noise: float = Field(0.0, ge=0, description="smallest privacy.diagnostics-noise allowed")
+    min_diagnostics_noise: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                         description="smallest privacy.diagnostics-noise allowed")
     allow_sample_audits: bool = Field(False, description="allow sample-level audits to train on these records")
     allow_without_dp: bool = Field(False, description="allow runs with privacy.enabled = false")
-    allowed_runs: tuple[str, ...] = Field((), description="fnmatch patterns over run.name; empty = any")
+    allowed_runs: list[str] = Field([], description="fnmatch patterns over run.name; empty = any")
     require_approval: bool = Field(False, description="a new run config trains only after `fedgen site approve`")
 
 
@@ -101,20 +103,28 @@ def load_policy(path: str | Path) -> SitePolicy:
                 problems.append(f"{key}: unknown rule; remove it or check the spelling (rules: "
                                 f"{', '.join(f.alias or n for n, f in SitePolicy.model_fields.items())})")
             else:
-                problems.append(f"{key} = {e.get('input')!r}: {e['msg']}")
+                field = SitePolicy.model_fields.get(str(e["loc"][0]).replace("-", "_")) if e["loc"] else None
+                fix = f"; set it as {field.description}" if field is not None and field.description else ""
+                problems.append(f"{key} = {e.get('input')!r}: {e['msg']}{fix}")
         raise PolicyError(path, problems) from None
 
 
-def config_digest(cfg: AppConfig) -> str:
-    """The digest a site approves: every setting that decides what trains on its records (not the
-    server's evaluation, nor how a resumed run is driven). A changed config is a new request."""
+def approval_settings(cfg: AppConfig) -> dict:
+    """Every setting that decides what trains on a site's records: the whole resolved config but
+    the server's evaluation and how a resumed run is driven. What a site's operator approves."""
     settings = cfg.model_dump()
     for name in RESUME_ONLY_RUN_FIELDS:
         settings["run"].pop(name, None)
     settings.pop("eval", None)
     for name in SERVER_ONLY_DATA_FIELDS:
         settings["data"].pop(name, None)
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return settings
+
+
+def config_digest(cfg: AppConfig) -> str:
+    """SHA-256 of :func:`approval_settings` (all 256 bits: a server must not find two configs
+    with one digest); a changed config is a new request. The CLI takes a unique prefix."""
+    return hashlib.sha256(json.dumps(approval_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()
 
 
 Kind = Literal["train", "audit", "evaluate"]

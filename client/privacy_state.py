@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from client.policy import SitePolicy, check_plan
+from client.policy import PolicyRefusal, SitePolicy, check_plan
 from common import privacy
 from common.atomic import write_bytes
 from common.config import AppConfig, SiteConfig, site_budget
@@ -354,6 +354,8 @@ class SitePrivacy:
             if self.policy is not None:  # the site's own rules on the plan (PolicyRefusal: nothing written)
                 check_plan(self.policy, noise_multiplier=plan.noise_multiplier, delta=plan.delta, spent=spent,
                            would=would)
+                if self.policy.max_epsilon > 0:
+                    self._check_site_total(entry, charge, plan)
             if would > self.budget * (1 + 1e-9):
                 raise BudgetExceeded(what, spent, would, self.budget, plan.delta)
             line_id = uuid.uuid4().hex
@@ -364,6 +366,22 @@ class SitePrivacy:
                                  "sample_rate": plan.sample_rate, "state": "pending", "id": line_id,
                                  **({"extra": [list(e) for e in extra]} if extra else {})})
         return Reservation(plan, int(steps), spent, would, self.budget, line_id)
+
+    def _check_site_total(self, entry: LedgerEntry, charge: list[HistoryEntry], plan: DPPlan) -> None:
+        """The policy's ``max-epsilon`` over *every* entry of this ledger, this charge included.
+
+        Entries are keyed by the digest of the loaded records, and the run decides how records
+        are loaded (``data.image-size``, a tokenizer...): the same files loaded another way are
+        another entry with its own history (a reviewer spent 4 x 3 on one site's records under a
+        cap of 3 that way). So the cap composes all of the site's histories as if they were on
+        the same records (a valid upper bound whatever they share), at the smaller of the plan's
+        delta and the policy's ``max-delta``."""
+        others = [h for key, raw in (self.ledger.read() if self.ledger is not None else {}).items()
+                  if key != self.key for h in LedgerEntry.from_json(raw).history]
+        delta = min(plan.delta, self.policy.max_delta)
+        total = privacy.epsilon([*others, *entry.history, *charge], delta, plan.accountant)
+        if total > self.policy.max_epsilon * (1 + 1e-9):
+            raise PolicyRefusal("max-epsilon", round(total, 6), self.policy.max_epsilon)
 
     def adopt(self, plan: DPPlan, request: str) -> Reservation | None:
         """The pending charge of a round asked again, left by a process that died before sending it.

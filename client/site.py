@@ -22,10 +22,10 @@ from flwr.app import ArrayRecord, RecordDict
 from client import diagnostics, faults
 from client.dp import make_private
 from client.approvals import APPROVED, REJECTED, Approvals
-from client.policy import PolicyRefusal, SitePolicy, check_request, config_digest, load_policy
+from client.policy import Kind, PolicyRefusal, SitePolicy, approval_settings, check_request, config_digest, load_policy
 from client.privacy_state import (BudgetExceeded, LedgerError, SitePrivacy, dataset_key, ledger_path,
                                   legacy_dataset_key, make_plan)
-from client.site_log import SiteLog, arrays_digest
+from client.site_log import arrays_digest, record_request
 from common import atomic
 from common import privacy
 from common import records as R
@@ -125,35 +125,32 @@ def train_round(
     config its operator has not approved, is refused before the data is opened. Every request
     and its outcome goes to the site's hash-chained log beside its ledger (``client/site_log.py``)."""
     start = time.perf_counter()
-    policy = load_policy(site.policy_path) if site.policy_path else None
     path = ledger_path(cfg, site)
     record = {"run": str(run_id), "run_name": run_name, "round": server_round, "kind": "train",
               "config": config_digest(cfg), "model": arrays_digest(global_arrays) if path else ""}
     try:
-        result = _gate(cfg, site, policy, path, run_name) or _train_round(
+        policy = load_policy(site.policy_path) if site.policy_path else None
+        result = _gate(cfg, site, policy, path, run_name, "train") or _train_round(
             cfg, site, global_arrays, server_round=server_round, state=state, proximal_mu=proximal_mu,
             run_id=run_id, run_name=run_name, policy=policy)
     except Exception as err:
-        if path:
-            SiteLog(path).append({**record, "decision": "failed", "reason": f"{type(err).__name__}: {err}"[:500]})
+        record_request(path, {**record, "decision": "failed", "reason": f"{type(err).__name__}: {err}"[:500]})
         raise
     result.metrics[R.SITE_SECONDS] = time.perf_counter() - start
-    if path:
-        SiteLog(path).append({**record, "update": arrays_digest(result.arrays), "request": result.request,
-                              "steps": result.metrics.get(R.STEPS), "epsilon": result.metrics.get(R.EPSILON),
-                              "replayed": bool(result.metrics.get(R.REPLAYED)), "decision": result.status,
-                              "reason": result.reason})
+    record_request(path, {**record, "update": arrays_digest(result.arrays), "request": result.request,
+                "steps": result.metrics.get(R.STEPS), "epsilon": result.metrics.get(R.EPSILON),
+                "replayed": bool(result.metrics.get(R.REPLAYED)), "decision": result.status, "reason": result.reason})
     return result
 
 
-def _gate(cfg: AppConfig, site: SiteConfig, policy: SitePolicy | None, path: str, run_name: str
-          ) -> RoundResult | None:
+def _gate(cfg: AppConfig, site: SiteConfig, policy: SitePolicy | None, path: str, run_name: str,
+          kind: Kind) -> RoundResult | None:
     """A refusal by the site's policy or its operator, before any data is opened; None to go on."""
     if policy is None:
         return None
     metrics = {R.PARTITION: float(site.partition_id), R.WEIGHT: 0.0}
     try:
-        check_request(policy, cfg, "train")
+        check_request(policy, cfg, kind)
     except PolicyRefusal as err:
         log.warning("site %d: %s", site.partition_id, err)
         return RoundResult(status=R.REFUSED_BY_POLICY, metrics=metrics, reason=str(err))
@@ -163,10 +160,12 @@ def _gate(cfg: AppConfig, site: SiteConfig, policy: SitePolicy | None, path: str
         raise LedgerError("the site's policy requires approval, which is recorded beside the ledger: set the node "
                           "config's ledger-path")
     digest = config_digest(cfg)
+    p = cfg.privacy
     state = Approvals(path).decide(digest, {
         "run_name": run_name, "run_prefix": cfg.run.name, "family": cfg.task.family, "dataset": cfg.data.dataset,
-        "planned_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
-        "rounds": cfg.run.num_rounds})
+        "planned_epsilon": (None if not p.enabled else p.target_epsilon if not p.noise_multiplier else None),
+        "noise_multiplier": p.noise_multiplier if p.enabled else None, "dp": p.enabled,
+        "rounds": cfg.run.num_rounds, "settings": approval_settings(cfg)})  # what the digest covers, to read
     if state == APPROVED:
         return None
     if state == REJECTED:
@@ -320,12 +319,21 @@ def evaluate_round(cfg: AppConfig, site: SiteConfig, global_arrays: ArrayRecord)
     if cfg.privacy.enabled:
         raise PermissionError("this site trains with DP: it does not release exact evaluation metrics on its "
                               "records (the server evaluates on its own held-out data)")
-    if site.policy_path:
-        check_request(load_policy(site.policy_path), cfg, "evaluate")  # PolicyRefusal: the reply says which rule
+    path = ledger_path(cfg, site)
+    record = {"round": 0, "kind": "evaluate", "config": config_digest(cfg), "model": arrays_digest(global_arrays)}
+    try:
+        refusal = _gate(cfg, site, load_policy(site.policy_path), path, "", "evaluate") if site.policy_path else None
+    except Exception as err:
+        record_request(path, {**record, "decision": "failed", "reason": f"{type(err).__name__}: {err}"[:500]})
+        raise
+    if refusal is not None:  # evaluate replies carry metrics only: the refusal is the error reply
+        record_request(path, {**record, "decision": refusal.status, "reason": refusal.reason})
+        raise PermissionError(refusal.reason)
     data, spec = site_dataset(cfg, site)
     task = build_task(cfg, spec, pick_device(cfg.run.device))
     R.load_arrayrecord(task.modules, global_arrays)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.eval.batch_size)
     metrics = task.evaluate(loader)
     metrics[R.NUM_EXAMPLES] = float(len(data))
+    record_request(path, {**record, "decision": "ok", "reason": ""})
     return metrics

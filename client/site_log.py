@@ -9,15 +9,17 @@ hash and the line count. :func:`verify` recomputes the chain: an edited line bre
 hash, a removed or reordered one breaks the next line's ``prev``, and removed last lines no
 longer match the head.
 
-Tamper-evident, not tamper-proof: whoever can rewrite the whole file and its head can forge a
-new chain. The head printed by ``fedgen site log`` can be written down elsewhere (a ticket, a
-second machine) to pin the log up to that point.
+Tamper-evident, not tamper-proof: the hashes are unkeyed, so whoever can write the files can
+forge a consistent log, for example by cutting lines from the end and rewriting the head from
+the last line kept (found by review). Only a head written down elsewhere (a ticket, a second
+machine; ``fedgen site log --verify`` prints it) pins the log up to that point.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +29,19 @@ from client.privacy_state import Ledger
 from common.atomic import write_bytes
 
 GENESIS = "0" * 64
+log = logging.getLogger(__name__)
+
+
+def record_request(ledger_path: str, record: dict) -> None:
+    """One line in the site's log beside ``ledger_path`` ('' = no ledger, no log). A log that
+    cannot be written is reported and does not fail the request: the ledger, written before the
+    reply, is what the spend rests on; the reply already paid for is not lost over its log line."""
+    if not ledger_path:
+        return
+    try:
+        SiteLog(ledger_path).append(record)
+    except Exception:  # noqa: BLE001 - the log records the computation; it is not its condition
+        log.exception("site log beside %s: this request's line could not be written", ledger_path)
 
 
 def _digest(prev: str, body: dict) -> str:
@@ -62,9 +77,11 @@ class SiteLog:
         self._ledger = Ledger(ledger_path)
 
     def append(self, record: dict) -> dict:
-        """Append one line (``time`` added), chained to the last; returns the line as written."""
+        """Append one line (``time`` added), chained to the file's last line; returns it as written.
+        The head is written after the line: a crash between the two leaves the head one line
+        behind, which :meth:`verify` recognises as such (not as tampering)."""
         with self._ledger.locked():
-            prev, count = self._head()
+            prev, count = self._last()
             body = {"time": round(time.time(), 3), **record, "prev": prev}
             line = {**body, "hash": _digest(prev, body)}
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,22 +94,46 @@ class SiteLog:
             write_bytes(self.head_path, json.dumps({"hash": line["hash"], "lines": count + 1}).encode())
         return line
 
-    def _head(self) -> tuple[str, int]:
+    def _last(self) -> tuple[str, int]:
+        """The hash the next line chains to (the last line's, or the raw line's digest when it is
+        unreadable: the break stays visible to :meth:`verify`) and the number of lines."""
+        raw = self.path.read_bytes().splitlines() if self.path.exists() else []
+        raw = [x for x in raw if x.strip()]
+        if not raw:
+            return GENESIS, 0
+        try:
+            return str(json.loads(raw[-1])["hash"]), len(raw)
+        except (ValueError, KeyError, TypeError):
+            return hashlib.sha256(raw[-1]).hexdigest(), len(raw)
+
+    def _head(self) -> tuple[str, int] | None:
         try:
             head = json.loads(self.head_path.read_text())
             return str(head["hash"]), int(head["lines"])
         except FileNotFoundError:
             return GENESIS, 0
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def lines(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+        out = []
+        for x in self.path.read_text().splitlines():
+            if x.strip():
+                try:
+                    out.append(json.loads(x))
+                except ValueError:
+                    out.append({"decision": "?", "reason": "an unreadable line (see `fedgen site log --verify`)"})
+        return out
 
     def verify(self) -> Verdict:
-        """Recompute the chain; the first line that breaks it, and why."""
-        raw = self.path.read_text().splitlines() if self.path.exists() else []
-        prev = GENESIS
+        """Recompute the chain (under the ledger's lock, so no append is half done); the first line
+        that breaks it, and why."""
+        with self._ledger.locked():
+            raw = [x for x in (self.path.read_text().splitlines() if self.path.exists() else []) if x.strip()]
+            head = self._head()
+        prev, hashes = GENESIS, []
         for i, text in enumerate(raw, start=1):
             try:
                 line = json.loads(text)
@@ -105,9 +146,17 @@ class SiteLog:
             if _digest(prev, line) != stored:
                 return Verdict(False, len(raw), i, "its content does not match its hash: the line was edited", prev)
             prev = stored
-        head, count = self._head()
-        if (head, count) != (prev, len(raw)):
-            return Verdict(False, len(raw), len(raw) + 1 if count > len(raw) else None,
-                           f"the log ends at line {len(raw)} but its head records {count} lines: lines were "
-                           "removed from its end (or the head was edited)", prev)
-        return Verdict(True, len(raw), None, "", prev)
+            hashes.append(stored)
+        if head is None:
+            return Verdict(False, len(raw), None, f"the head {self.head_path} is unreadable (edited or damaged)", prev)
+        hash_, count = head
+        if (hash_, count) == (prev, len(raw)):
+            return Verdict(True, len(raw), None, "", prev)
+        if count == len(raw) - 1 and (hashes[count - 1] if count else GENESIS) == hash_:
+            # An append that wrote its line but not its head (a crash between the two): intact.
+            return Verdict(True, len(raw), None, "the head lags the last line (an append was interrupted)", prev)
+        if count > len(raw):
+            return Verdict(False, len(raw), len(raw) + 1, f"the log ends at line {len(raw)} but its head records "
+                           f"{count} lines: lines were removed from its end (or the head was edited)", prev)
+        return Verdict(False, len(raw), None, f"the head ({count} lines) does not match the log ({len(raw)} lines): "
+                       "the head or the log was edited", prev)

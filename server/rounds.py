@@ -363,7 +363,7 @@ class RoundLoop:
         if good:
             self.secure_failures = 0
             return None
-        if rows and all(r["status"] == "refused" for r in rows) and any(r.get("awaiting_approval") for r in rows):
+        if any(r.get("awaiting_approval") for r in rows):  # the others refused or failed (found by review)
             if rnd < self.num_rounds:
                 return None  # some site's operator may approve before the next round
             waiting = sum(bool(r.get("awaiting_approval")) for r in rows)

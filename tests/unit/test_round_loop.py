@@ -38,6 +38,10 @@ class ScriptedGrid(FakeGrid):
             msg = self.pending.pop(mid)
             rnd = int(msg.content["config"]["server-round"])
             what = self.answer(int(msg.metadata.dst_node_id), rnd)
+            if what == "crash":
+                out.append(Message(content=RecordDict({"metrics": MetricRecord({}), "status": ConfigRecord(
+                    {"status": "failed", "reason": "RuntimeError: injected"})}), reply_to=msg))
+                continue
             if what in ("refused", "awaiting", "policy"):
                 status = {"refused": "budget-exhausted", "awaiting": "awaiting-approval",
                           "policy": "refused-by-policy"}[what]
@@ -214,3 +218,14 @@ def test_sites_awaiting_approval_are_asked_again_and_a_policy_refusal_is_final(t
 def test_a_run_whose_sites_still_await_approval_at_the_last_round_stops_and_says_so(tmp_path):
     outcome, _ = run(tmp_path, 2, lambda node, rnd: "awaiting")
     assert outcome.status == "stopped" and "await their operator's approval" in outcome.reason
+
+
+def test_one_failing_site_does_not_end_a_run_whose_others_await_approval(tmp_path):
+    """Found by review: rows [awaiting approval, failed] in round 1 ended the run as failed."""
+    def answer(node, rnd):
+        if rnd == 1:
+            return "awaiting" if node == 100 else "crash"
+        return "ok"
+
+    outcome, _ = run(tmp_path, 2, answer)
+    assert outcome.status == "completed", outcome.reason

@@ -80,7 +80,20 @@ def test_a_policy_that_allows_the_run_trains_and_its_max_epsilon_caps_the_budget
     assert train(quick_config(), s).status == "ok" and len(charges(tmp_path)) == 1
     capped = site(tmp_path / "b", "max-epsilon = 1.0")  # the run's budget is 8: the policy's 1 wins
     result = train(quick_config(), capped)
-    assert result.status == R.BUDGET_EXHAUSTED and "budget 1" in result.reason and charges(tmp_path / "b") == []
+    assert result.status == R.REFUSED_BY_POLICY and "max-epsilon = 1.0" in result.reason
+    assert charges(tmp_path / "b") == []
+
+
+def test_max_epsilon_caps_the_site_over_every_way_its_records_are_loaded(tmp_path):
+    """Found by review: the ledger keys a spend by the loaded tensors, which the run's settings
+    decide (data.image-size): the same records loaded another way were a fresh entry with a fresh
+    budget. The cap composes every entry of the site's ledger."""
+    s = site(tmp_path, "max-epsilon = 9.0")
+    for rnd in (1, 2):  # the first run: its 8
+        assert train(quick_config(), s, rnd).status == "ok"
+    other = train(quick_config(**{"data.image-size": 9}), s)  # the same records, resized: another key
+    assert other.status == R.REFUSED_BY_POLICY and "max-epsilon = 9.0" in other.reason
+    assert len(charges(tmp_path)) == 2
 
 
 def test_a_malformed_policy_stops_the_site_with_every_problem_listed(tmp_path):
@@ -182,3 +195,53 @@ def test_a_sample_audit_is_refused_unless_the_policy_allows_it(tmp_path):
     with pytest.raises(AuditRefused, match="allow-sample-audits"):
         run_sample_audit(quick_config(), s, num_canaries=8)
     assert charges(tmp_path) == []
+
+
+def test_evaluation_needs_approval_too_and_is_logged(tmp_path):
+    """Found by review: evaluate answered exact metrics for a config nobody approved."""
+    from client.site import evaluate_round
+
+    s = site(tmp_path, "require-approval = true\nallow-without-dp = true")
+    cfg = quick_config(**{"privacy.enabled": False})
+    data, spec = site_dataset(cfg, s)
+    arrays = R.to_arrayrecord(build_task(cfg, spec, torch.device("cpu")).modules)
+    with pytest.raises(PermissionError, match="awaiting approval"):
+        evaluate_round(cfg, s, arrays)
+    (req,) = Approvals(s.ledger_path).requests(PENDING)
+    assert req["dp"] is False and req["settings"]["privacy"]["enabled"] is False and len(req["digest"]) == 64
+    Approvals(s.ledger_path).set(req["digest"], "approved")
+    assert "neg-elbo" in evaluate_round(cfg, s, arrays)
+    assert [(line["kind"], line["decision"]) for line in SiteLog(s.ledger_path).lines()] == \
+        [("evaluate", R.AWAITING_APPROVAL), ("evaluate", "ok")]
+
+
+def test_a_malformed_policy_and_a_refused_audit_are_logged(tmp_path):
+    s = site(tmp_path, "max-epsilom = 3")
+    with pytest.raises(PolicyError):
+        train(quick_config(), s)
+    s2 = site(tmp_path / "b", "allow-sample-audits = false")
+    with pytest.raises(AuditRefused):
+        run_sample_audit(quick_config(), s2, num_canaries=8)
+    assert [line["decision"] for line in SiteLog(s.ledger_path).lines()] == ["failed"]
+    assert [(line["kind"], line["decision"]) for line in SiteLog(s2.ledger_path).lines()] == [("audit", "refused")]
+
+
+def test_a_damaged_head_is_reported_not_fatal_and_an_interrupted_append_is_not_tampering(tmp_path):
+    """Found by review: an unreadable head made every later request fail after its charge, and
+    a crash between a line and its head looked like lines cut from the end."""
+    s, site_log = _logged_rounds(tmp_path)
+    site_log.head_path.write_text("garbage")
+    v = site_log.verify()
+    assert not v.ok and "head" in v.reason and "unreadable" in v.reason
+    def another_request():  # refused by the policy, and logged like every request
+        gan = quick_config(**{"task.family": "gan"})
+        assert train(gan, site(tmp_path, 'allowed-families = ["vae"]')).status == R.REFUSED_BY_POLICY
+
+    another_request()  # the site goes on; the new line chains to the file's last line
+    assert site_log.verify().ok and json.loads(site_log.head_path.read_text())["lines"] == 4
+    lines = site_log.lines()
+    site_log.head_path.write_text(json.dumps({"hash": lines[-2]["hash"], "lines": len(lines) - 1}))
+    v = site_log.verify()  # as after a crash between the last line and its head
+    assert v.ok and "interrupted" in v.reason
+    another_request()
+    assert site_log.verify().ok and site_log.verify().lines == 5
