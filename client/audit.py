@@ -204,7 +204,7 @@ def _run_sample_audit(cfg: AppConfig, site: SiteConfig, *, num_canaries: int, ep
     policy = load_policy(site.policy_path) if site.policy_path else None
     if policy is not None:  # the site's own rules first: an audit trains on its records
         try:
-            check_request(policy, cfg, "audit")
+            check_request(policy, cfg, "audit", site.data_path or cfg.data.path)
         except PolicyRefusal as err:
             raise AuditRefused(str(err)) from None
     start = time.perf_counter()

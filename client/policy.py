@@ -9,6 +9,7 @@ writes, for example::
     min-noise-multiplier = 0.8
     allowed-families = ["vae", "merf"]
     allowed-datasets = ["image-folder"]
+    allowed-paths = ["/data/cardiology/*"]  # the folders the site may read
     release-diagnostics = false  # privacy.diagnostics = "noised" refused
     allow-sample-audits = false
     allowed-runs = ["cardio-*"]  # run.name patterns (fnmatch); empty = any
@@ -75,6 +76,8 @@ class SitePolicy(BaseModel):
     min_noise_multiplier: float = Field(0.0, ge=0, allow_inf_nan=False, description="smallest DP-SGD noise")
     allowed_families: list[Family] = Field([], description="model families allowed; empty = all")
     allowed_datasets: list[str] = Field([], description="data.dataset values allowed; empty = all")
+    allowed_paths: list[str] = Field([], description="fnmatch patterns over the folder the site would read (its "
+                                     "data-path, else the run's data.path, made absolute); empty = any")
     release_diagnostics: bool = Field(False, description="allow privacy.diagnostics = 'noised' (a charged release)")
     min_diagnostics_noise: float = Field(0.0, ge=0, allow_inf_nan=False,
                                          description="smallest privacy.diagnostics-noise allowed")
@@ -130,9 +133,15 @@ def config_digest(cfg: AppConfig) -> str:
 Kind = Literal["train", "audit", "evaluate"]
 
 
-def check_request(policy: SitePolicy, cfg: AppConfig, kind: Kind) -> None:
-    """The rules the run config alone decides; raises :class:`PolicyRefusal` on the first broken one."""
+def check_request(policy: SitePolicy, cfg: AppConfig, kind: Kind, folder: str = "") -> None:
+    """The rules the run config alone decides; raises :class:`PolicyRefusal` on the first broken one.
+    ``folder``: what the site would read (its ``data-path``, else the run's ``data.path``; '' for
+    the data bundled with the code)."""
     p = cfg.privacy
+    if policy.allowed_paths:
+        where = str(Path(folder).resolve()) if folder else "(bundled data)"
+        if not any(fnmatch.fnmatchcase(where, pat) for pat in policy.allowed_paths):
+            raise PolicyRefusal("allowed-paths", where, list(policy.allowed_paths))
     if policy.allowed_runs and not any(fnmatch.fnmatchcase(cfg.run.name, pat) for pat in policy.allowed_runs):
         raise PolicyRefusal("allowed-runs", cfg.run.name, list(policy.allowed_runs))
     if policy.allowed_families and cfg.task.family not in policy.allowed_families:

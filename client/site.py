@@ -150,7 +150,7 @@ def _gate(cfg: AppConfig, site: SiteConfig, policy: SitePolicy | None, path: str
         return None
     metrics = {R.PARTITION: float(site.partition_id), R.WEIGHT: 0.0}
     try:
-        check_request(policy, cfg, kind)
+        check_request(policy, cfg, kind, site.data_path or cfg.data.path)
     except PolicyRefusal as err:
         log.warning("site %d: %s", site.partition_id, err)
         return RoundResult(status=R.REFUSED_BY_POLICY, metrics=metrics, reason=str(err))
