@@ -42,7 +42,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.config import RESUME_ONLY_RUN_FIELDS, SERVER_ONLY_DATA_FIELDS, AppConfig, Family
+from common.config import AppConfig, Family, training_settings
 
 
 class PolicyError(ValueError):
@@ -112,22 +112,11 @@ def load_policy(path: str | Path) -> SitePolicy:
         raise PolicyError(path, problems) from None
 
 
-def approval_settings(cfg: AppConfig) -> dict:
-    """Every setting that decides what trains on a site's records: the whole resolved config but
-    the server's evaluation and how a resumed run is driven. What a site's operator approves."""
-    settings = cfg.model_dump()
-    for name in RESUME_ONLY_RUN_FIELDS:
-        settings["run"].pop(name, None)
-    settings.pop("eval", None)
-    for name in SERVER_ONLY_DATA_FIELDS:
-        settings["data"].pop(name, None)
-    return settings
-
-
 def config_digest(cfg: AppConfig) -> str:
-    """SHA-256 of :func:`approval_settings` (all 256 bits: a server must not find two configs
-    with one digest); a changed config is a new request. The CLI takes a unique prefix."""
-    return hashlib.sha256(json.dumps(approval_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()
+    """SHA-256 of ``training_settings(cfg)``, what a site's operator approves (all 256 bits: a
+    server must not find two configs with one digest); a changed config is a new request. The
+    CLI takes a unique prefix."""
+    return hashlib.sha256(json.dumps(training_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()
 
 
 Kind = Literal["train", "audit", "evaluate"]

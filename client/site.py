@@ -22,14 +22,14 @@ from flwr.app import ArrayRecord, RecordDict
 from client import diagnostics, faults
 from client.dp import make_private
 from client.approvals import APPROVED, REJECTED, Approvals
-from client.policy import Kind, PolicyRefusal, SitePolicy, approval_settings, check_request, config_digest, load_policy
+from client.policy import Kind, PolicyRefusal, SitePolicy, check_request, config_digest, load_policy
 from client.privacy_state import (BudgetExceeded, LedgerError, SitePrivacy, dataset_key, ledger_path,
                                   legacy_dataset_key, make_plan)
 from client.site_log import arrays_digest, record_request
 from common import atomic
 from common import privacy
 from common import records as R
-from common.config import RESUME_ONLY_RUN_FIELDS, SERVER_ONLY_DATA_FIELDS, AppConfig, SiteConfig
+from common.config import AppConfig, SiteConfig, training_settings
 from common.data.site import site_dataset
 from common.tasks import build_task, pick_device
 from common.train import add_proximal_term, freeze_except, train_local
@@ -51,16 +51,11 @@ def request_digest(cfg: AppConfig, site: SiteConfig, *, key: str, run_name: str,
 
     Not the site's own budget or ledger location: they decide whether the site may train,
     not what it computes, and an update already paid for may be sent again under any budget."""
-    settings = cfg.model_dump()
-    for name in RESUME_ONLY_RUN_FIELDS:
-        settings["run"].pop(name, None)
-    # The server's evaluation settings (eval.*, its held-out data) never reach a site's training:
-    # a run resumed with another evaluation is sent the updates already paid for, not charged again.
-    settings.pop("eval", None)
-    for name in SERVER_ONLY_DATA_FIELDS:
-        settings["data"].pop(name, None)
-    request = {"run": run_name, "round": server_round, "mu": proximal_mu, "key": key, "cfg": settings,
-               "site": site.model_dump(exclude={"privacy_budget", "ledger_path", "unsafe_memory_ledger"})}
+    # Not the server's evaluation settings (eval.*, its held-out data), which never reach a site's
+    # training: a run resumed with another evaluation is sent the updates already paid for.
+    request = {"run": run_name, "round": server_round, "mu": proximal_mu, "key": key, "cfg": training_settings(cfg),
+               "site": site.model_dump(exclude={"privacy_budget", "ledger_path", "unsafe_memory_ledger",
+                                                "policy_path"})}
     h = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode())
     for name, arr in global_arrays.items():
         x = arr.numpy()
@@ -165,7 +160,7 @@ def _gate(cfg: AppConfig, site: SiteConfig, policy: SitePolicy | None, path: str
         "run_name": run_name, "run_prefix": cfg.run.name, "family": cfg.task.family, "dataset": cfg.data.dataset,
         "planned_epsilon": (None if not p.enabled else p.target_epsilon if not p.noise_multiplier else None),
         "noise_multiplier": p.noise_multiplier if p.enabled else None, "dp": p.enabled,
-        "rounds": cfg.run.num_rounds, "settings": approval_settings(cfg)})  # what the digest covers, to read
+        "rounds": cfg.run.num_rounds, "settings": training_settings(cfg)})  # what the digest covers, to read
     if state == APPROVED:
         return None
     if state == REJECTED:

@@ -528,6 +528,19 @@ def parse_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
         raise ConfigError(_format_errors(err), source="node config") from None
 
 
+def training_settings(cfg: AppConfig) -> dict[str, Any]:
+    """Every setting that decides what a site computes on its records: the resolved config but the
+    server's evaluation (``eval.*``, its held-out data) and how a resumed run is driven. A site's
+    request digest (replays) and the digest its operator approves (client/policy.py) cover it."""
+    settings = cfg.model_dump()
+    for name in RESUME_ONLY_RUN_FIELDS:
+        settings["run"].pop(name, None)
+    settings.pop("eval", None)
+    for name in SERVER_ONLY_DATA_FIELDS:
+        settings["data"].pop(name, None)
+    return settings
+
+
 def site_budget(cfg: AppConfig, site: SiteConfig) -> float:
     """The epsilon this site will never exceed."""
     if site.privacy_budget > 0:

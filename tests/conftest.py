@@ -84,13 +84,26 @@ def flower_identity():
 
 
 class FakeGrid:
-    """The part of a Grid a strategy's configure_train reads: n connected node ids."""
+    """The part of a Grid a strategy's configure_train reads: n connected node ids; and
+    ``push_messages``, which gives each message an id (as Flower's grids do) and keeps it in
+    ``pending`` for a subclass's ``pull_messages`` to answer."""
 
     def __init__(self, n: int) -> None:
         self.nodes = list(range(100, 100 + n))
+        self.pending: dict = {}
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
+
+    def push_messages(self, messages):
+        from uuid import uuid4
+
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            self.pending[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
 
 
 def site_entry(cfg, site, state=None):

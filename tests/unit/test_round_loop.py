@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -22,15 +21,7 @@ class ScriptedGrid(FakeGrid):
 
     def __init__(self, n: int, answer) -> None:
         super().__init__(n)
-        self.answer, self.pending = answer, {}
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
-            self.pending[msg.metadata.message_id] = msg
-            ids.append(msg.metadata.message_id)
-        return ids
+        self.answer = answer
 
     def pull_messages(self, ids):
         out = []

@@ -6,7 +6,6 @@ sum the server computes can be checked against the truth."""
 from __future__ import annotations
 
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from server.exchange import exchange
 from server.rounds import run_rounds
 from server.secagg import SecureRound
 from server.strategy import aggregate_train_metrics
-from tests.conftest import quick_config
+from tests.conftest import FakeGrid, quick_config
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -38,26 +37,16 @@ def updates_for(nodes, seed=0, scale=0.05) -> dict[int, np.ndarray]:
     return {n: rng.uniform(-scale, scale, DIM) for n in nodes}
 
 
-class SiteGrid:
+class SiteGrid(FakeGrid):
     """Delivers each message to ``client.app.app`` with the node's own Context (kept across
     messages, as a SuperNode keeps it). ``drop(node, message_type, round)`` True: the node never
     answers; ``tamper(node, message_type, reply)`` may change a reply before the server sees it."""
 
     def __init__(self, nodes, run_config, drop=lambda node, kind, rnd: False, tamper=None) -> None:
-        self.nodes, self.drop, self.tamper, self.pending, self.seen = list(nodes), drop, tamper, {}, []
+        super().__init__(0)
+        self.nodes, self.drop, self.tamper, self.seen = list(nodes), drop, tamper, []
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": i, "num-partitions": len(nodes)},
                                     state=RecordDict(), run_config=run_config) for i, n in enumerate(nodes)}
-
-    def get_node_ids(self):
-        return self.nodes
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-            self.pending[msg.metadata.message_id] = msg
-            ids.append(msg.metadata.message_id)
-        return ids
 
     def pull_messages(self, ids):
         out = []
