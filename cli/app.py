@@ -22,7 +22,7 @@ import click
 import typer
 from rich.text import Text
 
-from cli import audit_commands, generate_commands, read_commands, site_commands
+from cli import audit_commands, export_commands, generate_commands, read_commands, site_commands
 from cli.output import fail, stderr
 from server.store import StoreError
 
@@ -84,6 +84,7 @@ COMMANDS: tuple[tuple[typer.Typer, str, Callable[..., Any]], ...] = (
     (app, "plot", read_commands.plot_cmd),
     (app, "samples", read_commands.samples_cmd),
     (app, "generate", generate_commands.generate_cmd),
+    (app, "export", export_commands.export_cmd),
     (audit_app, "show", read_commands.audit_show_cmd),
     (audit_app, "run", audit_commands.audit_run_cmd),
     (audit_app, "sample", audit_commands.audit_sample_cmd),

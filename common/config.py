@@ -37,7 +37,8 @@ class _Section(BaseModel):
 
 # run.* fields a resumed run may change that do not change what a site computes (so they stay out
 # of a site's request digest); run.num-rounds may change on resume too, but it sets the noise.
-RESUME_ONLY_RUN_FIELDS = ("resume", "resume_force", "round_timeout", "reply_poll_interval", "keep_checkpoints")
+RESUME_ONLY_RUN_FIELDS = ("resume", "resume_force", "round_timeout", "reply_poll_interval", "keep_checkpoints",
+                         "tensorboard_dir", "mlflow_uri", "mlflow_experiment")
 # data.* fields only the server reads (its held-out data): they do not change what a site computes.
 SERVER_ONLY_DATA_FIELDS = ("eval_path", "eval_max_examples")
 
@@ -57,6 +58,11 @@ class RunSection(_Section):
     resume: str = Field("", description='"" = a new run; a run id (or "latest") to continue from its checkpoint')
     resume_force: bool = Field(False, description="resume even if the config differs from the checkpoint's")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept per run (newest)")
+    tensorboard_dir: str = Field("", description="log each round to TensorBoard event files under this folder "
+                                 "(server/trackers.py; the tensorboard extra); empty = off")
+    mlflow_uri: str = Field("", description="log each round to this MLflow tracking URI (sqlite:///path/mlflow.db "
+                            "or http://server; the mlflow extra); empty = off")
+    mlflow_experiment: str = Field("fedgen", min_length=1, description="the MLflow experiment of run.mlflow-uri")
 
 
 #: The model families: each name is a module ``common/models/<name>.py`` with a ``build_task``

@@ -20,6 +20,7 @@ from server.central_dp import UserLevelDP
 from server.checkpoints import Checkpointer, config_differences, restore_strategy_state
 from server.evaluation import Evaluator
 from server.round_records import RoundRecorder, known_epsilons
+from server.trackers import LiveTrackers
 from server.rounds import Outcome, run_rounds
 from server.run_model import FINAL_MODEL, save_model
 from server.runs_index import resolve_run
@@ -103,10 +104,18 @@ def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
         def checkpoint(rnd: int, arrs) -> None:
             checkpointer.save(rnd, arrs, strategy, cfg, evaluator.spec)
 
-        outcome = run_rounds(grid, cfg, strategy, evaluator, RoundRecorder(run_dir, store, cfg.run.num_rounds),
-                             run_dir, arrays=arrays, start_round=start_round,
-                             on_round_end=None if canaries else checkpoint,
-                             canaries=canaries, known_epsilon=known_epsilon)
+        live = None
+        if cfg.run.tensorboard_dir or cfg.run.mlflow_uri:  # the trackers ML engineers use (server/trackers.py)
+            live = LiveTrackers(run_dir, cfg.model_dump(), cfg.run.tensorboard_dir, cfg.run.mlflow_uri,
+                                cfg.run.mlflow_experiment)
+        try:
+            outcome = run_rounds(grid, cfg, strategy, evaluator,
+                                 RoundRecorder(run_dir, store, cfg.run.num_rounds, also=live), run_dir,
+                                 arrays=arrays, start_round=start_round, on_round_end=None if canaries else checkpoint,
+                                 canaries=canaries, known_epsilon=known_epsilon)
+        finally:
+            if live is not None:
+                live.close()
         if canaries is None:
             save_model(run_dir / FINAL_MODEL, outcome.arrays.to_torch_state_dict(), cfg, evaluator.spec)
         elif outcome.rounds_done:

@@ -40,10 +40,11 @@ def round_line(rec: dict, num_rounds: int) -> str:
 
 
 class RoundRecorder:
-    """Writes each round to ``rounds.jsonl`` and to the run store, and prints its line."""
+    """Writes each round to ``rounds.jsonl`` and to the run store, and prints its line; ``also``
+    (the live trackers, server/trackers.py) gets the record after that, and never raises."""
 
-    def __init__(self, run_dir: Path, store: Any, num_rounds: int) -> None:
-        self.run_dir, self.store, self.num_rounds = run_dir, store, num_rounds
+    def __init__(self, run_dir: Path, store: Any, num_rounds: int, also: Any = None) -> None:
+        self.run_dir, self.store, self.num_rounds, self.also = run_dir, store, num_rounds, also
         self.jsonl = run_dir / "rounds.jsonl"
 
     def __call__(self, rec: dict) -> None:
@@ -52,6 +53,8 @@ class RoundRecorder:
         if self.store is not None:
             self.store.record_round(rec)
         log.info("%s", round_line(rec, self.num_rounds))
+        if self.also is not None:
+            self.also(rec)
 
 
 def site_row(msg: Message, status: str, reason: str | None) -> dict:

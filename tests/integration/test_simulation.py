@@ -87,12 +87,65 @@ def test_invalid_config_fails_the_run_before_round_one(tmp_path, capfd):
 def secure_run(tmp_path_factory):
     """The same job as ``finished_run`` with secure aggregation (SecAgg+, server/secagg.py)."""
     runs = tmp_path_factory.mktemp("secure-runs")
-    code = launch("digits-quick", ["run.num-rounds=3", "strategy.secure-aggregation=true"], num_sites=3,
-                  runs_dir=runs, quiet=True)
+    # The same job also logs each round live to TensorBoard, and to an MLflow server that is not
+    # there (port 9): a tracker that fails must not fail or stall the run (issue 23).
+    tb = runs / "tensorboard-logs"  # beside the run folders (only those with a run.db are runs)
+    code = launch("digits-quick", ["run.num-rounds=3", "strategy.secure-aggregation=true",
+                                   f"run.tensorboard-dir={json.dumps(str(tb))}",
+                                   'run.mlflow-uri="http://127.0.0.1:9"'], num_sites=3, runs_dir=runs, quiet=True)
     assert code == 0, ("the secure simulation failed; run `python -m simulations.launch --preset digits-quick "
                        "--set strategy.secure-aggregation=true` to see why")
     (run_dir,) = [p for p in runs.iterdir() if (p / "run.db").exists()]
     return run_dir
+
+
+def _event_accumulator(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def test_a_run_logs_live_to_tensorboard_and_an_unreachable_mlflow_does_not_stop_it(secure_run):
+    ea = _event_accumulator(secure_run.parent / "tensorboard-logs" / secure_run.name)
+    assert [e.step for e in ea.Scalars("eval/neg-elbo")] == [0, 1, 2, 3]
+    assert [e.step for e in ea.Scalars("privacy/epsilon-max")] == [1, 2, 3]
+    assert [e.step for e in ea.Images("samples")] == [0, 1, 2, 3]
+    with RunStore.open(secure_run) as store:
+        assert store.run_info()["status"] == "completed"
+
+
+def test_export_to_tensorboard_reads_back_with_tensorboards_own_reader(finished_run, tmp_path):
+    for _ in range(2):  # exported twice: the second replaces the first
+        result = CliRunner().invoke(cli_app, ["export", "latest", "--runs-dir", str(finished_run.parent),
+                                              "--tensorboard", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+    ea = _event_accumulator(tmp_path / finished_run.name)
+    recs = [json.loads(line) for line in (finished_run / "rounds.jsonl").read_text().splitlines()]
+    got = [(e.step, e.value) for e in ea.Scalars("eval/neg-elbo")]
+    assert got == [(r["round"], pytest.approx(r["eval"]["neg-elbo"], rel=1e-6)) for r in recs]
+    assert [e.step for e in ea.Scalars("privacy/site/partition-0/epsilon")] == [1, 2, 3]
+    assert [e.step for e in ea.Scalars("sites/ok")] == [0, 1, 2, 3]
+    assert [e.step for e in ea.Images("samples")] == [0, 1, 2, 3]
+    assert "config/text_summary" in ea.Tags()["tensors"]
+
+
+def test_export_to_mlflow_reads_back_through_its_client_and_is_idempotent(finished_run, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for _ in range(2):
+        result = CliRunner().invoke(cli_app, ["export", "latest", "--runs-dir", str(finished_run.parent),
+                                              "--mlflow", uri, "--experiment", "fedgen-test"])
+        assert result.exit_code == 0, result.output
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fedgen-test").experiment_id])
+    assert run.data.tags["fedgen.run"] == finished_run.name
+    history = client.get_metric_history(run.info.run_id, "privacy.epsilon-max")
+    assert sorted(m.step for m in history) == [1, 2, 3]  # once each, after two exports
+    assert run.data.params["privacy.target-epsilon"] == "8.0"
+    assert len(client.list_artifacts(run.info.run_id, "samples")) == 4
 
 
 def _round_one_model(run_dir) -> dict[str, torch.Tensor]:
