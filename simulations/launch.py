@@ -3,6 +3,7 @@
     python -m simulations.launch                      # the default job (--preset default)
     python -m simulations.launch --preset digits-quick --num-sites 3
     python -m simulations.launch --set privacy.enabled=false        # the default job without DP
+    python -m simulations.launch --ray-address HEAD:6379             # the sites on an existing Ray cluster
 
 What it does, so that nothing outlives it and a failed run is never reported as a
 success (``flwr run --stream`` exits 0 even when the run failed):
@@ -196,7 +197,7 @@ def _terminate(signum, _frame) -> None:
 def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: Path, *, quiet: bool = False,
            extra_env: dict[str, str] | None = None, flwr_home: Path | None = None,
            phases: dict[str, float] | None = None, app_dir: Path = ROOT,
-           run_config: dict[str, object] | None = None) -> int:
+           run_config: dict[str, object] | None = None, ray_address: str | None = None) -> int:
     """Run one job; returns 0 only if Flower reports it ``finished:completed``.
 
     ``app_dir`` is the Flower app to run (default: fedgen); with ``run_config`` given, that
@@ -206,7 +207,14 @@ def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: P
     state, its log and the connection config; ``extra_env`` is added to every process.
     ``phases``, when given, receives wall-clock times (``time.time()``) of the steps:
     ``superlink-ready``, ``run-submitted`` (``flwr run`` started), ``run-returned``, ``stopped``.
+
+    ``ray_address``: run the sites on an existing Ray cluster (``ray start --head`` on one
+    machine, ``ray start --address`` on the others) instead of a private local Ray. Flower's
+    simulation runtime calls ``ray.init()`` without an address, which then joins the cluster
+    that Ray's own ``RAY_ADDRESS`` names: the SuperLink and what it starts get that variable.
     """
+    if ray_address:
+        extra_env = {**(extra_env or {}), "RAY_ADDRESS": ray_address}
     phases = phases if phases is not None else {}
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
@@ -269,8 +277,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="override one run-config key (repeatable)")
     ap.add_argument("--num-sites", type=int, default=10, help="simulated SuperNodes (default 10)")
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs", help="where run folders go (default ./runs)")
+    ap.add_argument("--ray-address", default=os.environ.get("FEDGEN_RAY_ADDRESS") or None,
+                    help="run the sites on this existing Ray cluster (HOST:PORT of `ray start --head`; also "
+                         "FEDGEN_RAY_ADDRESS) instead of a private local Ray")
     args = ap.parse_args(argv)
-    return launch(args.preset, args.overrides, args.num_sites, args.runs_dir)
+    return launch(args.preset, args.overrides, args.num_sites, args.runs_dir, ray_address=args.ray_address)
 
 
 if __name__ == "__main__":
