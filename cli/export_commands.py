@@ -12,7 +12,7 @@ from cli.options import RunArg, RunsDirOpt
 from cli.output import fail, stdout
 from server.runs_index import resolve_run
 from server.store import RunStore
-from server.trackers import TrackerError, export, trackers_for
+from server.trackers import TrackerError, export, nested_config, trackers_for
 
 
 def export_cmd(run: RunArg, runs_dir: RunsDirOpt = Path("runs"),
@@ -28,17 +28,12 @@ def export_cmd(run: RunArg, runs_dir: RunsDirOpt = Path("runs"),
     if tensorboard is None and not mlflow:
         raise fail("name a tracker: --tensorboard DIR and/or --mlflow URI")
     run_dir = resolve_run(runs_dir, run)
-    with RunStore.open(run_dir) as store:
-        audits = store.audits()
-    lines = (run_dir / "rounds.jsonl").read_text().splitlines() if (run_dir / "rounds.jsonl").exists() else []
-    records = [json.loads(x) for x in lines if x.strip()]
+    with RunStore.open(run_dir) as store:  # one record per round, whole (a resumed run's last), audits, status
+        records, audits, status = store.rounds(), store.audits(), store.run_info()["status"]
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-    nested: dict = {}
-    for key, value in config.items():  # config.json is flat (section.key): the trackers take sections
-        section, _, name = key.partition(".")
-        nested.setdefault(section, {})[name] = value
     try:
-        done = export(run_dir, records, nested, audits, trackers_for(tensorboard, mlflow, experiment))
+        done = export(run_dir, records, nested_config(config), audits, trackers_for(tensorboard, mlflow, experiment),
+                      status)
     except TrackerError as err:
         raise fail(str(err)) from None
     except Exception as err:  # noqa: BLE001 - the tracker's own error (an unreachable server, a bad URI)

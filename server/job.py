@@ -106,16 +106,18 @@ def run_job(grid: Grid, cfg: AppConfig, flwr_run_id: int | str) -> Outcome:
 
         live = None
         if cfg.run.tensorboard_dir or cfg.run.mlflow_uri:  # the trackers ML engineers use (server/trackers.py)
-            live = LiveTrackers(run_dir, cfg.model_dump(), cfg.run.tensorboard_dir, cfg.run.mlflow_uri,
-                                cfg.run.mlflow_experiment)
+            live = LiveTrackers(run_dir, cfg.to_flat(), cfg.run.tensorboard_dir, cfg.run.mlflow_uri,
+                                cfg.run.mlflow_experiment, start_round=start_round)
+        ended = "failed"
         try:
             outcome = run_rounds(grid, cfg, strategy, evaluator,
                                  RoundRecorder(run_dir, store, cfg.run.num_rounds, also=live), run_dir,
                                  arrays=arrays, start_round=start_round, on_round_end=None if canaries else checkpoint,
                                  canaries=canaries, known_epsilon=known_epsilon)
+            ended = outcome.status
         finally:
             if live is not None:
-                live.close()
+                live.close(ended)
         if canaries is None:
             save_model(run_dir / FINAL_MODEL, outcome.arrays.to_torch_state_dict(), cfg, evaluator.spec)
         elif outcome.rounds_done:

@@ -10,8 +10,10 @@ its sample grid as an image (its text samples as text); the resolved config as h
 the audits when there are any.
 
 Exports are idempotent: TensorBoard's event files of a run are written again from scratch in
-``DIR/<run>`` (an export replaces the previous one, and a live log); MLflow's run is found by
-its ``fedgen.run`` tag and only the (metric, step) points it does not hold yet are logged.
+``DIR/<run>`` (an export replaces the previous one, and a live log: export into another folder
+than the one a running run logs to); MLflow's run is found by its ``fedgen.run-key`` tag and
+only the (metric, step) points it does not hold yet are logged. An export reads the run store
+(one record per round: a resumed run's retrained rounds as they were last recorded).
 
 The trackers' own libraries do the writing: TensorBoard's through ``torch.utils.tensorboard``
 (extra ``tensorboard``), MLflow's client (extra ``mlflow``, ``mlflow-skinny``); a missing one is
@@ -22,10 +24,13 @@ folder beside it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,6 +80,16 @@ def round_scalars(rec: dict) -> dict[str, float]:
     return out
 
 
+def nested_config(flat: dict) -> dict:
+    """The run's flat config (``section.key``, as ``config.json`` and ``AppConfig.to_flat`` give it)
+    by section: export and live logging name every parameter the same way."""
+    nested: dict = {}
+    for key, value in flat.items():
+        section, _, name = key.partition(".")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
 def flat_params(config: dict) -> dict[str, str]:
     """The resolved config as flat ``section.key`` hyperparameters (strings)."""
     out = {}
@@ -88,10 +103,10 @@ def flat_params(config: dict) -> dict[str, str]:
 
 
 class Tracker(Protocol):
-    def start(self, run_name: str, params: dict[str, str], fresh: bool) -> None: ...
+    def start(self, run_name: str, params: dict[str, str], fresh: bool, resume_from: int = 0) -> None: ...
     def log_round(self, rec: dict, run_dir: Path) -> None: ...
     def log_audits(self, audits: list[dict]) -> None: ...
-    def close(self) -> None: ...
+    def close(self, status: str = "") -> None: ...
 
 
 class TensorBoardTracker:
@@ -99,15 +114,18 @@ class TensorBoardTracker:
         self.root = Path(log_dir)
         self.writer = None
 
-    def start(self, run_name: str, params: dict[str, str], fresh: bool) -> None:
+    def start(self, run_name: str, params: dict[str, str], fresh: bool, resume_from: int = 0) -> None:
         tb = _need("torch.utils.tensorboard", "tensorboard")
         _need("tensorboard", "tensorboard")
         run_dir = self.root / run_name
         if fresh and run_dir.exists():  # an export replaces what an earlier export or live log wrote
             for old in run_dir.glob("events.out.tfevents.*"):
                 old.unlink()
-        self.writer = tb.SummaryWriter(log_dir=str(run_dir))
-        self.writer.add_text("config", "\n".join(f"    {k} = {v}" for k, v in sorted(params.items())), 0)
+        # A resumed run trains its rounds from resume_from again: TensorBoard drops what the
+        # earlier process logged from that step on (purge_step), so no step shows twice.
+        self.writer = tb.SummaryWriter(log_dir=str(run_dir), purge_step=resume_from or None)
+        if not resume_from:
+            self.writer.add_text("config", "\n".join(f"    {k} = {v}" for k, v in sorted(params.items())), 0)
 
     def log_round(self, rec: dict, run_dir: Path) -> None:
         step = int(rec["round"])
@@ -133,7 +151,7 @@ class TensorBoardTracker:
                     self.writer.add_scalar(f"audit/{audit.get('level', 'audit')}/{key}", v, i)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str = "") -> None:
         if self.writer is not None:
             self.writer.close()
 
@@ -144,8 +162,9 @@ class MLflowTracker:
         self.client = None
         self.run_id = ""
         self.logged: dict[str, set[int]] = {}
+        self.existing, self.resume_from = False, 0
 
-    def start(self, run_name: str, params: dict[str, str], fresh: bool) -> None:
+    def start(self, run_name: str, params: dict[str, str], fresh: bool, resume_from: int = 0) -> None:
         mlflow = _need("mlflow", "mlflow")
         self.client = mlflow.MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(self.experiment)
@@ -158,13 +177,21 @@ class MLflowTracker:
             exp_id = self.client.create_experiment(self.experiment, artifact_location=artifacts)
         else:
             exp_id = exp.experiment_id
-        found = self.client.search_runs([exp_id], filter_string=f"tags.`fedgen.run` = '{run_name}'", max_results=1)
+        # Found by a tag of hex digits: a run name may hold quotes that a filter string cannot.
+        key = hashlib.sha256(run_name.encode()).hexdigest()[:32]
+        found = self.client.search_runs([exp_id], filter_string=f"tags.`fedgen.run-key` = '{key}'", max_results=1)
         if found:
             self.run_id = found[0].info.run_id
             have = found[0].data.params
+            self.existing = True
         else:
-            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags={"fedgen.run": run_name}).info.run_id
+            self.run_id = self.client.create_run(exp_id, run_name=run_name,
+                                                 tags={"fedgen.run": run_name, "fedgen.run-key": key}).info.run_id
             have = {}
+            self.existing = False  # nothing logged yet: no history to ask for
+        # A resumed run trains from resume_from again: its new values are logged at those steps
+        # (MLflow keeps points, the later one being the step's value).
+        self.resume_from = resume_from
         from mlflow.entities import Param
 
         new = [Param(k, v[:6000]) for k, v in params.items() if k not in have]
@@ -173,7 +200,8 @@ class MLflowTracker:
 
     def _steps(self, key: str) -> set[int]:
         if key not in self.logged:
-            self.logged[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+            self.logged[key] = ({m.step for m in self.client.get_metric_history(self.run_id, key)}
+                                if self.existing else set())
         return self.logged[key]
 
     def _log(self, scalars: dict[str, float], step: int) -> None:
@@ -183,7 +211,7 @@ class MLflowTracker:
         todo = []
         for tag, value in scalars.items():
             key = tag.replace("/", ".")
-            if step not in self._steps(key):
+            if step not in self._steps(key) or (self.resume_from and step >= self.resume_from):
                 todo.append(Metric(key, value, now, step))
                 self.logged[key].add(step)
         for i in range(0, len(todo), 500):
@@ -203,8 +231,11 @@ class MLflowTracker:
                        if (v := _num(audit.get(key))) is not None}
             self._log(scalars, i)
 
-    def close(self) -> None:
-        pass
+    def close(self, status: str = "") -> None:
+        """Marks the MLflow run ended with the run's own outcome (a run still training stays RUNNING)."""
+        state = {"completed": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}.get(status)
+        if state and self.client is not None:
+            self.client.set_terminated(self.run_id, status=state)
 
 
 def trackers_for(tensorboard: str | Path | None, mlflow_uri: str | None, experiment: str = "fedgen") -> list:
@@ -216,8 +247,10 @@ def trackers_for(tensorboard: str | Path | None, mlflow_uri: str | None, experim
     return out
 
 
-def export(run_dir: Path, records: list[dict], config: dict, audits: list[dict], trackers: list) -> int:
-    """Replay a run's recorded rounds into ``trackers``; returns the number of rounds exported."""
+def export(run_dir: Path, records: list[dict], config: dict, audits: list[dict], trackers: list,
+           status: str = "") -> int:
+    """Replay a run's recorded rounds (one record per round: the run store's) into ``trackers``;
+    ``status`` is the run's (completed, failed, stopped, running). Returns the rounds exported."""
     params = flat_params(config)
     for tracker in trackers:
         tracker.start(run_dir.name, params, fresh=True)
@@ -227,25 +260,46 @@ def export(run_dir: Path, records: list[dict], config: dict, audits: list[dict],
             if audits:
                 tracker.log_audits(audits)
         finally:
-            tracker.close()
+            tracker.close(status)
     return len(records)
 
 
 class LiveTrackers:
     """The server's trackers while a run trains (``run.tensorboard-dir``, ``run.mlflow-uri``).
 
-    A tracker that fails (its store unreachable, its library missing) logs one warning and is
-    dropped: the federation never stops or waits for it. MLflow's HTTP retries are cut to one
-    short try so that an unreachable server costs seconds once, not minutes every round."""
+    The round loop only hands each record to a queue: a thread of its own writes them, so a slow
+    tracker never makes a round wait (a full queue drops a record, with one warning). A tracker
+    that fails (its store unreachable, its library missing) logs one warning and is dropped; the
+    federation never stops for it. At the end the thread gets ``CLOSE_SECONDS`` to finish.
+    ``start_round`` > 1: a resumed run, whose rounds from there are logged again."""
 
-    def __init__(self, run_dir: Path, config: dict, tensorboard: str, mlflow_uri: str,
-                 experiment: str = "fedgen") -> None:
+    CLOSE_SECONDS = 30.0
+
+    def __init__(self, run_dir: Path, flat_config: dict, tensorboard: str, mlflow_uri: str,
+                 experiment: str = "fedgen", start_round: int = 1) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         self.run_dir = run_dir
-        self.trackers = []
-        for tracker in trackers_for(tensorboard, mlflow_uri, experiment):
-            self._try(tracker, lambda t: t.start(run_dir.name, flat_params(config), fresh=False), keep=True)
+        self.trackers: list = []
+        self.queue: queue.Queue = queue.Queue(maxsize=1000)
+        self._dropped = False
+        params = flat_params(nested_config(flat_config))
+        pending = trackers_for(tensorboard, mlflow_uri, experiment)
+        resume_from = start_round if start_round > 1 else 0
+
+        def work() -> None:
+            for tracker in pending:
+                self._try(tracker, lambda t: t.start(run_dir.name, params, fresh=False, resume_from=resume_from),
+                          keep=True)
+            while (item := self.queue.get()) is not None:
+                for tracker in list(self.trackers):
+                    self._try(tracker, lambda t: t.log_round(item, self.run_dir))
+            for tracker in list(self.trackers):
+                self._try(tracker, lambda t: t.close(self.status))
+
+        self.status = ""
+        self.thread = threading.Thread(target=work, name="fedgen-trackers", daemon=True)
+        self.thread.start()
 
     def _try(self, tracker, call, keep: bool = False) -> None:
         try:
@@ -258,9 +312,22 @@ class LiveTrackers:
                 self.trackers.remove(tracker)
 
     def __call__(self, rec: dict) -> None:
-        for tracker in list(self.trackers):
-            self._try(tracker, lambda t: t.log_round(rec, self.run_dir))
+        try:
+            self.queue.put_nowait(rec)
+        except queue.Full:
+            if not self._dropped:
+                log.warning("the trackers are %d records behind; dropping records until they catch up",
+                            self.queue.maxsize)
+                self._dropped = True
 
-    def close(self) -> None:
-        for tracker in list(self.trackers):
-            self._try(tracker, lambda t: t.close())
+    def close(self, status: str = "") -> None:
+        """Let the trackers finish what is queued (``CLOSE_SECONDS`` at most) and end their runs."""
+        self.status = status
+        try:
+            self.queue.put(None, timeout=self.CLOSE_SECONDS)
+        except queue.Full:
+            pass
+        self.thread.join(self.CLOSE_SECONDS)
+        if self.thread.is_alive():
+            log.warning("the trackers did not finish within %gs; the run ends without waiting for them",
+                        self.CLOSE_SECONDS)

@@ -224,6 +224,8 @@ def launch(preset: str | None, overrides: list[str], num_sites: int, runs_dir: P
         flwr_home = Path(flwr_home or tmp)
         flwr_home.mkdir(parents=True, exist_ok=True)
         env = {**flower_env(flwr_home), **(extra_env or {})}
+        if not ray_address:  # a RAY_ADDRESS of the caller's shell must not send a local job to a cluster
+            env.pop("RAY_ADDRESS", None)
         config = run_config if run_config is not None else merged_run_config(preset, overrides, runs_dir)
         config_file = flwr_home / "run-config.toml"
         config_file.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in config.items()))

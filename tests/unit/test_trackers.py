@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 
@@ -30,25 +31,79 @@ def test_a_round_gives_its_metrics_privacy_sites_bytes_and_time():
 class Broken:
     calls = 0
 
-    def start(self, run_name, params, fresh):
+    def start(self, run_name, params, fresh, resume_from=0):
         pass
 
     def log_round(self, rec, run_dir):
         Broken.calls += 1
         raise ConnectionError("the tracking server is down")
 
-    def close(self):
+    def close(self, status=""):
         pass
 
 
 def test_a_failing_tracker_warns_once_and_is_dropped(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(T, "trackers_for", lambda *a: [Broken()])
-    live = T.LiveTrackers(tmp_path, {}, "", "http://127.0.0.1:9")
     with caplog.at_level(logging.WARNING):
+        live = T.LiveTrackers(tmp_path, {}, "", "http://127.0.0.1:9")
         for rnd in range(3):
             live({**REC, "round": rnd})  # never raises
+        live.close("completed")
     assert Broken.calls == 1 and live.trackers == []
     assert sum("the run goes on without it" in r.message for r in caplog.records) == 1
+
+
+def test_a_slow_tracker_never_makes_a_round_wait(tmp_path, monkeypatch):
+    """Found by review: MLflow's requests ran inside the round loop, up to seconds each. The
+    records now go to a queue that a thread of the trackers' own drains."""
+    release = threading.Event()
+    seen = []
+
+    class Slow(Broken):
+        def log_round(self, rec, run_dir):
+            release.wait()  # a tracker server that does not answer
+            seen.append(rec["round"])
+
+    monkeypatch.setattr(T, "trackers_for", lambda *a: [Slow()])
+    live = T.LiveTrackers(tmp_path, {}, "", "http://slow")
+    for rnd in range(3):
+        live({**REC, "round": rnd})  # returns while the tracker is still stuck on round 0
+    assert seen == []
+    release.set()
+    live.close("completed")
+    assert seen == [0, 1, 2]
+
+
+def test_a_resumed_run_logs_its_retrained_rounds_again_without_duplicates_in_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra (in the test extra)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = T.TensorBoardTracker(tmp_path)
+    first.start("run-a", {}, fresh=False)
+    for rnd in range(4):
+        first.log_round({**REC, "round": rnd, "eval": {"neg-elbo": 10.0 + rnd}}, tmp_path)
+    first.close()
+    again = T.TensorBoardTracker(tmp_path)  # resumed from the checkpoint of round 2: trains round 3 again
+    again.start("run-a", {}, fresh=False, resume_from=3)
+    again.log_round({**REC, "round": 3, "eval": {"neg-elbo": 99.0}}, tmp_path)
+    again.close()
+    ea = EventAccumulator(str(tmp_path / "run-a"))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("eval/neg-elbo")] == [(0, 10.0), (1, 11.0), (2, 12.0), (3, 99.0)]
+
+
+def test_mlflow_finds_a_run_whose_name_has_quotes_and_ends_it_with_the_runs_status(tmp_path):
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra (in the test extra)")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    for _ in range(2):
+        tracker = T.MLflowTracker(uri)
+        tracker.start("bob's \"run\"", {"a.b": "1"}, fresh=True)
+        tracker.log_round({**REC, "round": 1}, tmp_path)
+        tracker.close("completed")
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fedgen").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["fedgen.run"] == "bob's \"run\""
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval.neg-elbo")] == [1]
 
 
 def test_a_missing_tracker_library_names_its_extra():
