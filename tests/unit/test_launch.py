@@ -79,8 +79,11 @@ def test_the_launcher_without_a_preset_runs_the_default_job_and_vae_fashion_is_t
     from simulations import launch as L
 
     seen = {}
-    monkeypatch.setattr(L, "launch", lambda preset, overrides, num_sites, runs_dir: seen.update(preset=preset) or 0)
-    assert L.main([]) == 0 and seen["preset"] == "default"
+    monkeypatch.delenv("FEDGEN_RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(L, "launch", lambda preset, overrides, num_sites, runs_dir, ray_address=None:
+                        seen.update(preset=preset, ray_address=ray_address) or 0)
+    assert L.main([]) == 0 and seen["preset"] == "default" and seen["ray_address"] is None  # a private local Ray
+    assert L.main(["--ray-address", "10.0.0.1:6379"]) == 0 and seen["ray_address"] == "10.0.0.1:6379"
     job = merged_run_config(seen["preset"], [], tmp_path)
     assert (job["task.family"], job["data.dataset"], job["privacy.target-epsilon"]) == ("merf", "fashion-mnist", 8.0)
     base = merged_run_config("vae-fashion", [], tmp_path)
