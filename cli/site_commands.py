@@ -20,6 +20,7 @@ from cli.options import JsonOpt
 from cli.output import emit_json, fail, stdout
 from client.approvals import APPROVED, PENDING, REJECTED, ApprovalError, Approvals
 from client.policy import PolicyError, load_policy
+from client.privacy_state import Ledger, LedgerError
 from client.site_log import SiteLog
 
 LedgerOpt = Annotated[Path, typer.Option("--ledger", envvar="FEDGEN_SITE_LEDGER",
@@ -117,7 +118,10 @@ def status_cmd(ledger: LedgerOpt, policy: Annotated[Path | None, typer.Option(
             rules = load_policy(policy).model_dump(by_alias=True)
         except PolicyError as err:
             raise fail(str(err)) from None
-    entries = json.loads(ledger.read_text()).get("entries", {}) if ledger.exists() else {}
+    try:
+        entries = Ledger(ledger).read()  # verified: a damaged ledger is said so, not shown
+    except LedgerError as err:
+        raise fail(str(err)) from None
     spend = [{"dataset": key, "epsilon": e.get("epsilon"), "budget": e.get("budget"), "delta": e.get("delta"),
               "rounds": len(e.get("rounds", []))} for key, e in entries.items()]
     pending = Approvals(ledger).requests(PENDING)

@@ -42,14 +42,6 @@ class ProtocolError(RuntimeError):
     """A secure-aggregation message that does not fit this site's state (order, round, sets)."""
 
 
-def _ids(values) -> list[int]:
-    return [int(v) for v in values]  # node ids travel as strings: they exceed int64
-
-
-def _strs(ids) -> list[str]:
-    return [str(int(v)) for v in ids]
-
-
 def _state(state: RecordDict, server_round: int, stage: str) -> ConfigRecord:
     rec = state.get(STATE)
     if rec is None or int(rec["round"]) != server_round or rec["stage"] != stage:
@@ -70,7 +62,7 @@ def keys(config: ConfigRecord, state: RecordDict) -> ConfigRecord:
 def shares(config: ConfigRecord, state: RecordDict, me: int) -> ConfigRecord:
     """Stage 2: split a fresh self-mask seed and the masking key among this site's neighbours."""
     rec = _state(state, int(config["round"]), "keys")
-    order, with_keys = _ids(config["order"]), _ids(config["nodes"])
+    order, with_keys = S.node_ids(config["order"]), S.node_ids(config["nodes"])
     if me not in with_keys:
         raise ProtocolError("secure aggregation: this site's keys are not among the round's")
     c_pk = dict(zip(with_keys, config["c-pk"]))
@@ -88,11 +80,11 @@ def shares(config: ConfigRecord, state: RecordDict, me: int) -> ConfigRecord:
     for v, b_share, k_share in zip(holders[1:], b_shares[1:], k_shares[1:]):
         dst.append(v)
         boxes.append(S.seal(S.agreed_seed(c_key, c_pk[v]), me, v, b_share, k_share))
-    rec.update({"stage": "shares", "b": b, "order": _strs(order), "degree": int(config["degree"]),
-                "holders": _strs(holders), "own-b": b_shares[0], "own-k": k_shares[0],
-                "pk-nodes": _strs(with_keys), "c-pk": [c_pk[v] for v in with_keys],
+    rec.update({"stage": "shares", "b": b, "order": S.node_strs(order), "degree": int(config["degree"]),
+                "holders": S.node_strs(holders), "own-b": b_shares[0], "own-k": k_shares[0],
+                "pk-nodes": S.node_strs(with_keys), "c-pk": [c_pk[v] for v in with_keys],
                 "s-pk": [s_pk[v] for v in with_keys]})
-    return ConfigRecord({"dst": _strs(dst), "box": boxes, "b-hash": S.seed_hash(b)})
+    return ConfigRecord({"dst": S.node_strs(dst), "box": boxes, "b-hash": S.seed_hash(b)})
 
 
 def train(cfg: AppConfig, site: SiteConfig, global_arrays: ArrayRecord, config: ConfigRecord, secure: ConfigRecord,
@@ -101,12 +93,12 @@ def train(cfg: AppConfig, site: SiteConfig, global_arrays: ArrayRecord, config: 
     metrics and status; no model arrays) and the masked update (None when the site refused)."""
     server_round = int(config["server-round"])
     rec = _state(state, server_round, "shares")
-    shared = _ids(secure["shared"])  # the sites whose shares reached the server: this site's pairwise partners
+    shared = S.node_ids(secure["shared"])  # the sites whose shares reached the server: this site's pairwise partners
     if me not in shared:
         raise ProtocolError("secure aggregation: the server does not count this site's shares")
     result = train_round(cfg, site, global_arrays, server_round=server_round, state=state,
                          proximal_mu=float(config.get("proximal-mu", 0.0)), run_id=run_id, run_name=run_name)
-    rec.update({"stage": "train", "inbox-from": _strs(secure["inbox-from"]), "inbox": list(secure["inbox"])})
+    rec.update({"stage": "train", "inbox-from": S.node_strs(secure["inbox-from"]), "inbox": list(secure["inbox"])})
     if result.arrays is None:
         return result, None  # refused (budget): the server counts it as dropped and removes its masks
     reference = R.numpy_arrays(global_arrays)
@@ -125,8 +117,8 @@ def train(cfg: AppConfig, site: SiteConfig, global_arrays: ArrayRecord, config: 
         update = update * min(1.0, bound / (norm + 1e-12))
     q = quantizer.quantize(update, np.random.default_rng(secrets.randbits(128)))
     s_key = S.load_private(bytes(rec["s-sk"]))
-    s_pk = dict(zip(_ids(rec["pk-nodes"]), rec["s-pk"]))
-    partners = [v for v in _ids(rec["holders"])[1:] if v in shared]
+    s_pk = dict(zip(S.node_ids(rec["pk-nodes"]), rec["s-pk"]))
+    partners = [v for v in S.node_ids(rec["holders"])[1:] if v in shared]
     y = S.masked(q, bytes(rec["b"]), {v: S.agreed_seed(s_key, s_pk[v]) for v in partners}, me)
     result.arrays = None  # the update itself never leaves
     return result, ArrayRecord({S.MASKED_ARRAY: Array(y)})
@@ -135,19 +127,19 @@ def train(cfg: AppConfig, site: SiteConfig, global_arrays: ArrayRecord, config: 
 def unmask(config: ConfigRecord, state: RecordDict, me: int) -> ConfigRecord:
     """Stage 4: the shares that remove the masks: ``b`` of the senders, the key of the others."""
     rec = _state(state, int(config["round"]), "train")
-    sent, dropped = set(_ids(config["sent"])), set(_ids(config["dropped"]))
+    sent, dropped = set(S.node_ids(config["sent"])), set(S.node_ids(config["dropped"]))
     if sent & dropped:
         raise ProtocolError("secure aggregation: the server lists a site both as sent and as dropped")
     if me in dropped or me not in sent:
         raise ProtocolError("secure aggregation: the server counts this site as dropped; revealing nothing")
-    if not S.connected(_ids(rec["order"]), int(rec["degree"]), sorted(sent)):
+    if not S.connected(S.node_ids(rec["order"]), int(rec["degree"]), sorted(sent)):
         raise ProtocolError("secure aggregation: the senders are not connected through their neighbours; "
                             "unmasking would reveal a partial sum; revealing nothing")
     c_key = S.load_private(bytes(rec["c-sk"]))
-    c_pk = dict(zip(_ids(rec["pk-nodes"]), rec["c-pk"]))
-    inbox = dict(zip(_ids(rec["inbox-from"]), rec["inbox"]))
+    c_pk = dict(zip(S.node_ids(rec["pk-nodes"]), rec["c-pk"]))
+    inbox = dict(zip(S.node_ids(rec["inbox-from"]), rec["inbox"]))
     b_of, b_out, k_of, k_out = [me], [bytes(rec["own-b"])], [], []
-    for v in _ids(rec["holders"])[1:]:
+    for v in S.node_ids(rec["holders"])[1:]:
         if v not in inbox or (v not in sent and v not in dropped):
             continue  # its shares never came (it dropped before sharing), or it is not in this round
         try:
@@ -162,4 +154,4 @@ def unmask(config: ConfigRecord, state: RecordDict, me: int) -> ConfigRecord:
             k_of.append(v)
             k_out.append(k_share)
     del state[STATE]  # this round's secrets are spent
-    return ConfigRecord({"b-of": _strs(b_of), "b": b_out, "k-of": _strs(k_of), "k": k_out})
+    return ConfigRecord({"b-of": S.node_strs(b_of), "b": b_out, "k-of": S.node_strs(k_of), "k": k_out})

@@ -29,6 +29,7 @@ from client.privacy_state import Ledger
 from common.atomic import write_bytes
 
 GENESIS = "0" * 64
+TAIL_BYTES = 1 << 16  # a log line is under 2 KB (its reason is cut at 500 characters)
 log = logging.getLogger(__name__)
 
 
@@ -96,15 +97,25 @@ class SiteLog:
 
     def _last(self) -> tuple[str, int]:
         """The hash the next line chains to (the last line's, or the raw line's digest when it is
-        unreadable: the break stays visible to :meth:`verify`) and the number of lines."""
-        raw = self.path.read_bytes().splitlines() if self.path.exists() else []
-        raw = [x for x in raw if x.strip()]
-        if not raw:
+        unreadable: the break stays visible to :meth:`verify`) and the number of lines. Reads the
+        file's tail only, and counts the lines from the head when the head is that last line's
+        (every append but the first after damage): a site appends once a round, for ever."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if not size:
+            return GENESIS, 0
+        with self.path.open("rb") as fh:
+            fh.seek(max(0, size - TAIL_BYTES))
+            tail = [x for x in fh.read().splitlines() if x.strip()]
+        if not tail:
             return GENESIS, 0
         try:
-            return str(json.loads(raw[-1])["hash"]), len(raw)
+            last = str(json.loads(tail[-1])["hash"])
         except (ValueError, KeyError, TypeError):
-            return hashlib.sha256(raw[-1]).hexdigest(), len(raw)
+            last = hashlib.sha256(tail[-1]).hexdigest()
+        head = self._head()
+        if head is not None and head[0] == last:
+            return last, head[1]
+        return last, sum(1 for x in self.path.read_bytes().splitlines() if x.strip())
 
     def _head(self) -> tuple[str, int] | None:
         try:

@@ -174,6 +174,15 @@ def load_private(raw: bytes) -> ec.EllipticCurvePrivateKey:
     return ec.derive_private_key(int.from_bytes(raw, "big"), CURVE)
 
 
+def node_ids(values) -> list[int]:
+    """Node ids as they travel in the protocol's ConfigRecords (strings: they exceed int64)."""
+    return [int(v) for v in values]
+
+
+def node_strs(ids) -> list[str]:
+    return [str(int(v)) for v in ids]
+
+
 def checked_public(raw) -> bytes:
     """Public key bytes, refused (ValueError) unless they are a point of the curve."""
     raw = bytes(raw)

@@ -73,6 +73,14 @@ from common import records as R
 log = logging.getLogger(__name__)
 
 
+def single_reply(arrays: ArrayRecord) -> Message:
+    """A model the server computed (a noised release, a securely summed mean), as the one
+    uniform-weight reply a wrapped strategy aggregates: its server optimiser (FedAdam, FedYogi,
+    FedAvgM) then only post-processes it and keeps its own state."""
+    return Message(content=RecordDict({R.ARRAYS: arrays, R.METRICS: MetricRecord({R.WEIGHT: 1.0})}),
+                   dst_node_id=0, message_type="train")
+
+
 def clip_update(update: dict[str, np.ndarray], clip: float) -> tuple[dict[str, np.ndarray], float]:
     """Scale the whole update (all arrays together) to L2 norm at most ``clip``."""
     norm = float(np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update.values())))
@@ -239,9 +247,7 @@ class UserLevelDP(Strategy):
         # single uniform release.
         metrics = (getattr(self.strategy, "train_metrics_aggr_fn")([r.content for r in replies], R.WEIGHT)
                    if replies else None)
-        release = Message(content=RecordDict({R.ARRAYS: ArrayRecord(noised), R.METRICS: MetricRecord({R.WEIGHT: 1.0})}),
-                          dst_node_id=0, message_type="train")
-        new_arrays, _ = self.strategy.aggregate_train(server_round, [release])
+        new_arrays, _ = self.strategy.aggregate_train(server_round, [single_reply(ArrayRecord(noised))])
         return new_arrays, metrics
     def _norm_bit(self, msg: Message, norm: float, clip: float) -> int:
         """1 if the update fit under C, from the norm received wherever that decides it.

@@ -52,3 +52,7 @@ def encode(messages: list[Message], dtype: str) -> list[Message]:
     return messages
 
 
+def sender_of(msg: Message, dst_of: dict[str, int]) -> int:
+    """The node a reply answers for: the one its request was sent to (a reply the SuperLink writes
+    for a node that went offline comes from the SuperLink itself), else its source."""
+    return dst_of.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))

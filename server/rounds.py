@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import records as R
 from common.config import AppConfig
 from server.canaries import CanaryClients
-from server.central_dp import UserLevelDP
+from server.central_dp import UserLevelDP, single_reply
 from server.evaluation import Evaluator
-from server.exchange import encode, exchange, payload_bytes
+from server.exchange import encode, exchange, payload_bytes, sender_of
 from server.round_records import site_row, site_tag
 from server.secagg import SecureOutcome, SecureRound
 from server.strategy import aggregate_train_metrics
@@ -204,8 +204,8 @@ class RoundLoop:
         rows, good, row_of = [], [], {}
         for msg in replies:
             status, reason = _reply_status(msg)
+            node = sender_of(msg, dst_of)
             if status == "ok" and secure is not None:
-                node = dst_of.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
                 if node in secure.senders and secure.total is not None:
                     good.append(msg)
                 elif node not in secure.senders:
@@ -220,7 +220,6 @@ class RoundLoop:
                     good.append(msg)
                 except InvalidUpdate as err:
                     status, reason = "failed", f"invalid update dropped: {err}"
-            node = dst_of.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
             row = site_row(msg, status, reason or None)
             row["node_id"] = node
             if status == "refused" and _awaiting_approval(msg):
@@ -294,10 +293,7 @@ class RoundLoop:
             mean = {key: Array(np.asarray(value + secure.total[key] / len(secure.senders), dtype=value.dtype)
                                if key in secure.total else np.asarray(value))
                     for key, value in reference.items()}
-            release = Message(content=RecordDict({R.ARRAYS: ArrayRecord(mean),
-                                                  R.METRICS: MetricRecord({R.WEIGHT: 1.0})}),
-                              dst_node_id=0, message_type="train")
-            new_arrays, _ = strategy.aggregate_train(rnd, [release])
+            new_arrays, _ = strategy.aggregate_train(rnd, [single_reply(ArrayRecord(mean))])
         server_metrics: dict[str, float] = {}
         if new_arrays is not None:
             new_arrays, server_metrics = self.evaluator.server_update(new_arrays)

@@ -36,18 +36,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from common import records as R
 from common import secagg as S
 from common.config import AppConfig
+from server.exchange import sender_of
 
 log = logging.getLogger(__name__)
 
 SECAGG = "secagg"  # the ConfigRecord of the protocol's fields in every secure message
-
-
-def _ids(values) -> list[int]:
-    return [int(v) for v in values]
-
-
-def _strs(ids) -> list[str]:
-    return [str(int(v)) for v in ids]
 
 
 @dataclass
@@ -82,8 +75,7 @@ class SecureRound:
                                         self.cfg.run.reply_poll_interval)
         by_node = {}
         for msg in replies:
-            node = dst_of.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
-            by_node[node] = msg
+            by_node[sender_of(msg, dst_of)] = msg
         return by_node, dst_of, time.perf_counter() - t
 
     def run(self, rnd: int, train_messages: list[Message], global_arrays: ArrayRecord,
@@ -159,8 +151,8 @@ class SecureRound:
                         f"{t} (or 2)")
 
         # 2: shares
-        shares_cfg = ConfigRecord({**base, "order": _strs(order), "degree": degree, "threshold": st.secagg_threshold,
-                                   "nodes": _strs(with_keys), "c-pk": [c_pk[n] for n in with_keys],
+        shares_cfg = ConfigRecord({**base, "order": S.node_strs(order), "degree": degree, "threshold": st.secagg_threshold,
+                                   "nodes": S.node_strs(with_keys), "c-pk": [c_pk[n] for n in with_keys],
                                    "s-pk": [s_pk[n] for n in with_keys]})
         shared_replies, _ = stage(with_keys, lambda n: RecordDict({SECAGG: shares_cfg}), "query.secagg_shares",
                                   "shares")
@@ -172,7 +164,7 @@ class SecureRound:
         for src in list(shared):  # a malformed reply drops its site: no one masks with it
             try:
                 rec = shared_replies[src].content[SECAGG]
-                boxes[src] = [(dst, bytes(box)) for dst, box in zip(_ids(rec["dst"]), rec["box"], strict=True)]
+                boxes[src] = [(dst, bytes(box)) for dst, box in zip(S.node_ids(rec["dst"]), rec["box"], strict=True)]
                 b_hash[src] = bytes(rec["b-hash"])
             except (KeyError, TypeError, ValueError) as err:
                 failed[src] = f"secure aggregation, stage shares: a malformed reply ({err})"
@@ -187,13 +179,13 @@ class SecureRound:
 
         # 3: train and mask
         train_of = {int(m.metadata.dst_node_id): m for m in train_messages}
-        range_cfg = {"range": quantizer.value_range, "bits": st.secagg_bits, "shared": _strs(shared)}
+        range_cfg = {"range": quantizer.value_range, "bits": st.secagg_bits, "shared": S.node_strs(shared)}
         if clip_norm:
             range_cfg["clip-norm"] = float(clip_norm)
 
         def train_content(n: int) -> RecordDict:
             content = RecordDict(dict(train_of[n].content.items()))
-            content[SECAGG] = ConfigRecord({**range_cfg, "inbox-from": _strs(s for s, _ in inbox[n]),
+            content[SECAGG] = ConfigRecord({**range_cfg, "inbox-from": S.node_strs(s for s, _ in inbox[n]),
                                             "inbox": [box for _, box in inbox[n]]})
             return content
 
@@ -233,7 +225,7 @@ class SecureRound:
                         "strategy.secagg-degree")
 
         # 4: unmask
-        unmask_cfg = ConfigRecord({**base, "sent": _strs(senders), "dropped": _strs(dropped)})
+        unmask_cfg = ConfigRecord({**base, "sent": S.node_strs(senders), "dropped": S.node_strs(dropped)})
         revealed, _ = stage(senders, lambda n: RecordDict({SECAGG: unmask_cfg}), "query.secagg_unmask", "unmask")
         b_shares: dict[int, list[bytes]] = {n: [] for n in senders}
         # A dropped site's key is needed only where one of its neighbours sent: its masks are there.
@@ -242,8 +234,8 @@ class SecureRound:
         for n in answered(senders, revealed, "unmask"):
             try:  # a malformed reply is ignored whole: its shares count for nothing
                 rec = revealed[n].content[SECAGG]
-                got_b = [(v, bytes(x)) for v, x in zip(_ids(rec["b-of"]), rec["b"], strict=True)]
-                got_k = [(v, bytes(x)) for v, x in zip(_ids(rec["k-of"]), rec["k"], strict=True)]
+                got_b = [(v, bytes(x)) for v, x in zip(S.node_ids(rec["b-of"]), rec["b"], strict=True)]
+                got_k = [(v, bytes(x)) for v, x in zip(S.node_ids(rec["k-of"]), rec["k"], strict=True)]
             except (KeyError, TypeError, ValueError) as err:
                 log.warning("round %d: site %d's unmask reply is malformed (%s); its shares are not used", rnd, n, err)
                 continue

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from common import records as R
 from common.config import StrategySection
+from server.central_dp import single_reply
 from server.checkpoints import restore_strategy_state, strategy_state
 from server.strategy import STRATEGIES, build_strategy, spec_of, state_attributes
 from tests.conftest import FakeGrid, quick_config
@@ -107,8 +108,5 @@ def test_a_sum_only_strategy_steps_the_same_on_the_mean_as_on_the_replies(name):
                    for m, d in zip(msgs, deltas)]
         a_plain, _ = plain.aggregate_train(rnd, replies)
         mean = a_secure["w"].numpy() + np.mean(deltas, axis=0)
-        release = Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(mean.astype(np.float32))}),
-                                              "metrics": MetricRecord({R.WEIGHT: 1.0})}),
-                          dst_node_id=0, message_type="train")
-        a_secure, _ = secure.aggregate_train(rnd, [release])
+        a_secure, _ = secure.aggregate_train(rnd, [single_reply(ArrayRecord({"w": Array(mean.astype(np.float32))}))])
         np.testing.assert_allclose(a_secure["w"].numpy(), a_plain["w"].numpy(), rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord
 
 from cli.app import app as cli_app
 from common import records as R
+from server.checkpoints import Checkpointer
 from server.store import RunStore
 from simulations.launch import launch
 
@@ -149,7 +150,8 @@ def test_export_to_mlflow_reads_back_through_its_client_and_is_idempotent(finish
 
 
 def _round_one_model(run_dir) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "round-0001.pt", weights_only=False)["arrays"]
+    """Round 1's checkpoint, read as the project reads one (verified, tensors only)."""
+    return Checkpointer(run_dir, keep=3).load(1).arrays.to_torch_state_dict()
 
 
 def test_a_secure_simulation_aggregates_what_the_plain_one_does_within_the_quantization_error(
