@@ -151,8 +151,8 @@ class SecureRound:
                         f"{t} (or 2)")
 
         # 2: shares
-        shares_cfg = ConfigRecord({**base, "order": S.node_strs(order), "degree": degree, "threshold": st.secagg_threshold,
-                                   "nodes": S.node_strs(with_keys), "c-pk": [c_pk[n] for n in with_keys],
+        shares_cfg = ConfigRecord({**base, "order": S.node_strs(order), "degree": degree,
+                                   "threshold": st.secagg_threshold, "nodes": S.node_strs(with_keys), "c-pk": [c_pk[n] for n in with_keys],
                                    "s-pk": [s_pk[n] for n in with_keys]})
         shared_replies, _ = stage(with_keys, lambda n: RecordDict({SECAGG: shares_cfg}), "query.secagg_shares",
                                   "shares")
