@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # A fedgen site: Flower's official SuperNode image plus fedgen's pinned dependencies and the
-# site's warm worker (client/worker.py, common/flwr_runtime.py: the only fedgen code in the
+# site's warm worker (client/worker.py, client/wake.py, common/flwr_runtime.py: the only fedgen code in the
 # image). One image, two containers per site (compose.yaml): `supernode ...` starts Flower's
 # SuperNode (with shorter fixed polls) in process isolation, `run ...` the worker that runs
 # every ClientApp task in one long-lived process. The ClientApp itself is not in the image: it
@@ -24,7 +24,7 @@ RUN python -m pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch=
 # The worker's modules from the repository (the named build context "app"); root-owned, read-only.
 # hadolint does not know named build contexts (compose `additional_contexts`, `--build-context`):
 # hadolint ignore=DL3022
-COPY --from=app client/__init__.py client/worker.py /app/client/
+COPY --from=app client/__init__.py client/wake.py client/worker.py /app/client/
 # hadolint ignore=DL3022
 COPY --from=app common/__init__.py common/flwr_runtime.py /app/common/
 

@@ -22,7 +22,9 @@ Any mode with ``+secagg`` (``simulation+secagg``, ``warm+secagg``...) runs the s
 secure aggregation (``strategy.secure-aggregation = true``, ``server/secagg.py``).
 
 For each: the first round's wall time, the median of the steady rounds (2..R), their ratios to
-the simulation's, and the messages a round exchanges with the sites (each way). For the warm workers, each one's PSS (proportional set size,
+the simulation's, and the messages a round exchanges with the sites (each way). For each
+deployment, the CPU seconds a steady round costs each role (SuperLink, SuperNodes, workers,
+ServerApp...: the deployment shares this machine's cores, so CPU is what a round waits for). For the warm workers, each one's PSS (proportional set size,
 ``/proc/PID/smaps_rollup``) after every round: flat means no growth from round to round.
 """
 
@@ -39,6 +41,7 @@ from pathlib import Path
 
 from simulations.deployment import Deployment
 from simulations.launch import launch
+from simulations.procs import processes_with_env
 from simulations.runs import round_seconds, run_records
 
 
@@ -51,6 +54,28 @@ def pss_mib(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+#: Who a deployment's process is, from its command line (the first match).
+ROLES = (("flower-superlink", "SuperLink"), ("client.worker supernode", "SuperNodes"), ("flower-supernode", "SuperNodes"),
+         ("client.worker run", "workers"), ("flwr-serverapp", "ServerApp"), ("flwr-clientapp", "workers"),
+         ("flower-superexec", "SuperExecs"))
+
+
+def cpu_seconds_by_role(pids: list[int]) -> dict[str, float]:
+    """CPU seconds (user + system) each role's live processes have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            raw = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()
+        role = next((name for key, name in ROLES if key in cmd), "other")
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 MODES = {"warm": ("warm", "memory"), "stock": ("stock", "memory"), "warm-sqlite": ("warm", "sqlite")}
@@ -68,15 +93,28 @@ def deployed(mode: str, preset: str | None, overrides: list[str], sites: int, wo
         dep.wait_online(sites)
         handle = dep.submit(dep.write_run_config(preset, [f"strategy.min-available-nodes={sites}", *overrides], runs))
         pss: dict[int, list[float | None]] = {}
+        cpu: dict[int, dict[str, float]] = {}
         while handle.proc.poll() is None:
             _, recs = run_records(runs, newest=True) if runs.exists() else (None, [])
             for rnd in {r["round"] for r in recs if r["round"] >= 1} - set(pss):
                 pss[rnd] = [pss_mib(s.worker.pid) if s.worker else None for s in dep.sites]
-            time.sleep(0.2)
+                cpu[rnd] = cpu_seconds_by_role(processes_with_env("FLWR_HOME", str(dep.work_dir), below=True))
+            time.sleep(0.1)
         status = dep.wait(handle)
         _, recs = run_records(runs, newest=True)
     return {"status": status.get("status"), "rounds": round_seconds(recs), "pss": [pss[r] for r in sorted(pss)],
-            "messages": messages_per_round(recs, sites)}
+            "messages": messages_per_round(recs, sites), "cpu_per_round": steady_cpu(cpu)}
+
+
+def steady_cpu(cpu: dict[int, dict[str, float]]) -> dict[str, float]:
+    """CPU seconds per steady round by role: from the sample after round 1 to the last one
+    (each taken within 0.1 s of the round's record; every process must live through both)."""
+    rounds = sorted(cpu)
+    if len(rounds) < 2:
+        return {}
+    first, last = cpu[rounds[0]], cpu[rounds[-1]]
+    per = {role: (last[role] - first[role]) / (rounds[-1] - rounds[0]) for role in last if role in first}
+    return {**per, "all": sum(per.values())}
 
 
 def messages_per_round(recs: list[dict], sites: int) -> float:
@@ -137,6 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
         first, steady = summary(res["rounds"])
         print(f"{mode:<19}{len(res['rounds']):>7}{first:>9.2f}{steady:>10.2f}{steady / sim_steady:>14.2f}"
               f"{first / steady:>16.2f}{res['messages']:>10.0f}")
+    for mode, res in results.items():
+        if res.get("cpu_per_round"):
+            print(f"{mode}: CPU seconds a steady round: "
+                  + ", ".join(f"{role} {sec:.3f}" for role, sec in sorted(res["cpu_per_round"].items())))
     warm = results.get("warm", {}).get("pss") or []
     if warm:
         print("warm workers' PSS (MiB) after each round, per site: "

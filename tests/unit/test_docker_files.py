@@ -249,7 +249,7 @@ def test_the_site_image_carries_the_warm_worker_and_nothing_else_of_the_reposito
         assert all(src.startswith(f"{dest}/") for src in sources.split()), f"{sources} must land in /app/{dest}/"
         copied |= set(sources.split())
     needed = {m.replace(".", "/") + ".py" for m in _worker_modules()}
-    assert needed == {"client/worker.py", "common/flwr_runtime.py"}, "the worker imports more of fedgen: copy it too"
+    assert needed == {"client/worker.py", "client/wake.py", "common/flwr_runtime.py"}, "the worker imports more of fedgen: copy it too"
     assert copied == needed | {"client/__init__.py", "common/__init__.py"}
     for package in ("client", "common"):
         assert "import" not in (ROOT / package / "__init__.py").read_text(), f"the image's {package} package imports nothing"

@@ -1,0 +1,113 @@
+"""A SuperNode tells its warm worker that a task is waiting, so the worker need not poll for it.
+
+The worker (``client.worker``) asks its SuperNode's Runtime API for a task over HTTP; polled
+every 0.1 s, that is 10 requests a second per site while idle (each a few ms of CPU in the
+worker and in the SuperNode, on the cores the sites train on) and a mean wait of 0.05 s per
+round. Instead the SuperNode (``python -m client.worker supernode``) sends one datagram as
+soon as a message and its arrays are stored (``common.flwr_runtime.fast_polls(on_message=)``),
+and the worker asks for the task at once; it still asks every ``fallback`` seconds, so a lost
+datagram costs at most that.
+
+The channel: a Unix datagram socket in Linux's abstract namespace, named after the Runtime
+API's port (:func:`wake_name`). Abstract names belong to the network namespace, which the two
+share (on one machine, and in compose, where the worker runs with ``network_mode:
+service:site-i``), so neither side is configured and nothing is written to disk.
+
+What it carries and why that is safe: nothing but "ask now" (the datagram's bytes are
+ignored). Any process in the namespace may send one; the most it can do is make the worker
+ask its SuperNode for a task sooner, at most once per :data:`MIN_GAP` seconds (a real wake
+comes once per message, and messages to a site are more than that apart). A process that
+takes the name first leaves the worker polling as before (logged). The task itself, its
+token and its data still come only from the Runtime API, with the SuperExec's secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import time
+
+log = logging.getLogger("fedgen.wake")
+
+#: The worker asks for a task at most this often, however many datagrams arrive.
+MIN_GAP = 0.05
+
+
+def wake_name(port: int) -> bytes:
+    """The abstract socket's name for the SuperNode whose Runtime API listens on ``port``."""
+    return f"\0fedgen-wake-{int(port)}".encode()
+
+
+def supported() -> bool:
+    return sys.platform.startswith("linux") and hasattr(socket, "AF_UNIX")
+
+
+def send_wake(port: int) -> None:
+    """Tell the worker of the SuperNode on ``port`` that a task waits. Never raises: no worker
+    listening (none started yet, or a stock ``flower-superexec``) is normal."""
+    if not supported():
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.sendto(b"!", wake_name(port))
+    except OSError:
+        pass
+
+
+class WakeListener:
+    """The worker's end. :meth:`wait` returns when a wake arrives or after ``timeout`` seconds."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.woken = 0  # wakes received: the SuperNode sends them (a stock one never does)
+        self._last = 0.0
+        if not supported():
+            log.info("no wake channel on %s: polling for tasks", sys.platform)
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(wake_name(port))
+        except OSError as err:
+            sock.close()
+            log.warning("wake channel for port %d taken (%s): polling for tasks", port, err)
+            return
+        sock.setblocking(False)
+        self.sock = sock
+
+    def drain(self) -> None:
+        """Forget wakes that arrived before now (the ask that follows covers them)."""
+        if self.sock is None:
+            return
+        try:
+            while self.sock.recv(64):
+                self.woken += 1
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until a wake (True) or ``timeout`` seconds (False)."""
+        if self.sock is None:
+            time.sleep(timeout)
+            return False
+        gap = MIN_GAP - (time.monotonic() - self._last)
+        if gap > 0:
+            time.sleep(gap)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.recv(64)
+        except (TimeoutError, InterruptedError):
+            return False
+        finally:
+            self.sock.setblocking(False)
+        self.woken += 1
+        self._last = time.monotonic()
+        self.drain()
+        return True
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None

@@ -1,0 +1,34 @@
+"""simulations.bench_deploy's CPU accounting: which role a process plays, and a steady round's share."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from simulations.bench_deploy import cpu_seconds_by_role, steady_cpu
+
+
+def test_a_process_is_counted_under_the_role_its_command_line_names():
+    # a busy child whose command line names the worker: its CPU time lands under "workers"
+    code = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code, "client.worker run"])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and cpu_seconds_by_role([child.pid]).get("workers", 0) < 0.25:
+            time.sleep(0.05)
+        used = cpu_seconds_by_role([child.pid, os.getpid()])
+        assert 0.25 <= used["workers"] < 5 and used["other"] > 0  # this test's own process: no role
+    finally:
+        child.kill()
+        child.wait()
+    assert cpu_seconds_by_role([child.pid]) == {}  # gone: nothing
+
+
+def test_a_steady_round_is_the_cpu_between_the_first_and_the_last_sample_over_the_rounds_between():
+    cpu = {1: {"SuperLink": 1.0, "workers": 2.0}, 5: {"SuperLink": 3.0, "workers": 2.4, "ServerApp": 9.0}}
+    assert steady_cpu(cpu) == pytest.approx({"SuperLink": 0.5, "workers": 0.1, "all": 0.6})
+    assert steady_cpu({1: {"SuperLink": 1.0}}) == {}
