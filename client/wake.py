@@ -4,21 +4,29 @@ The worker (``client.worker``) asks its SuperNode's Runtime API for a task over 
 every 0.1 s, that is 10 requests a second per site while idle (each a few ms of CPU in the
 worker and in the SuperNode, on the cores the sites train on) and a mean wait of 0.05 s per
 round. Instead the SuperNode (``python -m client.worker supernode``) sends one datagram as
-soon as a message and its arrays are stored (``common.flwr_runtime.fast_polls(on_message=)``),
-and the worker asks for the task at once; it still asks every ``fallback`` seconds, so a lost
-datagram costs at most that.
+soon as it has pulled a message's arrays from the SuperLink
+(``common.flwr_runtime.fast_polls(on_message=)``; it stores them right after, and a worker
+that asks before they are stored retries them after 20 ms), and the worker asks for the task
+at once. Once a wake has been followed by a task, the worker still asks every
+``--woken-poll-interval`` seconds (1 s), so a lost datagram costs at most that; until then it
+polls every ``--poll-interval`` (0.1 s), as it must beside a stock SuperNode that never wakes.
 
 The channel: a Unix datagram socket in Linux's abstract namespace, named after the Runtime
 API's port (:func:`wake_name`). Abstract names belong to the network namespace, which the two
 share (on one machine, and in compose, where the worker runs with ``network_mode:
 service:site-i``), so neither side is configured and nothing is written to disk.
 
-What it carries and why that is safe: nothing but "ask now" (the datagram's bytes are
-ignored). Any process in the namespace may send one; the most it can do is make the worker
-ask its SuperNode for a task sooner, at most once per :data:`MIN_GAP` seconds (a real wake
-comes once per message, and messages to a site are more than that apart). A process that
-takes the name first leaves the worker polling as before (logged). The task itself, its
-token and its data still come only from the Runtime API, with the SuperExec's secret.
+What it carries and what another process can do with it: nothing but "ask now" (the
+datagram's bytes are ignored). Any process in the namespace (on a plain host: any local user)
+may send one; the most it can do is make the worker ask its SuperNode for a task sooner, at
+most once per :data:`MIN_GAP` seconds (a real wake comes once per message, and messages to a
+site are more than that apart). A stray wake does not switch the worker to slow polling: only
+a wake followed by a task does. A process that takes the name before the worker binds it
+leaves the worker polling every 0.1 s as before (logged), and learns when tasks reach the site
+(the rounds' timing, which the traffic to the SuperLink shows anyway); nothing else. The task
+itself, its token and its data still come only from the Runtime API, with the SuperExec's
+secret. Two SuperNodes in one namespace on the same port but different loopback addresses
+would share a name: give them different ports.
 """
 
 from __future__ import annotations
@@ -77,21 +85,25 @@ class WakeListener:
         sock.setblocking(False)
         self.sock = sock
 
-    def drain(self) -> None:
-        """Forget wakes that arrived before now (the ask that follows covers them)."""
+    def drain(self) -> int:
+        """Forget wakes that arrived before now (the ask that follows covers them); how many."""
+        drained = 0
         if self.sock is None:
-            return
+            return drained
         try:
-            while self.sock.recv(64):
-                self.woken += 1
+            while True:
+                self.sock.recv(64)
+                drained += 1
         except (BlockingIOError, InterruptedError):
             pass
+        self.woken += drained
+        return drained
 
     def wait(self, timeout: float) -> bool:
         """Sleep until a wake (True) or ``timeout`` seconds (False)."""
-        if self.sock is None:
-            time.sleep(timeout)
-            return False
+        if self.sock is None or timeout <= 0:
+            time.sleep(max(timeout, 0.0))
+            return self.drain() > 0
         gap = MIN_GAP - (time.monotonic() - self._last)
         if gap > 0:
             time.sleep(gap)

@@ -6,7 +6,8 @@
 Stock Flower starts a fresh ``flwr-clientapp`` process for every message a site receives
 (about 5 s of imports on this machine before any work), in either isolation mode. With the
 SuperNode in ``--isolation process``, this worker takes the place of ``flower-superexec``: it
-asks the SuperNode's Runtime API for a task every ``--poll-interval`` seconds and runs each
+asks the SuperNode's Runtime API for a task when the SuperNode wakes it (``client.wake``), or
+every ``--poll-interval`` seconds beside a SuperNode that does not, and runs each
 one here (``common.flwr_runtime.TaskRunner``), keeping the ClientApp imported per app
 package (FAB hash): torch, opacus and what the app caches stay warm across rounds and runs.
 
@@ -65,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
                             secret=secret)
     runner = TaskRunner(args.runtime_api_address, insecure=args.insecure, root_certificates=certificates)
     waker = WakeListener(_port(args.runtime_api_address))
-    stopping, busy, announced = [], [], []
+    stopping, busy = [], []
 
     def stop(signum: int, _frame: object) -> None:  # SIGTERM: finish the task in hand, then exit
         log.info("signal %d: stopping after the current task", signum)
@@ -87,23 +88,26 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, interrupt)
     log.info("warm worker on %s (poll every %gs until the SuperNode's first wake, then every %gs)",
              args.runtime_api_address, args.poll_interval, args.woken_poll_interval)
-    served = 0
+    served, woken, wakes_work = 0, False, False
     while not stopping:
-        waker.drain()  # the ask below answers every wake so far
+        woken = waker.drain() > 0 or woken  # the ask below answers every wake so far
         try:
             token = acquire_task(client)
         except httpx.HTTPError as err:  # the SuperNode is (re)starting: wait for it
             log.warning("runtime API at %s: %s", args.runtime_api_address, err)
             time.sleep(max(args.poll_interval, 1.0))
             continue
-        if waker.woken and not announced:
-            announced.append(True)
+        if token is None:
+            if stopping:
+                break
+            # A SuperNode that wakes us (client.wake) needs only a rare check; a stock one polling.
+            woken = waker.wait(args.woken_poll_interval if wakes_work else args.poll_interval)
+            continue
+        if woken and not wakes_work:  # a wake then a task: the SuperNode sends them (not a stray datagram)
+            wakes_work = True
             log.info("the SuperNode wakes this worker for each task: asking every %gs otherwise",
                      args.woken_poll_interval)
-        if token is None:
-            # A SuperNode that wakes us (client.wake) needs only a rare check; a stock one polling.
-            waker.wait(args.woken_poll_interval if waker.woken else args.poll_interval)
-            continue
+        woken = False
         start = time.perf_counter()
         log.info("task %d: acquired", served + 1)
         served += 1

@@ -243,17 +243,19 @@ def _with_backoff(func, initial: float, cap: float):
     return call
 
 
-def fast_polls(idle: float = 0.2, reply: float = 0.01, pull_backoff: float = 0.01, pull_backoff_cap: float = 0.1,
+def fast_polls(idle: float = 0.2, reply: float = 0.01, pull_backoff: float = 0.01,
+               pull_backoff_cap: float = PULL_BACKOFF_CAP,
                on_message: Callable[[], None] | None = None) -> None:
     """Shorten the SuperNode's fixed waits in this process (before ``flower_supernode()`` runs):
     ``idle`` after an empty pull from the SuperLink (Flower: 3 s), ``reply`` between checks for a
     ClientApp's reply (0.5 s; a look at the node's own memory, not a request), and the retries
     of a message's arrays that the SuperLink does not have yet (Flower: 1 s, doubling to 10 s;
     here ``pull_backoff`` doubling to ``pull_backoff_cap``). The SuperLink hands out a message as
-    soon as the ServerApp has pushed it, before its arrays (measured on loopback: a SuperNode
-    that polled while the ServerApp was still pushing got the arrays 0.15-0.24 s after the
-    message with 0.05 s doubling, against 0.06-0.09 s otherwise). ``on_message`` is called once
-    a message's arrays are in (``client.wake``: the worker is told that a task waits)."""
+    soon as the ServerApp has pushed it, before its arrays (on loopback, digits-quick: from a
+    SuperNode's poll to its worker's task took 0.22-0.24 s in a round whose three SuperNodes
+    polled while the ServerApp was still pushing, with 0.05 s doubling; 0.06-0.15 s in other
+    rounds). ``on_message`` is called once a message's arrays are pulled (``client.wake``: the
+    worker is told that a task waits)."""
     if not hasattr(start_client_internal, "time") or start_client_internal.time is not time:
         raise RuntimeError("flwr.supernode.start_client_internal no longer waits with the time module; "
                            f"common/flwr_runtime.py was written for flwr {FLWR_VERSION}: port fast_polls")
@@ -265,9 +267,9 @@ def fast_polls(idle: float = 0.2, reply: float = 0.01, pull_backoff: float = 0.0
 
 
 def _then(pull, notify: Callable[[], None]):
-    """``pull`` followed by ``notify()``: the SuperNode stores the arrays it returns right away
-    (microseconds, before the worker's ask for the task can arrive; a worker that is faster
-    still retries the missing arrays, :data:`PULL_INITIAL_BACKOFF`)."""
+    """``pull`` followed by ``notify()``. The SuperNode stores the arrays it returns right after
+    (hashing each one: about 1 ms per MB) and then confirms the message to the SuperLink; a
+    worker whose pull comes first retries the missing arrays after :data:`PULL_INITIAL_BACKOFF`."""
 
     @functools.wraps(pull)
     def call(*args, **kwargs):

@@ -24,8 +24,9 @@ secure aggregation (``strategy.secure-aggregation = true``, ``server/secagg.py``
 For each: the first round's wall time, the median of the steady rounds (2..R), their ratios to
 the simulation's, and the messages a round exchanges with the sites (each way). For each
 deployment, the CPU seconds a steady round costs each role (SuperLink, SuperNodes, workers,
-ServerApp...: the deployment shares this machine's cores, so CPU is what a round waits for). For the warm workers, each one's PSS (proportional set size,
-``/proc/PID/smaps_rollup``) after every round: flat means no growth from round to round.
+ServerApp...: the deployment shares this machine's cores, so CPU is what a round waits for).
+For the warm workers, each one's PSS (proportional set size, ``/proc/PID/smaps_rollup``) after
+every round, and the ServerApp's: flat means no growth from round to round.
 """
 
 from __future__ import annotations
@@ -62,19 +63,31 @@ ROLES = (("flower-superlink", "SuperLink"), ("client.worker supernode", "SuperNo
          ("flower-superexec", "SuperExecs"))
 
 
+def role_of(pid: int) -> str | None:
+    """The role a process plays (:data:`ROLES`; "other"), or None once it is gone."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    return next((name for key, name in ROLES if key in cmd), "other")
+
+
 def cpu_seconds_by_role(pids: list[int]) -> dict[str, float]:
-    """CPU seconds (user + system) each role's live processes have used so far."""
+    """CPU seconds (user + system) each role's live processes have used so far, and under
+    "exited children" what their children that have exited and been waited for used (the
+    stock path's ClientApp processes, one per message)."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for pid in pids:
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            raw = Path(f"/proc/{pid}/stat").read_text()
+            role, raw = role_of(pid), Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
+        if role is None:
+            continue
         fields = raw[raw.rindex(")") + 2:].split()
-        role = next((name for key, name in ROLES if key in cmd), "other")
         out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out["exited children"] = out.get("exited children", 0.0) + (int(fields[13]) + int(fields[14])) / tick
     return out
 
 
@@ -94,21 +107,26 @@ def deployed(mode: str, preset: str | None, overrides: list[str], sites: int, wo
         handle = dep.submit(dep.write_run_config(preset, [f"strategy.min-available-nodes={sites}", *overrides], runs))
         pss: dict[int, list[float | None]] = {}
         cpu: dict[int, dict[str, float]] = {}
+        server_pss: dict[int, float] = {}
         while handle.proc.poll() is None:
             _, recs = run_records(runs, newest=True) if runs.exists() else (None, [])
             for rnd in {r["round"] for r in recs if r["round"] >= 1} - set(pss):
                 pss[rnd] = [pss_mib(s.worker.pid) if s.worker else None for s in dep.sites]
-                cpu[rnd] = cpu_seconds_by_role(processes_with_env("FLWR_HOME", str(dep.work_dir), below=True))
+                pids = processes_with_env("FLWR_HOME", str(dep.work_dir), below=True)
+                cpu[rnd] = cpu_seconds_by_role(pids)
+                server_pss[rnd] = sum(pss_mib(pid) or 0.0 for pid in pids if role_of(pid) == "ServerApp")
             time.sleep(0.1)
         status = dep.wait(handle)
         _, recs = run_records(runs, newest=True)
     return {"status": status.get("status"), "rounds": round_seconds(recs), "pss": [pss[r] for r in sorted(pss)],
-            "messages": messages_per_round(recs, sites), "cpu_per_round": steady_cpu(cpu)}
+            "messages": messages_per_round(recs, sites), "cpu_per_round": steady_cpu(cpu),
+            "serverapp_pss": [server_pss[r] for r in sorted(server_pss)]}
 
 
 def steady_cpu(cpu: dict[int, dict[str, float]]) -> dict[str, float]:
     """CPU seconds per steady round by role: from the sample after round 1 to the last one
-    (each taken within 0.1 s of the round's record; every process must live through both)."""
+    (each taken within 0.1 s of the round's record). A role must be in both samples: a process
+    that starts or ends between them is not counted (none does in a run that completes)."""
     rounds = sorted(cpu)
     if len(rounds) < 2:
         return {}
@@ -184,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
         print("warm workers' PSS (MiB) after each round, per site: "
               + "; ".join(f"site {i + 1}: " + " ".join("-" if r[i] is None else f"{r[i]:.0f}" for r in warm)
                           for i in range(len(warm[0]))))
+    if results.get("warm", {}).get("serverapp_pss"):
+        print("the ServerApp's PSS (MiB) after each round: "
+              + " ".join(f"{v:.0f}" for v in results["warm"]["serverapp_pss"]))
     if args.json:
         args.json.write_text(json.dumps({"preset": args.preset, "sites": args.sites, "results": results}, indent=1))
     return results

@@ -26,6 +26,8 @@ def test_a_process_is_counted_under_the_role_its_command_line_names():
         child.kill()
         child.wait()
     assert cpu_seconds_by_role([child.pid]) == {}  # gone: nothing
+    # waited for, its CPU is its parent's (this process's) "exited children"
+    assert cpu_seconds_by_role([os.getpid()])["exited children"] >= 0.25
 
 
 def test_a_steady_round_is_the_cpu_between_the_first_and_the_last_sample_over_the_rounds_between():

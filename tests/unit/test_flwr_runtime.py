@@ -112,7 +112,7 @@ def test_fast_polls_caps_the_supernodes_waits(monkeypatch):
     patched.sleep(0.01)
     assert slept == [0.2, 0.05, 0.01]
     FR.start_client_internal.pull_objects(["id"], pull_object_fn=print)
-    assert pulled == {"pull_object_fn": print, "initial_backoff": 0.01, "backoff_cap": 0.1,
+    assert pulled == {"pull_object_fn": print, "initial_backoff": 0.01, "backoff_cap": FR.PULL_BACKOFF_CAP,
                       "max_tries_per_object": None}
     assert patched.monotonic is time.monotonic  # everything else is the real time module
     with pytest.raises(RuntimeError, match="port fast_polls"):

@@ -82,3 +82,19 @@ def test_the_supernode_wakes_the_worker_after_a_messages_arrays_are_in_and_not_w
     with pytest.raises(RuntimeError):
         FR.start_client_internal.pull_objects(["bad"], pull_object_fn=print)
     assert calls == ["pull", "wake", "pull"]
+
+
+def test_a_zero_timeout_does_not_block_or_raise(listener):
+    assert listener.wait(0) is False
+    wake.send_wake(listener.port)
+    assert listener.wait(0) is True
+
+
+def test_an_empty_datagram_does_not_stop_the_drain(listener):
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"", wake.wake_name(listener.port))
+        sock.sendto(b"!", wake.wake_name(listener.port))
+    time.sleep(0.05)
+    assert listener.drain() == 2

@@ -1,0 +1,108 @@
+"""client.worker's serve loop against stubs of the SuperNode: when it asks for tasks, and when it stops."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import time
+
+import pytest
+
+import common.flwr_runtime as FR
+from client import wake
+from client import worker as W
+
+pytestmark = pytest.mark.skipif(not wake.supported(), reason="abstract Unix sockets are Linux's")
+
+
+class Script:
+    """A stand-in SuperNode: ``tasks`` maps an ask's number to a token; ``before`` runs before an ask."""
+
+    def __init__(self, port: int, stop_after: int, tasks: dict[int, str] | None = None, before=None) -> None:
+        self.port, self.stop_after, self.tasks, self.before = port, stop_after, tasks or {}, before or {}
+        self.asks: list[float] = []
+
+    def acquire(self, _client):
+        n = len(self.asks) + 1
+        self.asks.append(time.monotonic())
+        if n in self.before:
+            self.before[n]()
+        if n >= self.stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.tasks.get(n)
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    port = 41000 + int(time.monotonic_ns() % 20000)
+
+    def run(script: Script, poll: float = 0.05, woken_poll: float = 0.6) -> None:
+        monkeypatch.setattr(FR, "check_flwr_version", lambda: None)
+        monkeypatch.setattr(FR, "runtime_client", lambda *a, **k: type("C", (), {"close": lambda self: None})())
+        outcome = FR.TaskOutcome("completed", "", 1, "h", False, {})
+        monkeypatch.setattr(FR, "TaskRunner", lambda *a, **k: type("R", (), {"run": lambda self, t: outcome})())
+        monkeypatch.setattr(FR, "acquire_task", script.acquire)
+        args = argparse.Namespace(root_certificates=None, superexec_auth_secret_file=None, insecure=True,
+                                  runtime_api_address=f"127.0.0.1:{script.port}", poll_interval=poll,
+                                  woken_poll_interval=woken_poll, max_tasks=0)
+        assert W._serve(args) == 0
+
+    yield run, port
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def _gaps(asks: list[float]) -> list[float]:
+    return [b - a for a, b in zip(asks, asks[1:])]
+
+
+def test_a_stray_wake_does_not_slow_the_polling_of_a_worker_whose_supernode_sends_none(serve):
+    run, port = serve
+    script = Script(port, stop_after=8, before={2: lambda: wake.send_wake(port)})
+    run(script)
+    assert max(_gaps(script.asks)[2:]) < 0.4  # still every 0.05 s, never the 0.6 s of a woken worker
+
+
+def test_a_wake_followed_by_a_task_lets_the_worker_ask_rarely_and_wakes_bring_it_at_once(serve, caplog):
+    run, port = serve
+    caplog.set_level(logging.INFO, "fedgen.worker")
+    # ask 2 finds nothing, a wake comes (the SuperNode's), ask 3 finds the task; then idle asks
+    # come every 0.6 s, and a wake during that wait brings ask 6 at once
+    script = Script(port, stop_after=6, tasks={3: "token"},
+                    before={2: lambda: wake.send_wake(port), 5: lambda: wake.send_wake(port)})
+    run(script)
+    gaps = _gaps(script.asks)
+    assert "the SuperNode wakes this worker for each task" in caplog.text
+    assert gaps[3] > 0.5  # ask 4 -> 5: the woken worker's rare check
+    assert gaps[4] < 0.3  # ask 5 -> 6: woken by the wake sent just before ask 5's answer
+
+
+def test_a_sigterm_while_idle_stops_the_worker_at_once(serve):
+    import threading
+
+    run, port = serve
+    script = Script(port, stop_after=100, tasks={2: "token"}, before={1: lambda: wake.send_wake(port)})
+    t = time.monotonic()
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    run(script, woken_poll=30.0)  # after the task, the worker waits 30 s between asks
+    assert time.monotonic() - t < 2.0  # the signal (at 1 s) ends the wait, not the 30 s
+
+
+def test_a_sigterm_that_lands_while_the_worker_drains_its_wakes_stops_it_before_the_next_wait(serve, monkeypatch):
+    run, port = serve
+    state = {}
+
+    class Listener(wake.WakeListener):
+        def drain(self):
+            if len(script.asks) == 2 and "signal" not in state:  # after the task; the signal's wake is drained here
+                state["signal"] = time.monotonic()
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().drain()
+
+    monkeypatch.setattr(W, "WakeListener", Listener)
+    script = Script(port, stop_after=100, tasks={2: "token"}, before={1: lambda: wake.send_wake(port)})
+    run(script, woken_poll=30.0)
+    assert time.monotonic() - state["signal"] < 1.0
