@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, interrupt)
-    log.info("warm worker on %s (poll every %gs until the SuperNode's first wake, then every %gs)",
+    log.info("warm worker on %s (poll every %gs, or every %gs while the SuperNode wakes it for each task)",
              args.runtime_api_address, args.poll_interval, args.woken_poll_interval)
     served, woken, wakes_work = 0, False, False
     while not stopping:
@@ -103,11 +103,6 @@ def _serve(args: argparse.Namespace) -> int:
             # A SuperNode that wakes us (client.wake) needs only a rare check; a stock one polling.
             woken = waker.wait(args.woken_poll_interval if wakes_work else args.poll_interval)
             continue
-        if woken and not wakes_work:  # a wake then a task: the SuperNode sends them (not a stray datagram)
-            wakes_work = True
-            log.info("the SuperNode wakes this worker for each task: asking every %gs otherwise",
-                     args.woken_poll_interval)
-        woken = False
         start = time.perf_counter()
         log.info("task %d: acquired", served + 1)
         served += 1
@@ -122,6 +117,16 @@ def _serve(args: argparse.Namespace) -> int:
             continue
         finally:
             busy.clear()
+            # Our SuperNode wakes us for every task before the task can end (it sends the wake
+            # once the arrays are pulled, and the task's pull waits for them): before we asked,
+            # or during the task when a poll took it first. A stock SuperNode never does.
+            woken = waker.drain() > 0 or woken
+            if woken and not wakes_work:
+                log.info("the SuperNode wakes this worker for each task: asking every %gs otherwise",
+                         args.woken_poll_interval)
+            elif wakes_work and not woken:
+                log.info("task %d came without a wake: asking every %gs again", served, args.poll_interval)
+            wakes_work, woken = woken, False
         log.info("task %d of run %s: %s in %.2fs%s (%s)%s", served, outcome.run_id, outcome.status,
                  time.perf_counter() - start, " (app loaded)" if outcome.loaded else "",
                  " ".join(f"{k} {v:.2f}" for k, v in outcome.phases.items()),

@@ -134,7 +134,7 @@ def test_the_second_run_reuses_the_loaded_app_without_the_first_runs_state(two_r
     assert log.count("(app loaded)") == 1 and log.count(": acquired") == 4  # 3 rounds of run A, 1 of run B
     assert "supervisor:" not in log
     # Its SuperNode wakes it for each task (client.wake): it does not poll every 0.1 s.
-    assert log.count("the SuperNode wakes this worker for each task") == 1
+    assert log.count("the SuperNode wakes this worker for each task") == 1 and "came without a wake" not in log
     (r1,) = [r for r in _records(two_runs["run_b"]) if r["round"] == 1]
     row = {s["node_id"]: s for s in r1["sites"]}[site.node_id]
     assert row["status"] == "ok", row

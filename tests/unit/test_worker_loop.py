@@ -18,10 +18,13 @@ pytestmark = pytest.mark.skipif(not wake.supported(), reason="abstract Unix sock
 
 
 class Script:
-    """A stand-in SuperNode: ``tasks`` maps an ask's number to a token; ``before`` runs before an ask."""
+    """A stand-in SuperNode: ``tasks`` maps an ask's number to a token; ``before`` runs before an ask,
+    ``during`` while the task an ask found runs."""
 
-    def __init__(self, port: int, stop_after: int, tasks: dict[int, str] | None = None, before=None) -> None:
+    def __init__(self, port: int, stop_after: int, tasks: dict[int, str] | None = None, before=None,
+                 during=None) -> None:
         self.port, self.stop_after, self.tasks, self.before = port, stop_after, tasks or {}, before or {}
+        self.during = during or {}  # ask number -> what happens while the task it found runs
         self.asks: list[float] = []
 
     def acquire(self, _client):
@@ -43,7 +46,12 @@ def serve(monkeypatch):
         monkeypatch.setattr(FR, "check_flwr_version", lambda: None)
         monkeypatch.setattr(FR, "runtime_client", lambda *a, **k: type("C", (), {"close": lambda self: None})())
         outcome = FR.TaskOutcome("completed", "", 1, "h", False, {})
-        monkeypatch.setattr(FR, "TaskRunner", lambda *a, **k: type("R", (), {"run": lambda self, t: outcome})())
+
+        def task(_runner, token):
+            script.during.get(len(script.asks), lambda: None)()
+            return outcome
+
+        monkeypatch.setattr(FR, "TaskRunner", lambda *a, **k: type("R", (), {"run": task})())
         monkeypatch.setattr(FR, "acquire_task", script.acquire)
         args = argparse.Namespace(root_certificates=None, superexec_auth_secret_file=None, insecure=True,
                                   runtime_api_address=f"127.0.0.1:{script.port}", poll_interval=poll,
@@ -106,3 +114,17 @@ def test_a_sigterm_that_lands_while_the_worker_drains_its_wakes_stops_it_before_
     script = Script(port, stop_after=100, tasks={2: "token"}, before={1: lambda: wake.send_wake(port)})
     run(script, woken_poll=30.0)
     assert time.monotonic() - state["signal"] < 1.0
+
+
+def test_a_wake_that_comes_while_a_task_taken_by_a_poll_runs_counts_and_a_task_without_one_undoes_it(serve, caplog):
+    run, port = serve
+    caplog.set_level(logging.INFO, "fedgen.worker")
+    # ask 2's task was found by the 0.05 s poll, its wake comes while it runs (the SuperNode
+    # wakes once the arrays are pulled); ask 4's task comes with no wake (a stock SuperNode now)
+    script = Script(port, stop_after=7, tasks={2: "a", 4: "b"}, during={2: lambda: wake.send_wake(port)})
+    run(script)
+    gaps = _gaps(script.asks)
+    assert "the SuperNode wakes this worker for each task" in caplog.text
+    assert "task 2 came without a wake: asking every 0.05s again" in caplog.text
+    assert gaps[2] > 0.5  # ask 3 -> 4: the woken worker's rare check
+    assert max(gaps[4:]) < 0.3  # after task 2 (ask 4), polling again
