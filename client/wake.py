@@ -7,8 +7,8 @@ round. Instead the SuperNode (``python -m client.worker supernode``) sends one d
 soon as it has pulled a message's arrays from the SuperLink
 (``common.flwr_runtime.fast_polls(on_message=)``; it stores them right after, and a worker
 that asks before they are stored retries them after 20 ms), and the worker asks for the task
-at once. While its tasks come with wakes (one before the ask, or while the task runs when a
-poll took it first), the worker still asks every ``--woken-poll-interval`` seconds (1 s), so a
+at once. While its tasks come with wakes (one before the ask, or while the task's input is
+pulled when a poll took the task first), the worker still asks every ``--woken-poll-interval`` seconds (1 s), so a
 lost datagram costs at most that; otherwise it polls every ``--poll-interval`` (0.1 s), as it
 must beside a stock SuperNode that never wakes.
 
@@ -21,9 +21,10 @@ What it carries and what another process can do with it: nothing but "ask now" (
 datagram's bytes are ignored). Any process in the namespace (on a plain host: any local user)
 may send one; the most it can do is make the worker ask its SuperNode for a task sooner, at
 most once per :data:`MIN_GAP` seconds (a real wake comes once per message, and messages to a
-site are more than that apart). A stray wake does not switch the worker to slow polling: only
-a task that comes with a wake does, and a task without one switches it back (a process that
-floods the socket while a stock SuperNode's tasks run could keep a worker at 1 s asks). A process that takes the name before the worker binds it
+site are normally more than that apart). A stray wake does not switch the worker to slow
+polling: only a task whose wake came before its input was in does, and a task without one
+switches it back (a process that floods the socket while a stock SuperNode's tasks start
+could keep a worker at 1 s asks). A process that takes the name before the worker binds it
 leaves the worker polling every 0.1 s as before (logged), and learns when tasks reach the site
 (the rounds' timing, which the traffic to the SuperLink shows anyway); nothing else. The task
 itself, its token and its data still come only from the Runtime API, with the SuperExec's
@@ -88,7 +89,7 @@ class WakeListener:
         self.sock = sock
 
     def drain(self) -> int:
-        """Forget wakes that arrived before now (the ask that follows covers them); how many."""
+        """Take the wakes that arrived so far off the socket; how many."""
         drained = 0
         if self.sock is None:
             return drained

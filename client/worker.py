@@ -62,8 +62,10 @@ def _serve(args: argparse.Namespace) -> int:
     check_flwr_version()
     certificates = args.root_certificates.read_bytes() if args.root_certificates else None
     secret = args.superexec_auth_secret_file.read_bytes().strip() if args.superexec_auth_secret_file else None
+    # retry=False: Flower's retry would wait out a SuperNode that is down for as long as it is
+    # down (backing off to 20 s), deaf to SIGTERM; this loop retries every second instead.
     client = runtime_client(args.runtime_api_address, insecure=args.insecure, root_certificates=certificates,
-                            secret=secret)
+                            secret=secret, retry=False)
     runner = TaskRunner(args.runtime_api_address, insecure=args.insecure, root_certificates=certificates)
     waker = WakeListener(_port(args.runtime_api_address))
     stopping, busy = [], []
@@ -88,15 +90,20 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, interrupt)
     log.info("warm worker on %s (poll every %gs, or every %gs while the SuperNode wakes it for each task)",
              args.runtime_api_address, args.poll_interval, args.woken_poll_interval)
-    served, woken, wakes_work = 0, False, False
+    served, woken, wakes_work, down = 0, False, False, False
     while not stopping:
         woken = waker.drain() > 0 or woken  # the ask below answers every wake so far
         try:
             token = acquire_task(client)
-        except httpx.HTTPError as err:  # the SuperNode is (re)starting: wait for it
-            log.warning("runtime API at %s: %s", args.runtime_api_address, err)
-            time.sleep(max(args.poll_interval, 1.0))
+        except httpx.HTTPError as err:  # the SuperNode is (re)starting, or refuses us: try again
+            if not down:
+                log.warning("runtime API at %s: %s (asking again every second)", args.runtime_api_address, err)
+            down = True
+            waker.wait(max(args.poll_interval, 1.0))  # a SIGTERM's own wake ends it
             continue
+        if down:
+            log.info("runtime API at %s answers again", args.runtime_api_address)
+            down = False
         if token is None:
             if stopping:
                 break
@@ -107,8 +114,17 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("task %d: acquired", served + 1)
         served += 1
         busy.append(served)
+        # Our SuperNode wakes us for every task before the task's input can be pulled (it sends
+        # the wake once it has the arrays, and stores them right after): before we asked, or
+        # while we pulled when a poll took the task first. What comes later (a stray datagram
+        # during training, the next message's wake) is not this task's.
+        seen = [woken]
+
+        def input_in() -> None:
+            seen[0] = waker.drain() > 0 or seen[0]
+
         try:
-            outcome = runner.run(token)
+            outcome = runner.run(token, on_input=input_in)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException:  # noqa: BLE001 - e.g. flwr's RunNotRunningException (a BaseException):
@@ -117,16 +133,12 @@ def _serve(args: argparse.Namespace) -> int:
             continue
         finally:
             busy.clear()
-            # Our SuperNode wakes us for every task before the task can end (it sends the wake
-            # once the arrays are pulled, and the task's pull waits for them): before we asked,
-            # or during the task when a poll took it first. A stock SuperNode never does.
-            woken = waker.drain() > 0 or woken
-            if woken and not wakes_work:
+            if seen[0] and not wakes_work:
                 log.info("the SuperNode wakes this worker for each task: asking every %gs otherwise",
                          args.woken_poll_interval)
-            elif wakes_work and not woken:
+            elif wakes_work and not seen[0]:  # a stock SuperNode never wakes; a failed pull neither
                 log.info("task %d came without a wake: asking every %gs again", served, args.poll_interval)
-            wakes_work, woken = woken, False
+            wakes_work, woken = seen[0], False
         log.info("task %d of run %s: %s in %.2fs%s (%s)%s", served, outcome.run_id, outcome.status,
                  time.perf_counter() - start, " (app loaded)" if outcome.loaded else "",
                  " ".join(f"{k} {v:.2f}" for k, v in outcome.phases.items()),

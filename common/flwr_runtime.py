@@ -147,9 +147,10 @@ class TaskRunner:
         self._app, self._fab_hash, self._app_dir = app, fab_hash, app_dir
         return True
 
-    def run(self, token: str) -> TaskOutcome:
+    def run(self, token: str, on_input: Callable[[], None] | None = None) -> TaskOutcome:
         """Pull the task's input, run the ClientApp, push its reply and status. Never raises for
-        what the ClientApp does: an exception becomes an error reply, as in ``flwr-clientapp``."""
+        what the ClientApp does: an exception becomes an error reply, as in ``flwr-clientapp``.
+        ``on_input`` is called once the input is in, before the ClientApp runs."""
         client = runtime_client(self.address, insecure=self.insecure, root_certificates=self.root_certificates,
                                 token=token)
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
@@ -161,6 +162,8 @@ class TaskRunner:
         try:
             message, context, run, fab = pull_task_input(client)
             phases["pull"], t = time.perf_counter() - t, time.perf_counter()
+            if on_input is not None:
+                on_input()
             loaded = self._load(run.fab_id, run.fab_version, fab.hash_str, fab.content)
             phases["load"], t = time.perf_counter() - t, time.perf_counter()
             reply = self._app(message=message, context=context)
