@@ -43,6 +43,8 @@ log = logging.getLogger("fedgen.wake")
 
 #: The worker asks for a task at most this often, however many datagrams arrive.
 MIN_GAP = 0.05
+#: Datagrams taken off the socket at once (the kernel queues about 10: net.unix.max_dgram_qlen).
+MAX_DRAIN = 64
 
 
 def wake_name(port: int) -> bytes:
@@ -89,12 +91,13 @@ class WakeListener:
         self.sock = sock
 
     def drain(self) -> int:
-        """Take the wakes that arrived so far off the socket; how many."""
+        """Take the wakes that arrived so far off the socket (at most :data:`MAX_DRAIN`: a sender
+        that never stops cannot keep the worker here); how many."""
         drained = 0
         if self.sock is None:
             return drained
         try:
-            while True:
+            while drained < MAX_DRAIN:
                 self.sock.recv(64)
                 drained += 1
         except (BlockingIOError, InterruptedError):
