@@ -75,7 +75,7 @@ class WakeListener:
     def __init__(self, port: int) -> None:
         self.port = port
         self.sock: socket.socket | None = None
-        self.woken = 0  # wakes received: the SuperNode sends them (a stock one never does)
+        self.woken = 0  # wakes received so far (the worker itself goes by what drain and wait return)
         self._last = 0.0
         if not supported():
             log.info("no wake channel on %s: polling for tasks", sys.platform)

@@ -31,6 +31,7 @@ import math
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -207,7 +208,7 @@ class MLflowTracker:
     def _log(self, scalars: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        now = int(1000 * __import__("time").time())
+        now = int(1000 * time.time())
         todo = []
         for tag, value in scalars.items():
             key = tag.replace("/", ".")

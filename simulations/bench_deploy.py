@@ -42,7 +42,7 @@ from pathlib import Path
 
 from simulations.deployment import Deployment
 from simulations.launch import launch
-from simulations.procs import processes_with_env
+from simulations.procs import cpu_times, processes_with_env
 from simulations.runs import round_seconds, run_records
 
 
@@ -76,18 +76,13 @@ def cpu_seconds_by_role(pids: list[int]) -> dict[str, float]:
     """CPU seconds (user + system) each role's live processes have used so far, and under
     "exited children" what their children that have exited and been waited for used (the
     stock path's ClientApp processes, one per message)."""
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for pid in pids:
-        try:
-            role, raw = role_of(pid), Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+        role, times = role_of(pid), cpu_times(pid)
+        if role is None or times is None:
             continue
-        if role is None:
-            continue
-        fields = raw[raw.rindex(")") + 2:].split()
-        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-        out["exited children"] = out.get("exited children", 0.0) + (int(fields[13]) + int(fields[14])) / tick
+        out[role] = out.get(role, 0.0) + times[0]
+        out["exited children"] = out.get("exited children", 0.0) + times[1]
     return out
 
 

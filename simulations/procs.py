@@ -18,14 +18,29 @@ from pathlib import Path
 PROC = Path("/proc")
 
 
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, parent pid, start time in clock ticks) of a process, from /proc; None if it is gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (the state first); None if it is gone."""
     try:
         raw = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces and parentheses
-    return fields[0], int(fields[1]), int(fields[19])
+    return raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces and parentheses
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time in clock ticks) of a process, from /proc; None if it is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (fields[0], int(fields[1]), int(fields[19]))
+
+
+def cpu_times(pid: int) -> tuple[float, float] | None:
+    """CPU seconds (user + system) a process has used, and its exited children that it waited
+    for; None if it is gone."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
 
 
 def live_stat(pid: int) -> tuple[int, int] | None:
