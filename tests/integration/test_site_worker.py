@@ -14,6 +14,7 @@ it, under a supervisor that restarts a dead worker (``simulations.deployment``),
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 import tomllib
@@ -132,6 +133,7 @@ def test_the_second_run_reuses_the_loaded_app_without_the_first_runs_state(two_r
     site = two_runs["sites"][1]  # neither killed nor faulty: one worker process for both runs
     log = site.worker_log.read_text(errors="replace")
     assert log.count("(app loaded)") == 1 and log.count(": acquired") == 4  # 3 rounds of run A, 1 of run B
+    assert len(re.findall(r" memory \d+\.\d+\)", log)) == 4  # every task ends freeing what it left (worker._settle_memory)
     assert "supervisor:" not in log
     # Its SuperNode wakes it for each task (client.wake): it does not poll every 0.1 s.
     assert log.count("the SuperNode wakes this worker for each task") == 1 and "came without a wake" not in log

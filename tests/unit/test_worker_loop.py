@@ -57,6 +57,9 @@ def serve(monkeypatch):
 
         monkeypatch.setattr(FR, "TaskRunner", lambda *a, **k: type("R", (), {"run": task})())
         monkeypatch.setattr(FR, "acquire_task", script.acquire)
+        # A full collection in this large process would take tenths of a second between asks
+        # (tests/unit/test_worker_memory.py tests it); the loop only has to call it.
+        monkeypatch.setattr(W, "_settle_memory", lambda *, keep, unkeep: 0.0)
         args = argparse.Namespace(root_certificates=None, superexec_auth_secret_file=None, insecure=True,
                                   runtime_api_address=f"127.0.0.1:{script.port}", poll_interval=poll,
                                   woken_poll_interval=woken_poll, max_tasks=0)
