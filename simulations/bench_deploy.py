@@ -26,7 +26,9 @@ the simulation's, and the messages a round exchanges with the sites (each way). 
 deployment, the CPU seconds a steady round costs each role (SuperLink, SuperNodes, workers,
 ServerApp...: the deployment shares this machine's cores, so CPU is what a round waits for).
 For the warm workers, each one's PSS (proportional set size, ``/proc/PID/smaps_rollup``) after
-every round, and the ServerApp's: flat means no growth from round to round.
+every round, and the ServerApp's: flat means no growth from round to round. With 11 rounds or
+more, each worker's PSS at round 10 and at the last round, and its least-squares growth a round
+between them.
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ def pss_mib(pid: int) -> float | None:
         return None
     return None
 
+
+
+def pss_growth(after_round: list[float | None], start: int = 10) -> tuple[float, float, float] | None:
+    """A worker's PSS at round ``start`` and at the last round, and the least-squares MiB a round
+    between them (rounds counted from 1); None with fewer than two readings there."""
+    points = [(r, v) for r, v in enumerate(after_round, 1) if r >= start and v is not None]
+    if len(points) < 2:
+        return None
+    slope, _ = statistics.linear_regression([float(r) for r, _ in points], [v for _, v in points])
+    return points[0][1], points[-1][1], slope
 
 #: Who a deployment's process is, from its command line (the first match).
 ROLES = (("flower-superlink", "SuperLink"), ("client.worker supernode", "SuperNodes"), ("flower-supernode", "SuperNodes"),
@@ -197,6 +209,11 @@ def main(argv: list[str] | None = None) -> dict:
         print("warm workers' PSS (MiB) after each round, per site: "
               + "; ".join(f"site {i + 1}: " + " ".join("-" if r[i] is None else f"{r[i]:.0f}" for r in warm)
                           for i in range(len(warm[0]))))
+        growth = [pss_growth([r[i] for r in warm]) for i in range(len(warm[0]))]
+        if any(growth):
+            print(f"warm workers' PSS from round 10 to round {len(warm)}: "
+                  + "; ".join(f"site {i + 1}: {g[0]:.0f} -> {g[1]:.0f} MiB ({g[2]:+.3f} MiB a round)"
+                              for i, g in enumerate(growth) if g))
     if results.get("warm", {}).get("serverapp_pss"):
         print("the ServerApp's PSS (MiB) after each round: "
               + " ".join(f"{v:.0f}" for v in results["warm"]["serverapp_pss"]))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from simulations.bench_deploy import cpu_seconds_by_role, steady_cpu
+from simulations.bench_deploy import cpu_seconds_by_role, pss_growth, steady_cpu
 
 
 def test_a_process_is_counted_under_the_role_its_command_line_names():
@@ -34,3 +34,10 @@ def test_a_steady_round_is_the_cpu_between_the_first_and_the_last_sample_over_th
     cpu = {1: {"SuperLink": 1.0, "workers": 2.0}, 5: {"SuperLink": 3.0, "workers": 2.4, "ServerApp": 9.0}}
     assert steady_cpu(cpu) == pytest.approx({"SuperLink": 0.5, "workers": 0.1, "all": 0.6})
     assert steady_cpu({1: {"SuperLink": 1.0}}) == {}
+
+
+def test_a_workers_growth_is_read_from_round_10_on_by_least_squares():
+    early = [300.0] * 9  # rounds 1-9 do not count
+    assert pss_growth(early + [400.0, 401.0, None, 403.0]) == pytest.approx((400.0, 403.0, 1.0))
+    assert pss_growth(early + [400.0] * 5) == pytest.approx((400.0, 400.0, 0.0))
+    assert pss_growth(early + [400.0]) is None and pss_growth([1.0, 2.0], start=1) == pytest.approx((1.0, 2.0, 1.0))
