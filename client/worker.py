@@ -91,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, interrupt)
     log.info("warm worker on %s (poll every %gs, or every %gs while the SuperNode wakes it for each task)",
              args.runtime_api_address, args.poll_interval, args.woken_poll_interval)
-    served, woken, wakes_work, down, apps = 0, False, False, False, 0
+    served, woken, wakes_work, down = 0, False, False, False
     _settle_memory(keep=True, unkeep=False)  # what the preload imported: frozen before the first task
     while not stopping:
         woken = waker.drain() > 0 or woken  # the ask below answers every wake so far
@@ -125,6 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
         def input_in() -> None:
             seen[0] = waker.drain() > 0 or seen[0]
 
+        loads, forgets = runner.loads, runner.forgets
         try:
             outcome = runner.run(token, on_input=input_in)
         except (KeyboardInterrupt, SystemExit):
@@ -141,11 +142,12 @@ def _serve(args: argparse.Namespace) -> int:
             elif wakes_work and not seen[0]:  # a stock SuperNode never wakes; a failed pull neither
                 log.info("task %d came without a wake: asking every %gs again", served, args.poll_interval)
             wakes_work, woken = seen[0], False
-        apps += outcome.loaded
-        outcome.phases["memory"] = _settle_memory(keep=outcome.loaded, unkeep=outcome.loaded and apps > 1)
+            # Also when the task failed after its app was imported or the old one let go.
+            settled = _settle_memory(keep=runner.loads > loads, unkeep=runner.forgets > forgets)
+        outcome.phases["memory"] = settled
         log.info("task %d of run %s: %s in %.2fs%s (%s)%s", served, outcome.run_id, outcome.status,
                  time.perf_counter() - start, " (app loaded)" if outcome.loaded else "",
-                 " ".join(f"{k} {v:.2f}" for k, v in outcome.phases.items()),
+                 " ".join(f"{k} {v:.3f}" for k, v in outcome.phases.items()),
                  f": {outcome.details}" if outcome.details else "")
         if args.max_tasks and served >= args.max_tasks:
             break
@@ -169,9 +171,9 @@ def _malloc_trim():
 
 
 def _settle_memory(*, keep: bool, unkeep: bool) -> float:
-    """Free what a task left behind before the next one; the seconds it took. ``keep``: what is
-    alive now stays (the worker's start, a task that imported the app); ``unkeep``: what was
-    kept before may go (a new app package replaced the old one).
+    """Free what a task left behind before the next one; the seconds it took. ``keep``: freeze
+    what is alive now (the worker's start; a task that imported the app); ``unkeep``: unfreeze
+    all first (the task let an app go: a new package replaced it).
 
     - **Cyclic garbage.** A task's objects that live through it (the model, its optimizers,
       Opacus' hooks and accountant: reference cycles) reach Python's oldest generation, whose
@@ -179,14 +181,16 @@ def _settle_memory(*, keep: bool, unkeep: bool) -> float:
       worker's heap rose by about 55 KB a task until a full collection took most of it back
       (one process: +21.5 MB from task 100 to task 500). So every task ends with
       ``gc.collect()``.
-    - **Cheap because what is kept is frozen.** A collection walks every object it can see:
-      0.2 s here for all of them. What is alive at the worker's start (torch, opacus, Flower)
-      and after a task that imported the app (the app, its caches) is moved out of the
-      collector's sight (``gc.freeze``), so the collection after a task walks only what the
-      tasks since made: under 5 ms. Frozen objects are still freed by reference counting (an
-      evicted dataset cache); only reference cycles among them would stay, so a new app
-      package first unfreezes all (the old app's modules are such cycles) and pays one full
-      collection.
+    - **Cheap because what was alive is frozen.** A collection walks every object it can see:
+      0.2 s here for all of them. Everything alive at the worker's start (torch, opacus, Flower)
+      and after a task that imported the app (the app, its caches, whatever else lives then)
+      is moved out of the collector's sight (``gc.freeze``), so the collection after a task
+      walks only what the tasks since made: a millisecond or less. Frozen objects are still
+      freed by reference counting (an evicted dataset cache), but a reference cycle through a
+      frozen object is never collected: a new app package first unfreezes all (the old app's
+      modules are such cycles) and pays one full collection. So the app's caches must not
+      hold cycles (a model, an Opacus object); today they hold numbers, tuples, read-only
+      arrays and datasets of tensors.
     - **Freed pages go back to the system** (glibc's ``malloc_trim``, 0.1 ms): without it glibc
       keeps them for reuse and the worker's PSS creeps up for tens of tasks.
 
@@ -196,7 +200,9 @@ def _settle_memory(*, keep: bool, unkeep: bool) -> float:
     t = time.perf_counter()
     if unkeep:
         gc.unfreeze()
-    gc.collect()
+    freed = gc.collect()
+    if unkeep:
+        log.info("an app package was let go: %d objects freed", freed)
     if keep:
         gc.freeze()
     trim = _malloc_trim()

@@ -104,6 +104,7 @@ class TaskOutcome:
     fab_hash: str | None
     loaded: bool  # the ClientApp was imported for this task (not already warm)
     phases: dict[str, float]  # seconds: pull (the task's input), load, app, push (the reply), status, close
+    #                           (and memory: client.worker's cleanup after the task)
 
 
 #: How a message's arrays are pulled when they are not there yet (a task's input from the
@@ -131,6 +132,9 @@ class TaskRunner:
         self._fab_hash: str | None = None
         self._app: ClientApp | None = None
         self._app_dir: Path | None = None
+        # How many apps were imported, and how many were let go (replaced by another package,
+        # whether or not that one loads): the worker frees a forgotten app's objects (client.worker).
+        self.loads = self.forgets = 0
         _quick_pulls()
 
     def _load(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> bool:
@@ -139,12 +143,14 @@ class TaskRunner:
         previous = self._app_dir
         # Forget the old app before touching anything: if this load fails (an import error in
         # the new version), no later task may run an app whose modules were half replaced.
+        self.forgets += self._app is not None
         self._app = self._fab_hash = self._app_dir = None
         install_from_fab(fab_content, skip_prompt=True)
         app_dir = Path(get_project_dir(fab_id, fab_version, fab_hash)).resolve()
         _drop_app_modules(app_dir, previous)
         app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(fab_id, fab_version, fab_hash)
         self._app, self._fab_hash, self._app_dir = app, fab_hash, app_dir
+        self.loads += 1
         return True
 
     def run(self, token: str, on_input: Callable[[], None] | None = None) -> TaskOutcome:

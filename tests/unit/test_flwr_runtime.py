@@ -216,6 +216,12 @@ def test_a_failed_load_of_a_new_app_version_leaves_no_app_behind(monkeypatch, tm
     out = runner.run("token")
     assert out.status == FR.SubStatus.FAILED and "does not import" in out.details
     assert runner._app is None and runner._fab_hash is None  # the next task loads again, never the half-replaced one
+    assert (runner.loads, runner.forgets) == (0, 1)  # the old app was let go (client.worker frees it)
+
+    monkeypatch.setattr(FR, "get_load_client_app_fn", lambda **kw: lambda *a: (lambda **k: None))
+    runner.run("token")  # the new version fixed: it loads; nothing was loaded to let go
+    runner.run("token")  # the same package: kept
+    assert (runner.loads, runner.forgets) == (1, 1)
 
 
 def test_the_loopback_deployment_names_flowers_in_memory_state():

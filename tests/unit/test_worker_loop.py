@@ -22,11 +22,15 @@ class Script:
     ``during`` while the input of the task an ask found is pulled, ``training`` while it runs."""
 
     def __init__(self, port: int, stop_after: int, tasks: dict[int, str] | None = None, before=None,
-                 during=None, training=None) -> None:
+                 during=None, training=None, apps=None) -> None:
         self.port, self.stop_after, self.tasks, self.before = port, stop_after, tasks or {}, before or {}
         self.during = during or {}  # ask number -> what happens while its task's input is pulled
         self.training = training or {}  # ask number -> what happens while its task's ClientApp runs
+        # ask number -> what its task does to the runner's app: "load" (the first), "replace",
+        # "replace, then fail" (the new app loads, then talking to the SuperNode fails), "fail to replace"
+        self.apps = apps or {}
         self.asks: list[float] = []
+        self.settled: list[tuple[bool, bool]] = []  # (keep, unkeep) of each cleanup, the worker's start first
 
     def acquire(self, _client):
         n = len(self.asks) + 1
@@ -48,18 +52,23 @@ def serve(monkeypatch):
         monkeypatch.setattr(FR, "runtime_client", lambda *a, **k: type("C", (), {"close": lambda self: None})())
         outcome = FR.TaskOutcome("completed", "", 1, "h", False, {})
 
-        def task(_runner, token, on_input=None):
+        def task(runner, token, on_input=None):
             script.during.get(len(script.asks), lambda: None)()  # while the input is pulled
             if on_input is not None:
                 on_input()
+            app = script.apps.get(len(script.asks), "")
+            runner.forgets += app.startswith(("replace", "fail to replace"))
+            runner.loads += app in ("load", "replace", "replace, then fail")
+            if app.endswith("fail"):
+                raise RuntimeError("the SuperNode's Runtime API failed")
             script.training.get(len(script.asks), lambda: None)()  # while the ClientApp runs
             return outcome
 
-        monkeypatch.setattr(FR, "TaskRunner", lambda *a, **k: type("R", (), {"run": task})())
+        monkeypatch.setattr(FR, "TaskRunner", lambda *a, **k: type("R", (), {"run": task, "loads": 0, "forgets": 0})())
         monkeypatch.setattr(FR, "acquire_task", script.acquire)
         # A full collection in this large process would take tenths of a second between asks
-        # (tests/unit/test_worker_memory.py tests it); the loop only has to call it.
-        monkeypatch.setattr(W, "_settle_memory", lambda *, keep, unkeep: 0.0)
+        # (tests/unit/test_worker_memory.py tests the cleanup itself); here: when it is asked for what.
+        monkeypatch.setattr(W, "_settle_memory", lambda *, keep, unkeep: script.settled.append((keep, unkeep)) or 0.0)
         args = argparse.Namespace(root_certificates=None, superexec_auth_secret_file=None, insecure=True,
                                   runtime_api_address=f"127.0.0.1:{script.port}", poll_interval=poll,
                                   woken_poll_interval=woken_poll, max_tasks=0)
@@ -172,3 +181,20 @@ def test_a_worker_whose_supernode_is_down_retries_every_second_and_stops_on_sigt
         proc.kill()
     text = log.read_text()
     assert text.count("asking again every second") == 1  # said once, not at every retry
+
+
+def test_the_worker_keeps_what_its_start_and_each_loaded_app_leave_and_lets_a_replaced_app_go(serve):
+    run, port = serve
+    tasks = {n: f"t{n}" for n in range(1, 7)}
+    apps = {1: "load", 3: "replace, then fail", 4: "fail to replace", 5: "load"}
+    script = Script(port, stop_after=7, tasks=tasks, apps=apps)
+    run(script)
+    assert script.settled == [
+        (True, False),   # the worker's start: what the preload imported
+        (True, False),   # task 1 imported the app
+        (False, False),  # task 2: the same app
+        (True, True),    # task 3: a new package replaced the app, then the task failed: the old app still goes
+        (False, True),   # task 4: the next package did not import: the app it let go goes too
+        (True, False),   # task 5: that package imported at last
+        (False, False),  # task 6
+    ]

@@ -32,6 +32,13 @@ def test_a_tasks_cycles_are_freed_after_it_and_a_replaced_apps_once_the_new_app_
         assert W._settle_memory(keep=False, unkeep=False) >= 0
         assert task_garbage() is None, "a task's reference cycle outlived the task"
 
+        survivor = _cycle()  # lives through a task that did not import an app: not frozen
+        later_garbage = weakref.ref(survivor)
+        W._settle_memory(keep=False, unkeep=False)
+        del survivor
+        W._settle_memory(keep=False, unkeep=False)
+        assert later_garbage() is None, "a cleanup that did not keep anything froze what was alive"
+
         del app  # a new app package replaces the old one: the old one's cycles are garbage, but frozen
         W._settle_memory(keep=False, unkeep=False)
         assert old_app() is not None  # a plain collection does not look at frozen objects
