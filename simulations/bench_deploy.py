@@ -59,7 +59,6 @@ def pss_mib(pid: int) -> float | None:
     return None
 
 
-
 def pss_growth(after_round: list[float | None], start: int = 10) -> tuple[float, float, float] | None:
     """A worker's PSS at round ``start`` and at the last round, and the least-squares MiB a round
     between them (rounds counted from 1); None with fewer than two readings there."""
@@ -68,6 +67,7 @@ def pss_growth(after_round: list[float | None], start: int = 10) -> tuple[float,
         return None
     slope, _ = statistics.linear_regression([float(r) for r, _ in points], [v for _, v in points])
     return points[0][1], points[-1][1], slope
+
 
 #: Who a deployment's process is, from its command line (the first match).
 ROLES = (("flower-superlink", "SuperLink"), ("client.worker supernode", "SuperNodes"), ("flower-supernode", "SuperNodes"),
