@@ -185,13 +185,12 @@ def _settle_memory(*, keep: bool, unkeep: bool) -> float:
       0.2 s here for all of them. Everything alive at the worker's start (torch, opacus, Flower)
       and after a task that imported the app (the app, its caches, whatever else lives then)
       is moved out of the collector's sight (``gc.freeze``), so the collection after a task
-      walks only what the tasks since made: about 1 ms (median in a deployment; at most 40 ms in
-      900 tasks). Frozen objects are still
-      freed by reference counting (an evicted dataset cache), but a reference cycle through a
-      frozen object is never collected: a new app package first unfreezes all (the old app's
-      modules are such cycles) and pays one full collection. So the app's caches must not
-      hold cycles (a model, an Opacus object); today they hold numbers, tuples, read-only
-      arrays and datasets of tensors.
+      walks only what the tasks since made: about 1 ms (median in a deployment; at most 40 ms
+      in 900 tasks). Frozen objects are still freed by reference counting (an evicted dataset
+      cache), but a reference cycle through a frozen object is never collected: a new app
+      package first unfreezes all (the old app's modules are such cycles) and pays one full
+      collection. So the app's caches must not hold cycles (a model, an Opacus object); today
+      they hold numbers, tuples, read-only arrays and datasets of tensors.
     - **Freed pages go back to the system** (glibc's ``malloc_trim``, 0.1 ms): without it glibc
       keeps them for reuse and the worker's PSS creeps up for tens of tasks.
 
