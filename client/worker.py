@@ -189,14 +189,16 @@ def _settle_memory(*, keep: bool, unkeep: bool) -> float:
       in 900 tasks). Frozen objects are still freed by reference counting (an evicted dataset
       cache), but a reference cycle through a frozen object is never collected: a new app
       package first unfreezes all (the old app's modules are such cycles) and pays one full
-      collection. So the app's caches must not hold cycles (a model, an Opacus object); today
-      they hold numbers, tuples, read-only arrays and datasets of tensors.
+      collection. A package that then fails to import freezes nothing (the old app must go):
+      until one imports, every task pays a full collection (0.2 s; those tasks fail anyway).
+      The app's caches must not hold cycles (a model, an Opacus object); today they hold
+      numbers, tuples, read-only arrays and datasets of tensors.
     - **Freed pages go back to the system** (glibc's ``malloc_trim``, 0.1 ms): without it glibc
       keeps them for reuse and the worker's PSS creeps up for tens of tasks.
 
-    What still grows after this is a bounded cache: oneDNN's (torch's CPU convolutions) keeps the
-    kernels it built per input shape, up to ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (1024) of them,
-    and Poisson sampling gives every step a batch size of its own (docker/README.md)."""
+    What still grows after this is mostly a bounded cache: oneDNN's (torch's CPU convolutions)
+    keeps the kernels it built per input shape, up to ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (1024)
+    of them, and Poisson sampling gives every step a batch size of its own (docker/README.md)."""
     t = time.perf_counter()
     if unkeep:
         gc.unfreeze()
@@ -244,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="seconds between asks once the SuperNode wakes this worker for each task (default 1)")
     run.add_argument("--max-tasks", type=int, default=0, help="exit after this many tasks (0 = never; tests)")
     run.add_argument("--preload", default=",".join(PRELOAD),
-                     help=f"modules to import at start, before the first task (default {','.join(PRELOAD)})")
+                     help=f"modules to import at start, before the first task (default {','.join(PRELOAD)}); "
+                          "not the app's own packages (client, common): the app's import replaces them, and "
+                          "frozen at start (worker._settle_memory) their old copies would stay in memory")
     sub.add_parser("supernode", help="flower-supernode with short polls; pass flower-supernode's arguments")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -59,14 +59,16 @@ def pss_mib(pid: int) -> float | None:
     return None
 
 
-def pss_growth(after_round: list[float | None], start: int = 10) -> tuple[float, float, float] | None:
-    """A worker's PSS at round ``start`` and at the last round, and the least-squares MiB a round
-    between them (rounds counted from 1); None with fewer than two readings there."""
+def pss_growth(after_round: list[float | None], start: int = 10) -> dict | None:
+    """A worker's first and last PSS readings from round ``start`` on (rounds counted from 1), and
+    the least-squares MiB a round between them; None with fewer than two readings there."""
     points = [(r, v) for r, v in enumerate(after_round, 1) if r >= start and v is not None]
     if len(points) < 2:
         return None
     slope, _ = statistics.linear_regression([float(r) for r, _ in points], [v for _, v in points])
-    return points[0][1], points[-1][1], slope
+    (first, at_first), (last, at_last) = points[0], points[-1]
+    return {"first_round": first, "first_mib": at_first, "last_round": last, "last_mib": at_last,
+            "mib_a_round": slope}
 
 
 #: Who a deployment's process is, from its command line (the first match).
@@ -209,11 +211,11 @@ def main(argv: list[str] | None = None) -> dict:
         print("warm workers' PSS (MiB) after each round, per site: "
               + "; ".join(f"site {i + 1}: " + " ".join("-" if r[i] is None else f"{r[i]:.0f}" for r in warm)
                           for i in range(len(warm[0]))))
-        growth = [pss_growth([r[i] for r in warm]) for i in range(len(warm[0]))]
-        if any(growth):
-            print(f"warm workers' PSS from round 10 to round {len(warm)}: "
-                  + "; ".join(f"site {i + 1}: {g[0]:.0f} -> {g[1]:.0f} MiB ({g[2]:+.3f} MiB a round)"
-                              for i, g in enumerate(growth) if g))
+        growth = results["warm"]["pss_growth"] = [pss_growth([r[i] for r in warm]) for i in range(len(warm[0]))]
+        if any(growth):  # a worker the supervisor restarted mixes two processes' readings
+            print("warm workers' PSS from round 10 on: " + "; ".join(
+                f"site {i + 1}: {g['first_mib']:.0f} MiB at round {g['first_round']}, {g['last_mib']:.0f} at round "
+                f"{g['last_round']} ({g['mib_a_round']:+.3f} MiB a round)" for i, g in enumerate(growth) if g))
     if results.get("warm", {}).get("serverapp_pss"):
         print("the ServerApp's PSS (MiB) after each round: "
               + " ".join(f"{v:.0f}" for v in results["warm"]["serverapp_pss"]))

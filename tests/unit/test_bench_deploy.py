@@ -38,6 +38,8 @@ def test_a_steady_round_is_the_cpu_between_the_first_and_the_last_sample_over_th
 
 def test_a_workers_growth_is_read_from_round_10_on_by_least_squares():
     early = [300.0] * 9  # rounds 1-9 do not count
-    assert pss_growth(early + [400.0, 401.0, None, 403.0]) == pytest.approx((400.0, 403.0, 1.0))
-    assert pss_growth(early + [400.0] * 5) == pytest.approx((400.0, 400.0, 0.0))
-    assert pss_growth(early + [400.0]) is None and pss_growth([1.0, 2.0], start=1) == pytest.approx((1.0, 2.0, 1.0))
+    assert pss_growth(early + [400.0, 401.0, None, 403.0]) == pytest.approx(
+        {"first_round": 10, "first_mib": 400.0, "last_round": 13, "last_mib": 403.0, "mib_a_round": 1.0})
+    assert pss_growth(early + [None, 400.0, 400.0, None])["first_round"] == 11  # the rounds read, named
+    assert pss_growth(early + [400.0] * 5)["mib_a_round"] == pytest.approx(0.0)
+    assert pss_growth(early + [400.0]) is None and pss_growth([1.0, 2.0], start=1)["mib_a_round"] == pytest.approx(1.0)

@@ -222,6 +222,9 @@ def test_a_failed_load_of_a_new_app_version_leaves_no_app_behind(monkeypatch, tm
     runner.run("token")  # the new version fixed: it loads; nothing was loaded to let go
     runner.run("token")  # the same package: kept
     assert (runner.loads, runner.forgets) == (1, 1)
+    runner._fab_hash = "h0"  # as if that app were another package than the next task's
+    runner.run("token")  # a new version that loads: the old app let go, the new one imported
+    assert (runner.loads, runner.forgets) == (2, 2)
 
 
 def test_the_loopback_deployment_names_flowers_in_memory_state():
