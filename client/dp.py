@@ -18,6 +18,7 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample, convolution2d_backward_as_a_convolution
 
 from common import privacy
+from common.batch_shapes import PADDED_MODES, pad_conv_batches
 from common.privacy import DPPlan, HistoryEntry
 from common.bookkeeping import Bookkeeper
 from common.dp_step import is_ghost
@@ -106,6 +107,10 @@ def make_private(
     if len(task.private_modules) != 1:
         raise ValueError(f"{task.family}: exactly one private module is supported, got {task.private_modules}")
     name = task.private_modules[0]
+    if grad_sample_mode in PADDED_MODES:
+        # Convolutions on batches padded to a multiple of 8 rows: Poisson batch sizes would each
+        # build and cache oneDNN kernels for good (common/batch_shapes.py says why no gradient changes).
+        pad_conv_batches(task.modules[name])
     engine = PrivacyEngine(accountant=plan.accountant)
     if history:
         engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})

@@ -14,11 +14,13 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
+import client.dp
 from client.dp import make_private, resolve_grad_sample_mode
 from client.site import train_round
 from tests.conftest import site_entry
 from common import privacy
 from common import records as R
+from common.batch_shapes import BATCH_MULTIPLE, PADDED_MODES
 from common.config import AppConfig, parse_node_config
 from common.data.site import site_dataset
 from common.dp_step import unwrap
@@ -231,6 +233,49 @@ def test_every_mode_clips_each_example_like_hooks(family, mode):
     assert 0 < dp.clipped == ref_dp.clipped <= dp.seen == ref_dp.seen
     assert (dp.clipped == dp.seen) == equal
     assert (grad - ref_grad).norm() <= 1e-4 * ref_grad.norm()
+
+
+# The families whose private module has convolutions (padded to a multiple of 8 rows under
+# hooks, ghost and bk: common/batch_shapes.py); the next test keeps this list true.
+CONV_FAMILIES = ("gan", "vae")
+CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+         torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_conv_families_are_the_families_with_convolutions(family):
+    _, task, _ = built(family)
+    private = [task.modules[name] for name in task.private_modules]
+    has_conv = any(isinstance(layer, CONVS) for module in private for layer in module.modules())
+    assert has_conv == (family in CONV_FAMILIES)
+
+
+@pytest.mark.parametrize(("family", "mode"), [(f, m) for f in CONV_FAMILIES for m in PADDED_MODES])
+def test_padded_convolutions_change_no_example_gradient(family, mode, monkeypatch):
+    """common/batch_shapes.py: the private module's convolutions run on batches padded to a
+    multiple of 8 rows, and every per-example norm, the clipping and the privatised gradient
+    are those of the unpadded step (a batch that is not a multiple of 8, half the examples clipped)."""
+    batch, ref_norms = hooks_reference(family)
+    rows = len(batch[0]) - (1 if len(batch[0]) % BATCH_MULTIPLE == 0 else 0)
+    batch = tuple(t[:rows] for t in batch)
+    ranked = ref_norms.sort().values
+    clip = float(ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2
+    seen = []
+    for conv in CONVS:
+        def recorded(self, x, *args, _forward=conv.forward, **kwargs):
+            seen.append(len(x))
+            return _forward(self, x, *args, **kwargs)
+        monkeypatch.setattr(conv, "forward", recorded)
+    _, grad, norms, dp, _ = private_step(family, mode, clip, batch)
+    padded, seen[:] = list(seen), []
+    monkeypatch.setattr(client.dp, "pad_conv_batches", lambda module: 0)
+    _, ref_grad, plain_norms, ref_dp, _ = private_step(family, mode, clip, batch)
+    assert padded and all(n % BATCH_MULTIPLE == 0 for n in padded)
+    assert any(n % BATCH_MULTIPLE for n in seen)  # unpadded, the same step meets other sizes
+    assert len(norms) == len(plain_norms) >= rows  # the GAN's discriminator also sees its fakes
+    assert torch.allclose(norms, plain_norms, rtol=1e-4, atol=1e-7)
+    assert 0 < dp.clipped == ref_dp.clipped < dp.seen == ref_dp.seen == len(norms)
+    assert (grad - ref_grad).norm() <= 1e-5 * ref_grad.norm()
 
 
 @pytest.mark.parametrize("mode", ["ghost", "bk"])
