@@ -18,7 +18,7 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample, convolution2d_backward_as_a_convolution
 
 from common import privacy
-from common.batch_shapes import PADDED_MODES, pad_conv_batches
+from common.batch_shapes import CONVS, PADDED_MODES, pad_conv_batches, pad_rows, padded_rows
 from common.privacy import DPPlan, HistoryEntry
 from common.bookkeeping import Bookkeeper
 from common.dp_step import is_ghost
@@ -49,11 +49,32 @@ def conv2d_grad_sample(layer: torch.nn.Conv2d, activations: list[torch.Tensor],
     convolution: 10-15x faster on this CPU (batch 64, 32 -> 1 channels at 28x28). For two or
     more output channels the unfold version was as fast or faster, so it stays. Both give
     the same per-sample gradients (tests/contract compares every mode's clipped gradient).
+    That convolution's groups are the examples, so it runs on the batch padded with zero rows
+    to a multiple of 8, like the layers themselves (common/batch_shapes.py): a zero row has a
+    zero gradient and is cut off, and each Poisson batch size does not build kernels of its own.
     """
     if (layer.out_channels == 1 and layer.groups == 1 and layer.in_channels > 1 and len(activations[0])
             and not isinstance(layer.padding, str)):  # "same"/"valid" would mean other padding here
-        return convolution2d_backward_as_a_convolution(layer, activations, backprops)
+        rows = len(backprops)
+        target = padded_rows(rows)
+        grads = convolution2d_backward_as_a_convolution(layer, [pad_rows(activations[0], target)],
+                                                        pad_rows(backprops, target))
+        return {param: grad[:rows] for param, grad in grads.items()}
     return compute_conv_grad_sample(layer, activations, backprops)
+
+
+def check_conv_padding(module: torch.nn.Module) -> None:
+    """Refuse a convolution with ``padding_mode`` other than ``"zeros"`` in a module trained in
+    hooks, ghost or bk mode: Opacus' per-sample gradient functions (and ours above) pad with
+    zeros whatever the layer does, so every example's gradient and norm would be wrong (by up to
+    19% for "reflect" in a test), and under ghost clipping the second pass then sums the true
+    gradients with weights from the wrong norms, which can exceed the clipping bound."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, CONVS) and layer.padding_mode != "zeros":
+            raise ValueError(f"{name or 'the model'} ({type(layer).__name__}) has padding_mode="
+                             f"{layer.padding_mode!r}: Opacus computes its per-example gradients as if it "
+                             "padded with zeros; use padding_mode='zeros', or privacy.grad-sample-mode = "
+                             "'functorch' or 'ew', which differentiate the layer itself")
 
 
 @dataclass
@@ -107,7 +128,8 @@ def make_private(
     if len(task.private_modules) != 1:
         raise ValueError(f"{task.family}: exactly one private module is supported, got {task.private_modules}")
     name = task.private_modules[0]
-    if grad_sample_mode in PADDED_MODES:
+    if grad_sample_mode in PADDED_MODES:  # also the modes whose per-example gradients are Opacus' samplers'
+        check_conv_padding(task.modules[name])
         # Convolutions on batches padded to a multiple of 8 rows: Poisson batch sizes would each
         # build and cache oneDNN kernels for good (common/batch_shapes.py says why no gradient changes).
         pad_conv_batches(task.modules[name])

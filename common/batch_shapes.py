@@ -8,6 +8,8 @@ digits VAE (docs/RESULTS.md, "The warm workers' memory, found"). :func:`pad_conv
 makes each convolution of a module run on its batch rounded up to a multiple of
 :data:`BATCH_MULTIPLE`: zero rows are appended before the convolution and its output is cut
 back to the real rows. A Poisson batch of mean 32 then meets 6-7 shapes instead of 40.
+``client.dp.conv2d_grad_sample`` pads the one per-example gradient that is itself a
+convolution over the batch (a layer with a single output channel) the same way.
 
 Why no gradient, clipping bound or privacy guarantee changes:
 
@@ -32,28 +34,26 @@ expanded weights' batch size must match the input's) or be wasted work (``functo
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
 BATCH_MULTIPLE = 8  # the rows a padded batch is a multiple of: 8 costs 1-3% of a DP step (RESULTS)
 PADDED_MODES = ("hooks", "ghost", "bk")  # Opacus grad-sample modes whose hooks see only the real rows
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def pad_conv_batches(module: nn.Module, multiple: int = BATCH_MULTIPLE) -> int:
     """Make every convolution inside ``module`` run on batches padded to ``multiple`` rows.
 
-    Sets an instance ``forward`` on each convolution (the class's own, on the padded batch);
-    calling it again on the same module changes nothing. Returns how many layers were padded."""
+    Sets an instance ``forward`` on each convolution (:class:`PaddedForward`: the class's own,
+    on the padded batch); calling it again on the same module changes nothing. Returns how
+    many layers were padded."""
     if multiple < 1:
         raise ValueError(f"multiple must be at least 1, got {multiple}")
     padded = 0
     for layer in module.modules():
-        if isinstance(layer, _CONVS) and "forward" not in vars(layer):
-            layer.forward = types.MethodType(_padded_forward, layer)
-            layer.fedgen_batch_multiple = multiple
+        if isinstance(layer, CONVS) and "forward" not in vars(layer):
+            layer.forward = PaddedForward(layer, multiple)
             padded += 1
     return padded
 
@@ -63,16 +63,33 @@ def padded_rows(rows: int, multiple: int = BATCH_MULTIPLE) -> int:
     return -(-rows // multiple) * multiple
 
 
-def _padded_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The class's ``forward`` on ``x`` with zero rows appended; the output's real rows.
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows`` rows (``x`` itself when it has them)."""
+    if len(x) >= rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - len(x), *x.shape[1:]))])
 
-    An unbatched input (one example without a batch dimension, which a convolution accepts)
-    and a batch that is already a multiple run as they are."""
-    forward = type(self).forward
-    batched = x.dim() == self.weight.dim()
-    rows = len(x) if batched else 0
-    target = padded_rows(rows, self.fedgen_batch_multiple)
-    if target == rows:
-        return forward(self, x, *args, **kwargs)
-    zeros = x.new_zeros((target - rows, *x.shape[1:]))
-    return forward(self, torch.cat([x, zeros]), *args, **kwargs)[:rows]
+
+class PaddedForward:
+    """A convolution's ``forward`` on its batch padded with zero rows; the output's real rows.
+
+    An object, not a bound function, so that a padded module can still be copied, pickled and
+    saved whole (``copy.deepcopy`` binds the copy's to the copy). An unbatched input (one
+    example without a batch dimension, which a convolution accepts) and a batch that is already
+    a multiple run as they are. Not for ``torch.jit.trace``, which would record one batch's cut
+    (nothing here traces a model). Under Opacus' functorch fallback for a layer it has no
+    per-example gradient function for (a ConvTranspose in a private module; none has one
+    today) each example would run padded to ``multiple`` rows: right, but that much slower."""
+
+    def __init__(self, layer: nn.Module, multiple: int) -> None:
+        self.layer = layer
+        self.multiple = multiple
+
+    def __call__(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: A002 - torch's name
+        layer = self.layer
+        forward = type(layer).forward
+        rows = len(input) if input.dim() == layer.weight.dim() else 0
+        target = padded_rows(rows, self.multiple)
+        if target == rows:
+            return forward(layer, input, *args, **kwargs)
+        return forward(layer, pad_rows(input, target), *args, **kwargs)[:rows]

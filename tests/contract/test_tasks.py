@@ -20,7 +20,7 @@ from client.site import train_round
 from tests.conftest import site_entry
 from common import privacy
 from common import records as R
-from common.batch_shapes import BATCH_MULTIPLE, PADDED_MODES
+from common.batch_shapes import BATCH_MULTIPLE, CONVS, PADDED_MODES, padded_rows
 from common.config import AppConfig, parse_node_config
 from common.data.site import site_dataset
 from common.dp_step import unwrap
@@ -238,8 +238,6 @@ def test_every_mode_clips_each_example_like_hooks(family, mode):
 # The families whose private module has convolutions (padded to a multiple of 8 rows under
 # hooks, ghost and bk: common/batch_shapes.py); the next test keeps this list true.
 CONV_FAMILIES = ("gan", "vae")
-CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
-         torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -250,31 +248,50 @@ def test_conv_families_are_the_families_with_convolutions(family):
     assert has_conv == (family in CONV_FAMILIES)
 
 
+def conv_calls(monkeypatch) -> list[tuple]:
+    """Record every convolution torch runs (the layers' and Opacus' per-example ones): the shapes
+    of its tensors and its other arguments, i.e. what oneDNN builds a kernel for."""
+    calls: list[tuple] = []
+    for name in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
+        def recorded(*args, _f=getattr(torch.nn.functional, name), _name=name, **kwargs):
+            calls.append((_name, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a
+                                   for a in (*args, *kwargs.values()))))
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(torch.nn.functional, name, recorded)
+    return calls
+
+
 @pytest.mark.parametrize(("family", "mode"), [(f, m) for f in CONV_FAMILIES for m in PADDED_MODES])
 def test_padded_convolutions_change_no_example_gradient(family, mode, monkeypatch):
-    """common/batch_shapes.py: the private module's convolutions run on batches padded to a
-    multiple of 8 rows, and every per-example norm, the clipping and the privatised gradient
-    are those of the unpadded step (a batch that is not a multiple of 8, half the examples clipped)."""
+    """common/batch_shapes.py: two Poisson batches whose sizes round up to the same multiple of
+    8 run every convolution (the layers' and the per-example gradients') with the same shapes,
+    and the per-example norms, the clipping and the privatised gradient are those of the
+    unpadded step (half the examples clipped)."""
     batch, ref_norms = hooks_reference(family)
-    rows = len(batch[0]) - (1 if len(batch[0]) % BATCH_MULTIPLE == 0 else 0)
-    batch = tuple(t[:rows] for t in batch)
+    extra = len(ref_norms) - len(batch[0])  # rows the private module sees besides the real ones (GAN: fakes)
+    sizes = [(a, b) for a in range(len(batch[0]), 0, -1) for b in range(a - 1, 0, -1)
+             if (a + extra) % BATCH_MULTIPLE and (b + extra) % BATCH_MULTIPLE
+             and padded_rows(a + extra) == padded_rows(b + extra)]
+    a, b = sizes[0]
     ranked = ref_norms.sort().values
     clip = float(ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2
-    seen = []
-    for conv in CONVS:
-        def recorded(self, x, *args, _forward=conv.forward, **kwargs):
-            seen.append(len(x))
-            return _forward(self, x, *args, **kwargs)
-        monkeypatch.setattr(conv, "forward", recorded)
-    _, grad, norms, dp, _ = private_step(family, mode, clip, batch)
-    padded, seen[:] = list(seen), []
+    calls = conv_calls(monkeypatch)
+
+    def step(rows: int):
+        calls.clear()
+        out = private_step(family, mode, clip, tuple(t[:rows] for t in batch))
+        return out, list(calls)
+
+    (_, grad, norms, dp, _), padded_a = step(a)
+    _, padded_b = step(b)
     monkeypatch.setattr(client.dp, "pad_conv_batches", lambda module: 0)
-    _, ref_grad, plain_norms, ref_dp, _ = private_step(family, mode, clip, batch)
-    assert padded and all(n % BATCH_MULTIPLE == 0 for n in padded)
-    assert any(n % BATCH_MULTIPLE for n in seen)  # unpadded, the same step meets other sizes
-    assert len(norms) == len(plain_norms) >= rows  # the GAN's discriminator also sees its fakes
+    (_, ref_grad, plain_norms, ref_dp, _), plain_a = step(a)
+    _, plain_b = step(b)
+    assert padded_a and padded_a == padded_b  # no new kernel for a new batch size in the same multiple
+    assert plain_a != plain_b  # (unpadded, the layers meet every size)
+    assert len(norms) == len(plain_norms) == a + extra
     assert torch.allclose(norms, plain_norms, rtol=1e-4, atol=1e-7)
-    assert 0 < dp.clipped == ref_dp.clipped < dp.seen == ref_dp.seen == len(norms)
+    assert 0 < dp.clipped == ref_dp.clipped < dp.seen == ref_dp.seen == a + extra
     assert (grad - ref_grad).norm() <= 1e-5 * ref_grad.norm()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -79,6 +81,53 @@ def test_unbatched_input_and_a_copy(monkeypatch):
         twin.bias.zero_()
     assert twin(torch.randn(3, 2, 5, 5)).abs().sum() == 0 and seen[-1] == BATCH_MULTIPLE
     assert conv(torch.randn(3, 2, 5, 5)).abs().sum() > 0
+
+
+def test_a_padded_module_is_saved_whole_and_takes_its_input_by_name(monkeypatch):
+    torch.manual_seed(0)
+    net = Net()
+    pad_conv_batches(net)
+    x = torch.randn(5, 2, 4, 4)
+    again = pickle.loads(pickle.dumps(net))
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    seen = conv_sizes(monkeypatch)
+    for other in (again, loaded):
+        assert other.conv.forward.layer is other.conv  # bound to the copy
+        assert torch.allclose(other(x), net(x))
+    assert seen == [BATCH_MULTIPLE] * 12  # four forward passes, three convolutions each
+    assert net.conv(input=x).shape == (5, 4, 4, 4)
+
+
+def module_task(module: nn.Module):
+    class Task:
+        family = "test"
+        private_modules = ["net"]
+
+        def __init__(self) -> None:
+            self.modules = {"net": module}
+
+    return Task()
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "ew"])
+def test_a_convolution_that_does_not_pad_with_zeros_is_refused_where_opacus_would_get_it_wrong(mode):
+    """Opacus' per-example gradient functions pad with zeros whatever the layer's padding_mode:
+    refused in the modes that use them (hooks, ghost, bk); ew differentiates the layer itself."""
+    task = module_task(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+                                     nn.Linear(32, 1)))
+    data = torch.utils.data.TensorDataset(torch.randn(20, 1, 4, 4))
+    plan = privacy.DPPlan(1.0, 0.25, 4, 1e-5, "rdp", 1.0)
+    optimizers = {"net": torch.optim.SGD(task.modules["net"].parameters(), lr=0.1)}
+    call = lambda: make_private(task, optimizers, torch.utils.data.DataLoader(data, batch_size=5),  # noqa: E731
+                                plan=plan, history=[], grad_sample_mode=mode)
+    if mode == "ew":
+        call()
+    else:
+        with pytest.raises(ValueError, match="padding_mode='reflect'.*use padding_mode='zeros'"):
+            call()
 
 
 def test_make_private_pads_only_in_the_modes_whose_hooks_see_the_real_rows():
