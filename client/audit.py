@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 
-from client.dp import make_private
+from client.dp import check_private_modules, make_private
 from client.policy import PolicyRefusal, check_request, config_digest, load_policy
 from client.privacy_state import (BudgetExceeded, SitePrivacy, dataset_key, ledger_path, legacy_dataset_key,
                                   make_plan)
@@ -237,6 +237,7 @@ def _run_sample_audit(cfg: AppConfig, site: SiteConfig, *, num_canaries: int, ep
         delta, noise = plan.delta, plan.noise_multiplier
         sp = SitePrivacy(cfg, site, dataset_key(cfg, data), legacy_keys=(legacy_dataset_key(cfg, site),),
                          policy=policy)
+        check_private_modules(task, p.grad_sample_mode)  # before the charge
         try:  # priced and charged ahead on the site's ledger, before the audit touches data
             reservation = sp.reserve(plan, steps, line={"run": f"audit-{seed}", "family": cfg.task.family, "round": 0,
                                                    "audit": True}, what="the audit")

@@ -63,18 +63,26 @@ def conv2d_grad_sample(layer: torch.nn.Conv2d, activations: list[torch.Tensor],
     return compute_conv_grad_sample(layer, activations, backprops)
 
 
-def check_conv_padding(module: torch.nn.Module) -> None:
-    """Refuse a convolution with ``padding_mode`` other than ``"zeros"`` in a module trained in
-    hooks, ghost or bk mode: Opacus' per-sample gradient functions (and ours above) pad with
-    zeros whatever the layer does, so every example's gradient and norm would be wrong (by up to
-    19% for "reflect" in a test), and under ghost clipping the second pass then sums the true
-    gradients with weights from the wrong norms, which can exceed the clipping bound."""
-    for name, layer in module.named_modules():
-        if isinstance(layer, CONVS) and layer.padding_mode != "zeros":
-            raise ValueError(f"{name or 'the model'} ({type(layer).__name__}) has padding_mode="
-                             f"{layer.padding_mode!r}: Opacus computes its per-example gradients as if it "
-                             "padded with zeros; use padding_mode='zeros', or privacy.grad-sample-mode = "
-                             "'functorch' or 'ew', which differentiate the layer itself")
+def check_private_modules(task: GenerativeTask, grad_sample_mode: str) -> None:
+    """Refuse what Opacus would make private wrongly, before anything is charged.
+
+    A convolution that pads with anything but zeros (``padding_mode`` "reflect", "replicate" or
+    "circular" with a non-zero padding), in hooks, ghost or bk mode: Opacus' per-example
+    gradient functions (and ours above) pad with zeros whatever the layer does, so every
+    example's gradient and norm would be wrong (by up to 19% for "reflect" in a test), and under
+    ghost clipping the second pass sums the true gradients with weights from the wrong norms,
+    which can exceed the clipping bound. ew and functorch differentiate the layer itself."""
+    if resolve_grad_sample_mode(grad_sample_mode, task) not in PADDED_MODES:
+        return
+    for private in task.private_modules:
+        for name, layer in task.modules[private].named_modules():
+            if not isinstance(layer, CONVS) or layer.padding_mode == "zeros":
+                continue
+            if layer.padding == "same" or (not isinstance(layer.padding, str) and any(layer.padding)):
+                raise ValueError(f"{task.family}: {private}.{name} ({type(layer).__name__}) has padding_mode="
+                                 f"{layer.padding_mode!r}: Opacus computes its per-example gradients as if it "
+                                 "padded with zeros; use padding_mode='zeros', or privacy.grad-sample-mode = "
+                                 "'functorch' or 'ew', which differentiate the layer itself")
 
 
 @dataclass
@@ -128,8 +136,8 @@ def make_private(
     if len(task.private_modules) != 1:
         raise ValueError(f"{task.family}: exactly one private module is supported, got {task.private_modules}")
     name = task.private_modules[0]
-    if grad_sample_mode in PADDED_MODES:  # also the modes whose per-example gradients are Opacus' samplers'
-        check_conv_padding(task.modules[name])
+    check_private_modules(task, grad_sample_mode)  # the sites call it before the charge too
+    if grad_sample_mode in PADDED_MODES:
         # Convolutions on batches padded to a multiple of 8 rows: Poisson batch sizes would each
         # build and cache oneDNN kernels for good (common/batch_shapes.py says why no gradient changes).
         pad_conv_batches(task.modules[name])

@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from client import diagnostics, faults
-from client.dp import make_private
+from client.dp import check_private_modules, make_private
 from client.approvals import APPROVED, REJECTED, Approvals
 from client.policy import Kind, PolicyRefusal, SitePolicy, check_request, config_digest, load_policy
 from client.privacy_state import (BudgetExceeded, LedgerError, SitePrivacy, dataset_key, ledger_path,
@@ -254,6 +254,7 @@ def _train_private(cfg: AppConfig, task, data, optimizers, loader, *, plan, sp: 
     """Charge ahead (or take over a dead process's charge), train with DP-SGD, confirm the charge."""
     diag = cfg.privacy.diagnostics == "noised"
     extra = (diagnostics.charge(cfg.privacy.diagnostics_noise, plan.sample_rate),) if diag else ()
+    check_private_modules(task, cfg.privacy.grad_sample_mode)  # a model Opacus would get wrong: before the charge
     try:  # charged ahead, before any record is read
         reservation = adopted or sp.reserve(plan, plan.steps_per_round, line=line, extra=extra)
     except BudgetExceeded as err:

@@ -196,9 +196,11 @@ def _settle_memory(*, keep: bool, unkeep: bool) -> float:
     - **Freed pages go back to the system** (glibc's ``malloc_trim``, 0.1 ms): without it glibc
       keeps them for reuse and the worker's PSS creeps up for tens of tasks.
 
-    What still grows after this is mostly a bounded cache: oneDNN's (torch's CPU convolutions)
-    keeps the kernels it built per input shape, up to ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (1024)
-    of them, and Poisson sampling gives every step a batch size of its own (docker/README.md)."""
+    What else grew was oneDNN's cache (torch's CPU convolutions), which keeps the kernels it
+    built per input shape, up to ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (1024) of them: Poisson
+    sampling gives every step a batch size of its own. The private model's convolutions now run
+    on batches padded to a multiple of 8 (common/batch_shapes.py), so it holds a few shapes
+    (docker/README.md, "The worker's memory")."""
     t = time.perf_counter()
     if unkeep:
         gc.unfreeze()

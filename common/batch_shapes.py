@@ -9,7 +9,8 @@ makes each convolution of a module run on its batch rounded up to a multiple of
 :data:`BATCH_MULTIPLE`: zero rows are appended before the convolution and its output is cut
 back to the real rows. A Poisson batch of mean 32 then meets 6-7 shapes instead of 40.
 ``client.dp.conv2d_grad_sample`` pads the one per-example gradient that is itself a
-convolution over the batch (a layer with a single output channel) the same way.
+convolution over the batch (a layer with a single output channel) the same way, and merf's
+fixed feature map (``common/models/merf_features.py``) its function-call convolutions.
 
 Why no gradient, clipping bound or privacy guarantee changes:
 
@@ -37,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BATCH_MULTIPLE = 8  # the rows a padded batch is a multiple of: 8 costs 1-3% of a DP step (RESULTS)
+BATCH_MULTIPLE = 8  # the rows a padded batch is a multiple of (its cost: docs/RESULTS.md, "Convolutions on padded batches")
 PADDED_MODES = ("hooks", "ghost", "bk")  # Opacus grad-sample modes whose hooks see only the real rows
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import atomic
+from common.batch_shapes import pad_rows, padded_rows
 from common.data.images import load_public_mnist, resized
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,11 @@ class Features(nn.Module):
         return x, h1, h2, h3
 
     def _blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x, h1, h2, h3 = self.convs(x, self.conv_weights())
+        # The convolutions run on the batch padded with zero rows to a multiple of 8 (each row's
+        # features are its own; the padding is cut off): a Poisson batch size does not build
+        # oneDNN kernels of its own in a long-lived site (common/batch_shapes.py).
+        rows = len(x)
+        x, h1, h2, h3 = (t[:rows] for t in self.convs(pad_rows(x, padded_rows(rows)), self.conv_weights()))
         blocks = [x.flatten(1), F.avg_pool2d(h1, self.pool1).flatten(1),
                   F.avg_pool2d(h2, max(self.pool1 // 2, 1)).flatten(1), h3.mean((2, 3))]
         if self.squares:  # second moments too: their means are the features' (uncentred) variances

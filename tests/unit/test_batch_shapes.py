@@ -126,8 +126,12 @@ def test_a_convolution_that_does_not_pad_with_zeros_is_refused_where_opacus_woul
     if mode == "ew":
         call()
     else:
-        with pytest.raises(ValueError, match="padding_mode='reflect'.*use padding_mode='zeros'"):
+        with pytest.raises(ValueError, match="test: net.0 .*padding_mode='reflect'.*use padding_mode='zeros'"):
             call()
+    unpadded = module_task(nn.Sequential(nn.Conv2d(1, 2, 1, padding_mode="reflect"), nn.Flatten(), nn.Linear(32, 1)))
+    optimizers = {"net": torch.optim.SGD(unpadded.modules["net"].parameters(), lr=0.1)}
+    make_private(unpadded, optimizers, torch.utils.data.DataLoader(data, batch_size=5), plan=plan, history=[],
+                 grad_sample_mode=mode)  # no padding at all: nothing to get wrong
 
 
 def test_make_private_pads_only_in_the_modes_whose_hooks_see_the_real_rows():

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import RecordDict
 
 from client.privacy_state import Ledger, LedgerError, make_plan
@@ -493,3 +494,22 @@ def test_dp_noise_and_sampling_are_secret_unless_a_test_asks_for_reproducible_no
     assert not all((a == b).all() for a, b in zip(weights(), weights()))  # a real run: fresh noise
     central = cfg_(**{"central-dp.enabled": True})
     assert build_strategy(central).rng.normal() != build_strategy(central).rng.normal()
+
+
+def test_a_model_opacus_would_get_wrong_is_refused_before_anything_is_charged(tmp_path, monkeypatch):
+    """A convolution that pads with reflections (hooks, ghost and bk compute its per-example
+    gradients as if it padded with zeros) fails the round before the ledger is charged."""
+    import client.site
+    from common.tasks import build_task as real_build_task
+
+    def reflecting(*args, **kwargs):
+        task = real_build_task(*args, **kwargs)
+        convs = [m for m in task.modules["vae"].modules() if isinstance(m, torch.nn.Conv2d)]
+        convs[0].padding_mode = "reflect"
+        return task
+
+    monkeypatch.setattr(client.site, "build_task", reflecting)
+    cfg, s = cfg_(), site_(tmp_path)
+    with pytest.raises(ValueError, match=r"vae: vae\..* \(Conv2d\) has padding_mode='reflect'"):
+        train_round(cfg, s, global_arrays(cfg), 1, RecordDict())
+    assert site_entry(cfg, s).history == []
