@@ -38,7 +38,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BATCH_MULTIPLE = 8  # the rows a padded batch is a multiple of (its cost: docs/RESULTS.md, "Convolutions on padded batches")
+# The rows a padded batch is a multiple of (what it costs: docs/RESULTS.md, "Convolutions on padded batches").
+BATCH_MULTIPLE = 8
 PADDED_MODES = ("hooks", "ghost", "bk")  # Opacus grad-sample modes whose hooks see only the real rows
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
