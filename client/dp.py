@@ -18,7 +18,7 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample, convolution2d_backward_as_a_convolution
 
 from common import privacy
-from common.batch_shapes import CONVS, PADDED_MODES, pad_conv_batches, pad_rows, padded_rows
+from common.batch_shapes import CONVS, PADDED_MODES, BatchShapes, in_pieces, pad_conv_batches, shapes_of
 from common.privacy import DPPlan, HistoryEntry
 from common.bookkeeping import Bookkeeper
 from common.dp_step import is_ghost
@@ -49,17 +49,15 @@ def conv2d_grad_sample(layer: torch.nn.Conv2d, activations: list[torch.Tensor],
     convolution: 10-15x faster on this CPU (batch 64, 32 -> 1 channels at 28x28). For two or
     more output channels the unfold version was as fast or faster, so it stays. Both give
     the same per-sample gradients (tests/contract compares every mode's clipped gradient).
-    That convolution's groups are the examples, so it runs on the batch padded with zero rows
-    to a multiple of 8, like the layers themselves (common/batch_shapes.py): a zero row has a
-    zero gradient and is cut off, and each Poisson batch size does not build kernels of its own.
+    That convolution's groups are the examples, so it runs on the batch sizes the layer itself
+    runs on (common/batch_shapes.py): in padded pieces, each example's gradient from its own
+    activations and output gradient only; a zero row's is zero and cut off, and each Poisson
+    batch size does not build kernels of its own.
     """
     if (layer.out_channels == 1 and layer.groups == 1 and layer.in_channels > 1 and len(activations[0])
             and not isinstance(layer.padding, str)):  # "same"/"valid" would mean other padding here
-        rows = len(backprops)
-        target = padded_rows(rows)
-        grads = convolution2d_backward_as_a_convolution(layer, [pad_rows(activations[0], target)],
-                                                        pad_rows(backprops, target))
-        return {param: grad[:rows] for param, grad in grads.items()}
+        return in_pieces(lambda a, b: convolution2d_backward_as_a_convolution(layer, [a], b),
+                         [activations[0], backprops], shapes_of(layer))
     return compute_conv_grad_sample(layer, activations, backprops)
 
 
@@ -138,9 +136,11 @@ def make_private(
     name = task.private_modules[0]
     check_private_modules(task, grad_sample_mode)  # the sites call it before the charge too
     if grad_sample_mode in PADDED_MODES:
-        # Convolutions on batches padded to a multiple of 8 rows: Poisson batch sizes would each
-        # build and cache oneDNN kernels for good (common/batch_shapes.py says why no gradient changes).
-        pad_conv_batches(task.modules[name])
+        # Convolutions on a few batch sizes around the expected one, padded with zero rows: Poisson
+        # batch sizes would each build and cache oneDNN kernels for good (common/batch_shapes.py
+        # says why no gradient changes). The GAN's discriminator also sees its fixed fakes.
+        pad_conv_batches(task.modules[name], BatchShapes.around(
+            plan.sample_rate, len(loader.dataset), getattr(task, "extra_private_rows", 0)))
     engine = PrivacyEngine(accountant=plan.accountant)
     if history:
         engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})

@@ -5,18 +5,23 @@ and keep it in a cache of up to ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` kernels (102
 Poisson sampling gives every step a batch size of its own, so a warm site worker built new
 kernels for hundreds of rounds: about 21 kernels and 0.56 MB for every new batch size of the
 digits VAE (docs/RESULTS.md, "The warm workers' memory, found"). :func:`pad_conv_batches`
-makes each convolution of a module run on its batch rounded up to a multiple of
-:data:`BATCH_MULTIPLE`: zero rows are appended before the convolution and its output is cut
-back to the real rows. A Poisson batch of mean 32 then meets 6-7 shapes instead of 40.
-``client.dp.conv2d_grad_sample`` pads the one per-example gradient that is itself a
+makes each convolution of a module run on a few batch sizes only (:class:`BatchShapes`): the
+multiples of :data:`BATCH_MULTIPLE` within about two standard deviations of the expected batch
+(``client.dp.make_private`` knows it: sample rate times records). A batch is padded with zero
+rows up to the smallest of those sizes that holds it; a larger one than the largest runs in
+pieces; the outputs are cut back to the real rows and joined (:func:`in_pieces`). A Poisson
+batch of mean 32 then meets 4 shapes, all within the first round, instead of 40 over hundreds.
+``client.dp.conv2d_grad_sample`` runs the one per-example gradient that is itself a
 convolution over the batch (a layer with a single output channel) the same way, and merf's
 fixed feature map (``common/models/merf_features.py``) its function-call convolutions.
 
 Why no gradient, clipping bound or privacy guarantee changes:
 
 * A convolution computes each output row from its own input row only (the batch dimension is
-  never mixed; groups and channels are within a row). The real rows' outputs are those of the
-  unpadded convolution, up to the floating-point rounding of a different kernel.
+  never mixed; groups and channels are within a row), so neither zero rows nor cutting the
+  batch into pieces changes a real row's output: it is that of the unpadded convolution, up to
+  the floating-point rounding of a different kernel. The sizes are a function of the expected
+  batch and each step's own batch size, which the site knows anyway; nothing of them is sent.
 * The padding exists only inside the layer's ``forward``. Module hooks run in ``__call__``,
   around ``forward``: the input and output that Opacus' per-sample gradient hooks (hooks and
   ghost modes) and ``common.bookkeeping``'s hooks (bk) record are the real rows only. Every
@@ -35,6 +40,11 @@ expanded weights' batch size must match the input's) or be wasted work (``functo
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -42,22 +52,9 @@ from torch import nn
 BATCH_MULTIPLE = 8
 PADDED_MODES = ("hooks", "ghost", "bk")  # Opacus grad-sample modes whose hooks see only the real rows
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def pad_conv_batches(module: nn.Module, multiple: int = BATCH_MULTIPLE) -> int:
-    """Make every convolution inside ``module`` run on batches padded to ``multiple`` rows.
-
-    Sets an instance ``forward`` on each convolution (:class:`PaddedForward`: the class's own,
-    on the padded batch); calling it again on the same module changes nothing. Returns how
-    many layers were padded."""
-    if multiple < 1:
-        raise ValueError(f"multiple must be at least 1, got {multiple}")
-    padded = 0
-    for layer in module.modules():
-        if isinstance(layer, CONVS) and "forward" not in vars(layer):
-            layer.forward = PaddedForward(layer, multiple)
-            padded += 1
-    return padded
+# How far from the expected batch the common shapes reach, in standard deviations: beyond it the
+# batches are rounded up to ``floor`` or run in pieces of ``top`` rows (BatchShapes).
+SPREAD = 2.0
 
 
 def padded_rows(rows: int, multiple: int = BATCH_MULTIPLE) -> int:
@@ -72,26 +69,137 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((rows - len(x), *x.shape[1:]))])
 
 
+@dataclass(frozen=True)
+class BatchShapes:
+    """The batch sizes a padded convolution runs on: ``sizes``, multiples of ``multiple`` (empty:
+    every multiple). A batch runs as the smallest size that holds it, padded with zero rows; one
+    above the largest size runs in pieces of the largest and a last piece of the rest.
+
+    Rounding up to a multiple alone leaves the rare sizes of a Poisson batch's tails (a batch of
+    mean 32 below 16 or above 48 rows: a few steps in a thousand), each met for the first time
+    after hundreds of rounds and building its kernels then; :meth:`around` keeps the multiples
+    within about two standard deviations of the expected batch, so that every size is met in a
+    few percent of steps or more, i.e. within a site's first round or two."""
+
+    sizes: tuple[int, ...] = ()
+    multiple: int = BATCH_MULTIPLE
+
+    def __post_init__(self) -> None:
+        if self.multiple < 1 or any(n < 1 or n % self.multiple for n in self.sizes) \
+                or list(self.sizes) != sorted(set(self.sizes)):
+            raise ValueError(f"BatchShapes needs multiple >= 1 and sizes that are increasing positive "
+                             f"multiples of it; got {self}")
+
+    @classmethod
+    def around(cls, sample_rate: float, records: int, fixed_rows: int = 0,
+               multiple: int = BATCH_MULTIPLE) -> BatchShapes:
+        """The sizes for a Poisson batch of ``records`` sampled at ``sample_rate`` (a binomial
+        count: mean q n, variance q (1 - q) n) plus ``fixed_rows`` that every step adds: the
+        multiples from the one that holds the mean minus :data:`SPREAD` standard deviations to
+        the one that holds the mean plus as many, and ``fixed_rows`` alone (a GAN's discriminator sees its fixed fakes with each real batch, and
+        alone in the generator's steps)."""
+        mean = sample_rate * records + fixed_rows
+        spread = SPREAD * math.sqrt(max(sample_rate * (1 - sample_rate) * records, 0.0))
+        low = max(multiple, padded_rows(max(math.floor(mean - spread), 0), multiple))
+        high = max(low, padded_rows(math.ceil(mean + spread), multiple))
+        sizes = set(range(low, high + 1, multiple))
+        if fixed_rows:
+            sizes.add(padded_rows(fixed_rows, multiple))
+        return cls(tuple(sorted(sizes)), multiple)
+
+    def pieces(self, rows: int) -> list[tuple[int, int]]:
+        """A batch of ``rows`` as (real rows, rows run) per piece, in order; [] for no rows."""
+        if not self.sizes:
+            return [(rows, padded_rows(rows, self.multiple))] if rows else []
+        out, top = [], self.sizes[-1]
+        while rows > top:
+            out.append((top, top))
+            rows -= top
+        if rows:
+            out.append((rows, next(n for n in self.sizes if n >= rows)))
+        return out
+
+
+def in_pieces(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], shapes: BatchShapes) -> Any:
+    """``fn(*inputs)`` for inputs whose rows are examples, run on the shapes ``shapes`` allows:
+    each piece's rows padded with zero rows, ``fn``'s results cut back to the real rows and
+    joined. ``fn`` must compute each output row from its own input row only and return a tensor,
+    a tuple or list of tensors, or a dict of them, each with one row per example."""
+    rows = len(inputs[0])
+    pieces = shapes.pieces(rows)
+    if len(pieces) <= 1 and (not pieces or pieces[0][1] == rows):
+        return fn(*inputs)  # an empty batch, or one already of a shape in the plan
+    results, start = [], 0
+    for real, run in pieces:
+        results.append(_cut(fn(*(pad_rows(t[start:start + real], run) for t in inputs)), real))
+        start += real
+    return _join(results)
+
+
+def _cut(result: Any, rows: int) -> Any:
+    if isinstance(result, torch.Tensor):
+        return result[:rows]
+    if isinstance(result, dict):
+        return {k: _cut(v, rows) for k, v in result.items()}
+    return type(result)(_cut(v, rows) for v in result)
+
+
+def _join(results: list[Any]) -> Any:
+    first = results[0]
+    if len(results) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(results)
+    if isinstance(first, dict):
+        return {k: _join([r[k] for r in results]) for k in first}
+    return type(first)(_join(list(parts)) for parts in zip(*results, strict=True))
+
+
+def pad_conv_batches(module: nn.Module, shapes: BatchShapes | None = None) -> int:
+    """Make every convolution inside ``module`` run on the batch sizes of ``shapes`` (default:
+    multiples of :data:`BATCH_MULTIPLE`).
+
+    Sets an instance ``forward`` on each convolution (:class:`PaddedForward`: the class's own, in
+    padded pieces), or gives one already set the new ``shapes``; a submodule with a
+    ``batch_shapes`` attribute (merf's feature map, whose convolutions are function calls) gets
+    ``shapes`` there. Returns how many layers were padded for the first time."""
+    shapes = shapes or BatchShapes()
+    padded = 0
+    for layer in module.modules():
+        if isinstance(vars(layer).get("forward"), PaddedForward):
+            layer.forward.shapes = shapes
+        elif isinstance(layer, CONVS) and "forward" not in vars(layer):
+            layer.forward = PaddedForward(layer, shapes)
+            padded += 1
+        if isinstance(getattr(layer, "batch_shapes", None), BatchShapes):
+            layer.batch_shapes = shapes
+    return padded
+
+
+def shapes_of(layer: nn.Module) -> BatchShapes:
+    """The shapes a layer padded by :func:`pad_conv_batches` runs on (the default for another)."""
+    forward = vars(layer).get("forward")
+    return forward.shapes if isinstance(forward, PaddedForward) else BatchShapes()
+
+
 class PaddedForward:
-    """A convolution's ``forward`` on its batch padded with zero rows; the output's real rows.
+    """A convolution's ``forward`` run by :func:`in_pieces` on the shapes ``shapes`` allows.
 
     An object, not a bound function, so that a padded module can still be copied, pickled and
     saved whole (``copy.deepcopy`` binds the copy's to the copy). An unbatched input (one
-    example without a batch dimension, which a convolution accepts) and a batch that is already
-    a multiple run as they are. Not for ``torch.jit.trace``, which would record one batch's cut
-    (nothing here traces a model). Under Opacus' functorch fallback for a layer it has no
-    per-example gradient function for (a ConvTranspose in a private module; none has one
-    today) each example would run padded to ``multiple`` rows: right, but that much slower."""
+    example without a batch dimension, which a convolution accepts) runs as it is. Not for
+    ``torch.jit.trace``, which would record one batch's cut (nothing here traces a model).
+    Under Opacus' functorch fallback for a layer it has no per-example gradient function for (a
+    ConvTranspose in a private module; none has one today) each example would run padded to
+    ``floor`` rows: right, but that much slower."""
 
-    def __init__(self, layer: nn.Module, multiple: int) -> None:
+    def __init__(self, layer: nn.Module, shapes: BatchShapes) -> None:
         self.layer = layer
-        self.multiple = multiple
+        self.shapes = shapes
 
     def __call__(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: A002 - torch's name
         layer = self.layer
         forward = type(layer).forward
-        rows = len(input) if input.dim() == layer.weight.dim() else 0
-        target = padded_rows(rows, self.multiple)
-        if target == rows:
+        if input.dim() != layer.weight.dim():
             return forward(layer, input, *args, **kwargs)
-        return forward(layer, pad_rows(input, target), *args, **kwargs)[:rows]
+        return in_pieces(lambda x: forward(layer, x, *args, **kwargs), [input], self.shapes)

@@ -87,6 +87,9 @@ class GenerativeTask(Protocol):
     # family's own training at the server after each round's aggregation (server/evaluation.py),
     # on the aggregated weights only (post-processing: it never sees private data). merf trains
     # its generator there.
+    # Optional too: ``extra_private_rows: int``, the rows the private module sees in every private
+    # step besides the Poisson batch (the GAN's fixed fakes; 0 when absent): its convolutions'
+    # batch sizes are planned around them (client.dp.make_private, common/batch_shapes.py).
 
     @torch.no_grad()
     def canary_losses(self, canaries: torch.Tensor, seed: int) -> torch.Tensor:

@@ -161,6 +161,7 @@ class GANTask:
         self.conditional = g.conditional
         self.num_classes = (spec.num_classes or 0) if g.conditional else 0
         self.fake_batch = cfg.train.batch_size  # fixed, data-independent (see module doc)
+        self.extra_private_rows = self.fake_batch  # the rows each private step adds (common/batch_shapes.py)
         self.d_every, self.g_repeats = g.d_steps_per_g_step, g.g_steps_per_d_step
         self.lr_g, self.lr_d, self.beta1 = g.lr_generator, g.lr_discriminator, g.beta1
         self.optimizer_name = cfg.train.optimizer

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import atomic
-from common.batch_shapes import pad_rows, padded_rows
+from common.batch_shapes import BatchShapes, in_pieces
 from common.data.images import load_public_mnist, resized
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ class Features(nn.Module):
     def __init__(self, channels: int, image_size: int, seed: int, width: int = 32, squares: bool = False) -> None:
         super().__init__()
         self.squares, self.image_size = squares, image_size
+        # The batch sizes its convolutions run on; client.dp.make_private sets the site's plan.
+        self.batch_shapes = BatchShapes()
         g = torch.Generator().manual_seed(seed)
         # Non-persistent buffers, not parameters: never trained by the rounds, never in the state
         # dict, so never in the arrays a site receives or sends (the server chooses the map only
@@ -88,11 +90,10 @@ class Features(nn.Module):
         return x, h1, h2, h3
 
     def _blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        # The convolutions run on the batch padded with zero rows to a multiple of 8 (each row's
-        # features are its own; the padding is cut off): a Poisson batch size does not build
-        # oneDNN kernels of its own in a long-lived site (common/batch_shapes.py).
-        rows = len(x)
-        x, h1, h2, h3 = (t[:rows] for t in self.convs(pad_rows(x, padded_rows(rows)), self.conv_weights()))
+        # The convolutions run on the batch sizes of ``batch_shapes``, in pieces padded with zero
+        # rows (each row's features are its own; the padding is cut off): a Poisson batch size does
+        # not build oneDNN kernels of its own in a long-lived site (common/batch_shapes.py).
+        x, h1, h2, h3 = in_pieces(lambda t: self.convs(t, self.conv_weights()), [x], self.batch_shapes)
         blocks = [x.flatten(1), F.avg_pool2d(h1, self.pool1).flatten(1),
                   F.avg_pool2d(h2, max(self.pool1 // 2, 1)).flatten(1), h3.mean((2, 3))]
         if self.squares:  # second moments too: their means are the features' (uncentred) variances

@@ -20,7 +20,7 @@ from client.site import train_round
 from tests.conftest import site_entry
 from common import privacy
 from common import records as R
-from common.batch_shapes import BATCH_MULTIPLE, PADDED_MODES, padded_rows
+from common.batch_shapes import CONVS, PADDED_MODES, BatchShapes, shapes_of
 from common.config import AppConfig, parse_node_config
 from common.data.site import site_dataset
 from common.dp_step import unwrap
@@ -254,17 +254,46 @@ def conv_calls(monkeypatch) -> list[tuple]:
     return calls
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_convolutions_batch_sizes_are_planned_around_the_rows_the_private_module_sees(family):
+    """make_private plans the padded sizes (common/batch_shapes.py) around the expected Poisson
+    batch plus the rows the family declares it adds (``extra_private_rows``: the GAN's fakes),
+    and that declaration is what its private step really does."""
+    batch, ref_norms = hooks_reference(family)
+    cfg, task, data = built(family)
+    assert getattr(task, "extra_private_rows", 0) == len(ref_norms) - len(batch[0])
+    optimizers = task.make_optimizers()
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size)
+    q, steps = privacy.steps_per_round(len(data), cfg.train.batch_size, 1, 1)
+    make_private(task, optimizers, loader, plan=privacy.DPPlan(1.0, q, steps, 1e-5, "rdp", 1.0), history=[],
+                 grad_sample_mode="hooks")
+    expected = BatchShapes.around(q, len(data), getattr(task, "extra_private_rows", 0))
+    private = task.modules[task.private_modules[0]]
+    plans = [shapes_of(layer) for layer in private.modules() if isinstance(layer, CONVS)]
+    plans += [layer.batch_shapes for layer in private.modules() if hasattr(layer, "batch_shapes")]
+    assert bool(plans) == (family in CONV_FAMILIES)
+    assert all(p == expected for p in plans), (plans, expected)
+
+
 @pytest.mark.parametrize(("family", "mode"), [(f, m) for f in FAMILIES for m in PADDED_MODES])
 def test_padded_convolutions_change_no_example_gradient(family, mode, monkeypatch):
-    """common/batch_shapes.py: two Poisson batches whose sizes round up to the same multiple of
-    8 run every convolution (the layers', a family's own and the per-example gradients') with
-    the same shapes, and the per-example norms, the clipping and the privatised gradient are
-    those of the unpadded step (about half the examples clipped)."""
+    """common/batch_shapes.py: two Poisson batches of different sizes that the plan runs as the
+    same padded pieces run every convolution (the layers', a family's own and the per-example
+    gradients') with the same shapes, and the per-example norms, the clipping and the privatised
+    gradient are those of the unpadded step (about half the examples clipped). A small plan (8
+    and 16 rows) makes every batch here run in pieces, the last one padded."""
     batch, ref_norms = hooks_reference(family)
+    shapes = BatchShapes((8, 16))
+    monkeypatch.setattr(BatchShapes, "around", classmethod(lambda cls, *args, **kwargs: shapes))
     extra = len(ref_norms) - len(batch[0])  # rows the private module sees besides the real ones (GAN: fakes)
+
+    def padded_last(rows: int) -> bool:
+        pieces = shapes.pieces(rows)
+        return len(pieces) >= 2 and pieces[-1][0] < pieces[-1][1]
+
     sizes = [(a, b) for a in range(len(batch[0]), 0, -1) for b in range(a - 1, 0, -1)
-             if (a + extra) % BATCH_MULTIPLE and (b + extra) % BATCH_MULTIPLE
-             and padded_rows(a + extra) == padded_rows(b + extra)]
+             if padded_last(a + extra) and padded_last(b + extra)
+             and [run for _, run in shapes.pieces(a + extra)] == [run for _, run in shapes.pieces(b + extra)]]
     a, b = sizes[0]
     ranked = ref_norms.sort().values
     equal = float(ranked[-1] - ranked[0]) <= 1e-4 * float(ranked[-1])  # merf: every norm is 1
@@ -279,13 +308,14 @@ def test_padded_convolutions_change_no_example_gradient(family, mode, monkeypatc
     (_, grad, norms, dp, _), padded_a = step(a)
     _, padded_b = step(b)
     # Unpadded: the layers (client.dp), the per-example convolution (client.dp) and merf's features.
-    monkeypatch.setattr(client.dp, "pad_conv_batches", lambda module: 0)
-    monkeypatch.setattr(client.dp, "padded_rows", lambda rows: rows)
-    monkeypatch.setattr(merf_features, "padded_rows", lambda rows: rows)
+    monkeypatch.setattr(client.dp, "pad_conv_batches", lambda *args: 0)
+    whole = lambda fn, inputs, shapes: fn(*inputs)  # noqa: E731
+    monkeypatch.setattr(client.dp, "in_pieces", whole)
+    monkeypatch.setattr(merf_features, "in_pieces", whole)
     (_, ref_grad, plain_norms, ref_dp, _), plain_a = step(a)
     _, plain_b = step(b)
     assert bool(padded_a) == (family in CONV_FAMILIES)
-    assert padded_a == padded_b  # no new kernel for a new batch size in the same multiple
+    assert padded_a == padded_b  # no new kernel for a new batch size the plan runs alike
     if family in CONV_FAMILIES:
         assert plain_a != plain_b  # (unpadded, the convolutions meet every size)
     assert len(norms) == len(plain_norms) == a + extra

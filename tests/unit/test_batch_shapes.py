@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 
 from client.dp import make_private
 from common import privacy
-from common.batch_shapes import BATCH_MULTIPLE, pad_conv_batches, padded_rows
+from common.batch_shapes import BATCH_MULTIPLE, BatchShapes, in_pieces, pad_conv_batches, padded_rows, shapes_of
 
 
 class Net(nn.Module):
@@ -44,12 +45,61 @@ def test_padded_rows():
     assert padded_rows(5, 4) == 8 and padded_rows(5, 1) == 5
 
 
-@pytest.mark.parametrize("rows", [1, 5, 8, 13])
-def test_padded_layers_give_the_unpadded_outputs_and_gradients(rows, monkeypatch):
+def test_the_sizes_around_a_poisson_batch():
+    digits = BatchShapes.around(32 / 479, 479)  # digits-quick: mean 32, sd 5.5
+    assert digits.sizes == (24, 32, 40, 48)
+    gan = BatchShapes.around(32 / 479, 479, fixed_rows=32)  # the discriminator's reals and fakes; fakes alone
+    assert gan.sizes == (32, 56, 64, 72, 80)
+    assert BatchShapes.around(1.0, 500).sizes == (504,)  # every record, every step: one size
+    assert BatchShapes.around(0.01, 100).sizes == (8,)  # a batch of about one row
+    for q, n in [(0.01, 5000), (0.1, 479), (0.3, 100), (64 / 60000, 60000)]:
+        sizes = BatchShapes.around(q, n).sizes
+        mean, sd = q * n, (q * (1 - q) * n) ** 0.5
+        # From the size that holds mean - 2 sd rows (the rarer smaller batches run as it) to the
+        # one that holds mean + 2 sd (the rarer larger ones run in pieces).
+        low, high = math.floor(mean - 2 * sd), math.ceil(mean + 2 * sd)  # in whole rows
+        assert sizes[0] - 8 < low <= sizes[0] and sizes[-1] - 8 < high <= sizes[-1]
+        assert sizes == tuple(range(sizes[0], sizes[-1] + 1, 8))
+
+
+def test_pieces_hold_every_row_in_the_planned_sizes():
+    shapes = BatchShapes((24, 32, 40, 48))
+    assert shapes.pieces(0) == [] and shapes.pieces(1) == [(1, 24)] and shapes.pieces(33) == [(33, 40)]
+    assert shapes.pieces(48) == [(48, 48)] and shapes.pieces(50) == [(48, 48), (2, 24)]
+    assert shapes.pieces(97) == [(48, 48), (48, 48), (1, 24)]
+    for rows in range(1, 200):
+        pieces = shapes.pieces(rows)
+        assert sum(real for real, _ in pieces) == rows
+        assert all(run in shapes.sizes and real <= run for real, run in pieces)
+    assert BatchShapes().pieces(13) == [(13, 16)]  # no sizes: every multiple, one piece
+    for bad in [(16, 8), (8, 8), (12,), (0,)]:
+        with pytest.raises(ValueError, match="increasing positive multiples"):
+            BatchShapes(bad)
+
+
+def test_in_pieces_runs_each_piece_padded_and_joins_the_real_rows():
+    shapes = BatchShapes((8,))
+    x, y = torch.randn(13, 3), torch.randn(13, 2)
+    seen = []
+
+    def fn(a, b):
+        seen.append(len(a))
+        return a * 2, {"sum": a.sum(1) + b.sum(1)}
+
+    doubled, sums = in_pieces(fn, [x, y], shapes)
+    assert seen == [8, 8] and torch.equal(doubled, x * 2)
+    assert torch.allclose(sums["sum"], x.sum(1) + y.sum(1))
+    assert in_pieces(fn, [x[:8], y[:8]], shapes)[0].shape == (8, 3) and seen[-1] == 8  # one piece as it is
+    assert in_pieces(lambda a: a + 1, [x[:0]], shapes).shape == (0, 3)  # an empty batch runs as it is
+
+
+@pytest.mark.parametrize("shapes", [BatchShapes(), BatchShapes((8,)), BatchShapes((16, 24))])
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, 30])
+def test_padded_layers_give_the_unpadded_outputs_and_gradients(rows, shapes, monkeypatch):
     torch.manual_seed(0)
     plain = Net()
     padded = copy.deepcopy(plain)
-    assert pad_conv_batches(padded) == 3 and pad_conv_batches(padded) == 0  # once only
+    assert pad_conv_batches(padded, shapes) == 3 and pad_conv_batches(padded, shapes) == 0  # once only
     seen = conv_sizes(monkeypatch)
     x = torch.randn(rows, 2, 4, 4)
     grads = []
@@ -60,12 +110,23 @@ def test_padded_layers_give_the_unpadded_outputs_and_gradients(rows, monkeypatch
         (out.squeeze(1) * torch.arange(1.0, rows + 1)).sum().backward()  # each row its own weight
         grads.append((out.detach(), xi.grad, [p.grad for p in net.parameters()]))
     unpadded, padded_sizes = seen[:3], seen[3:]
-    assert unpadded == [rows] * 3 and padded_sizes == [padded_rows(rows)] * 3
+    runs = [run for _, run in shapes.pieces(rows)]
+    assert unpadded == [rows] * 3 and padded_sizes == runs * 3
     (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = grads
     assert torch.allclose(out_a, out_b, atol=1e-6)
     assert torch.allclose(gx_a, gx_b, atol=1e-6)  # no input gradient reaches a real row from the padding
     for a, b in zip(gp_a, gp_b):  # the zero rows add nothing to autograd's weight gradients
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_padded_module_takes_a_new_plan(monkeypatch):
+    net = Net()
+    assert pad_conv_batches(net, BatchShapes((8,))) == 3
+    assert pad_conv_batches(net, BatchShapes((16, 24))) == 0  # the same layers, the new sizes
+    assert shapes_of(net.conv) == BatchShapes((16, 24)) and shapes_of(nn.Conv2d(1, 1, 1)) == BatchShapes()
+    seen = conv_sizes(monkeypatch)
+    net(torch.randn(30, 2, 4, 4))
+    assert seen == [24, 16] * 3
 
 
 def test_unbatched_input_and_a_copy(monkeypatch):
