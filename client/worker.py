@@ -199,8 +199,8 @@ def _settle_memory(*, keep: bool, unkeep: bool) -> float:
     What else grew was oneDNN's cache (torch's CPU convolutions), which keeps the kernels it
     built per input shape, up to ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (1024) of them: Poisson
     sampling gives every step a batch size of its own. The private model's convolutions now run
-    on batches padded to a multiple of 8 (common/batch_shapes.py), so it holds a few shapes
-    (docker/README.md, "The worker's memory")."""
+    on a few batch sizes planned around the expected batch (common/batch_shapes.py), so it holds
+    a few shapes, all met in the first rounds (docker/README.md, "The worker's memory")."""
     t = time.perf_counter()
     if unkeep:
         gc.unfreeze()

@@ -10,7 +10,8 @@ multiples of :data:`BATCH_MULTIPLE` within about two standard deviations of the 
 (``client.dp.make_private`` knows it: sample rate times records). A batch is padded with zero
 rows up to the smallest of those sizes that holds it; a larger one than the largest runs in
 pieces; the outputs are cut back to the real rows and joined (:func:`in_pieces`). A Poisson
-batch of mean 32 then meets 4 shapes, all within the first round, instead of 40 over hundreds.
+batch of mean 32 then meets 4 shapes, all within a site's first few rounds, instead of 40 over
+hundreds.
 ``client.dp.conv2d_grad_sample`` runs the one per-example gradient that is itself a
 convolution over the batch (a layer with a single output channel) the same way, and merf's
 fixed feature map (``common/models/merf_features.py``) its function-call convolutions.
@@ -52,9 +53,13 @@ from torch import nn
 BATCH_MULTIPLE = 8
 PADDED_MODES = ("hooks", "ghost", "bk")  # Opacus grad-sample modes whose hooks see only the real rows
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-# How far from the expected batch the common shapes reach, in standard deviations: beyond it the
-# batches are rounded up to ``floor`` or run in pieces of ``top`` rows (BatchShapes).
+# How far from the expected batch the planned sizes reach, in standard deviations: a smaller
+# batch runs as the smallest size, a larger one in pieces of the largest (BatchShapes).
 SPREAD = 2.0
+# At most this many sizes for the Poisson batch: a wider spread takes a coarser step (a multiple
+# of BATCH_MULTIPLE), so that each size stays a few percent of steps and oneDNN's cache of 1024
+# kernels (about 21 a size for the digits VAE) never fills.
+MAX_SIZES = 8
 
 
 def padded_rows(rows: int, multiple: int = BATCH_MULTIPLE) -> int:
@@ -73,13 +78,15 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 class BatchShapes:
     """The batch sizes a padded convolution runs on: ``sizes``, multiples of ``multiple`` (empty:
     every multiple). A batch runs as the smallest size that holds it, padded with zero rows; one
-    above the largest size runs in pieces of the largest and a last piece of the rest.
+    above the largest size runs in pieces of the largest and a last piece of the rest; one of at
+    most half the smallest size is not a batch the plan is for (canaries, a held-out batch, with
+    a full-batch plan) and runs as its own multiple of ``multiple``.
 
     Rounding up to a multiple alone leaves the rare sizes of a Poisson batch's tails (a batch of
     mean 32 below 16 or above 48 rows: a few steps in a thousand), each met for the first time
-    after hundreds of rounds and building its kernels then; :meth:`around` keeps the multiples
+    after hundreds of rounds and building its kernels then; :meth:`around` keeps the sizes
     within about two standard deviations of the expected batch, so that every size is met in a
-    few percent of steps or more, i.e. within a site's first round or two."""
+    few percent of steps or more, i.e. within a site's first few rounds."""
 
     sizes: tuple[int, ...] = ()
     multiple: int = BATCH_MULTIPLE
@@ -96,13 +103,15 @@ class BatchShapes:
         """The sizes for a Poisson batch of ``records`` sampled at ``sample_rate`` (a binomial
         count: mean q n, variance q (1 - q) n) plus ``fixed_rows`` that every step adds: the
         multiples from the one that holds the mean minus :data:`SPREAD` standard deviations to
-        the one that holds the mean plus as many, and ``fixed_rows`` alone (a GAN's discriminator sees its fixed fakes with each real batch, and
-        alone in the generator's steps)."""
+        the first that holds the mean plus as many, in steps of ``multiple`` (coarser when that
+        would make more than :data:`MAX_SIZES`), and ``fixed_rows`` alone (a GAN's discriminator
+        sees its fixed fakes with each real batch, and alone in the generator's steps)."""
         mean = sample_rate * records + fixed_rows
         spread = SPREAD * math.sqrt(max(sample_rate * (1 - sample_rate) * records, 0.0))
         low = max(multiple, padded_rows(max(math.floor(mean - spread), 0), multiple))
-        high = max(low, padded_rows(math.ceil(mean + spread), multiple))
-        sizes = set(range(low, high + 1, multiple))
+        high = max(low, math.ceil(mean + spread))
+        step = multiple * max(1, math.ceil((high - low) / (multiple * (MAX_SIZES - 1))))
+        sizes = set(range(low, high + step, step))
         if fixed_rows:
             sizes.add(padded_rows(fixed_rows, multiple))
         return cls(tuple(sorted(sizes)), multiple)
@@ -111,10 +120,12 @@ class BatchShapes:
         """A batch of ``rows`` as (real rows, rows run) per piece, in order; [] for no rows."""
         if not self.sizes:
             return [(rows, padded_rows(rows, self.multiple))] if rows else []
-        out, top = [], self.sizes[-1]
-        while rows > top:
-            out.append((top, top))
-            rows -= top
+        if 2 * rows <= self.sizes[0]:
+            return [(rows, padded_rows(rows, self.multiple))] if rows else []
+        out, largest = [], self.sizes[-1]
+        while rows > largest:
+            out.append((largest, largest))
+            rows -= largest
         if rows:
             out.append((rows, next(n for n in self.sizes if n >= rows)))
         return out
@@ -191,7 +202,7 @@ class PaddedForward:
     ``torch.jit.trace``, which would record one batch's cut (nothing here traces a model).
     Under Opacus' functorch fallback for a layer it has no per-example gradient function for (a
     ConvTranspose in a private module; none has one today) each example would run padded to
-    ``floor`` rows: right, but that much slower."""
+    the smallest planned size: right, but that much slower."""
 
     def __init__(self, layer: nn.Module, shapes: BatchShapes) -> None:
         self.layer = layer

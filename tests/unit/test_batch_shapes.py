@@ -9,11 +9,15 @@ import pickle
 
 import pytest
 import torch
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.conv import convolution2d_backward_as_a_convolution as as_a_convolution
 from torch import nn
 
+import client.dp
 from client.dp import make_private
 from common import privacy
-from common.batch_shapes import BATCH_MULTIPLE, BatchShapes, in_pieces, pad_conv_batches, padded_rows, shapes_of
+from common.batch_shapes import (BATCH_MULTIPLE, MAX_SIZES, BatchShapes, in_pieces, pad_conv_batches, padded_rows,
+                                 shapes_of)
 
 
 class Net(nn.Module):
@@ -52,26 +56,35 @@ def test_the_sizes_around_a_poisson_batch():
     assert gan.sizes == (32, 56, 64, 72, 80)
     assert BatchShapes.around(1.0, 500).sizes == (504,)  # every record, every step: one size
     assert BatchShapes.around(0.01, 100).sizes == (8,)  # a batch of about one row
-    for q, n in [(0.01, 5000), (0.1, 479), (0.3, 100), (64 / 60000, 60000)]:
+    for q, n in [(0.01, 5000), (0.1, 479), (0.3, 100), (64 / 60000, 60000), (0.1, 60000), (0.5, 100000)]:
         sizes = BatchShapes.around(q, n).sizes
         mean, sd = q * n, (q * (1 - q) * n) ** 0.5
+        step = sizes[1] - sizes[0]
         # From the size that holds mean - 2 sd rows (the rarer smaller batches run as it) to the
-        # one that holds mean + 2 sd (the rarer larger ones run in pieces).
+        # first that holds mean + 2 sd (the rarer larger ones run in pieces), in even steps of 8
+        # rows, or of a multiple of 8 that keeps them to 8 sizes when the spread is wide.
         low, high = math.floor(mean - 2 * sd), math.ceil(mean + 2 * sd)  # in whole rows
-        assert sizes[0] - 8 < low <= sizes[0] and sizes[-1] - 8 < high <= sizes[-1]
-        assert sizes == tuple(range(sizes[0], sizes[-1] + 1, 8))
+        assert sizes[0] - 8 < low <= sizes[0] and sizes[-1] - step < high <= sizes[-1]
+        assert sizes == tuple(range(sizes[0], sizes[-1] + 1, step)) and step % 8 == 0
+        assert len(sizes) <= MAX_SIZES and (step == 8 or len(sizes) >= MAX_SIZES - 1)
+    assert BatchShapes.around(0.1, 60000).sizes[1] - BatchShapes.around(0.1, 60000).sizes[0] == 48
 
 
 def test_pieces_hold_every_row_in_the_planned_sizes():
     shapes = BatchShapes((24, 32, 40, 48))
-    assert shapes.pieces(0) == [] and shapes.pieces(1) == [(1, 24)] and shapes.pieces(33) == [(33, 40)]
+    assert shapes.pieces(0) == [] and shapes.pieces(13) == [(13, 24)] and shapes.pieces(33) == [(33, 40)]
     assert shapes.pieces(48) == [(48, 48)] and shapes.pieces(50) == [(48, 48), (2, 24)]
     assert shapes.pieces(97) == [(48, 48), (48, 48), (1, 24)]
-    for rows in range(1, 200):
+    for rows in range(13, 200):
         pieces = shapes.pieces(rows)
         assert sum(real for real, _ in pieces) == rows
         assert all(run in shapes.sizes and real <= run for real, run in pieces)
     assert BatchShapes().pieces(13) == [(13, 16)]  # no sizes: every multiple, one piece
+    # A batch of at most half the smallest size (canaries scored under a full-batch plan) is not
+    # the plan's: its own multiple, not 2,000 rows.
+    full = BatchShapes((2000,))
+    assert full.pieces(128) == [(128, 128)] and full.pieces(1000) == [(1000, 1000)]
+    assert full.pieces(1001) == [(1001, 2000)] and shapes.pieces(12) == [(12, 16)] and shapes.pieces(1) == [(1, 8)]
     for bad in [(16, 8), (8, 8), (12,), (0,)]:
         with pytest.raises(ValueError, match="increasing positive multiples"):
             BatchShapes(bad)
@@ -127,6 +140,29 @@ def test_a_padded_module_takes_a_new_plan(monkeypatch):
     seen = conv_sizes(monkeypatch)
     net(torch.randn(30, 2, 4, 4))
     assert seen == [24, 16] * 3
+
+
+def test_the_per_example_convolution_runs_on_its_layers_sizes(monkeypatch):
+    """client.dp.conv2d_grad_sample (a one-output-channel layer: the weight gradient as one
+    convolution with the examples as groups) runs in the pieces of its layer's plan and gives
+    Opacus' per-example gradients."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 1, 3, padding=1)
+    pad_conv_batches(layer, BatchShapes((8, 16)))
+    activations, backprops = torch.randn(30, 4, 6, 6), torch.randn(30, 1, 6, 6)
+    seen = []
+
+    def recorded(layer, activations, backprops):
+        seen.append(len(activations[0]))
+        return as_a_convolution(layer, activations, backprops)
+
+    monkeypatch.setattr(client.dp, "convolution2d_backward_as_a_convolution", recorded)
+    grads = client.dp.conv2d_grad_sample(layer, [activations], backprops)
+    assert seen == [16, 16]  # 16 rows, then 14 padded to 16
+    reference = compute_conv_grad_sample(layer, [activations], backprops)
+    for param in (layer.weight, layer.bias):
+        assert grads[param].shape == (30, *param.shape)
+        assert torch.allclose(grads[param], reference[param], atol=1e-5)
 
 
 def test_unbatched_input_and_a_copy(monkeypatch):
