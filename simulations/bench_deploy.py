@@ -28,7 +28,10 @@ ServerApp...: the deployment shares this machine's cores, so CPU is what a round
 For the warm workers, each one's PSS (proportional set size, ``/proc/PID/smaps_rollup``) after
 every round, and the ServerApp's: flat means no growth from round to round. With 11 rounds or
 more, each worker's PSS at round 10 and at the last round, and its least-squares growth a round
-between them.
+between them; the same for its USS (unique set size: its private pages, clean and dirty). PSS
+divides each shared page among the processes that map it, so another process that maps torch
+(a test run beside the benchmark) moves every worker's PSS; USS moves only with what the worker
+itself holds.
 """
 
 from __future__ import annotations
@@ -48,15 +51,25 @@ from simulations.procs import cpu_times, processes_with_env
 from simulations.runs import round_seconds, run_records
 
 
-def pss_mib(pid: int) -> float | None:
-    """A process's proportional set size in MiB (None once it is gone)."""
+def memory_mib(pid: int) -> dict[str, float] | None:
+    """A process's PSS and USS (its private pages) in MiB, {"pss", "uss"} (None once it is gone)."""
+    fields: dict[str, float] = {}
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
+            name, _, rest = line.partition(":")
+            if name in ("Pss", "Private_Clean", "Private_Dirty"):
+                fields[name] = int(rest.split()[0]) / 1024
     except OSError:
         return None
-    return None
+    if "Pss" not in fields:
+        return None
+    return {"pss": fields["Pss"], "uss": fields.get("Private_Clean", 0.0) + fields.get("Private_Dirty", 0.0)}
+
+
+def pss_mib(pid: int) -> float | None:
+    """A process's proportional set size in MiB (None once it is gone)."""
+    mem = memory_mib(pid)
+    return mem["pss"] if mem else None
 
 
 def pss_growth(after_round: list[float | None], start: int = 10) -> dict | None:
@@ -106,7 +119,7 @@ SECURE = "+secagg"
 
 
 def deployed(mode: str, preset: str | None, overrides: list[str], sites: int, work: Path) -> dict:
-    """One deployed job; its round seconds and, for warm workers, PSS per site after each round."""
+    """One deployed job; its round seconds and, for warm workers, PSS and USS per site after each round."""
     runs = work / "runs"
     worker, state = MODES[mode]
     with Deployment(work / "dep", site_worker=worker, superlink_state=state) as dep:
@@ -115,12 +128,15 @@ def deployed(mode: str, preset: str | None, overrides: list[str], sites: int, wo
         dep.wait_online(sites)
         handle = dep.submit(dep.write_run_config(preset, [f"strategy.min-available-nodes={sites}", *overrides], runs))
         pss: dict[int, list[float | None]] = {}
+        uss: dict[int, list[float | None]] = {}
         cpu: dict[int, dict[str, float]] = {}
         server_pss: dict[int, float] = {}
         while handle.proc.poll() is None:
             _, recs = run_records(runs, newest=True) if runs.exists() else (None, [])
             for rnd in {r["round"] for r in recs if r["round"] >= 1} - set(pss):
-                pss[rnd] = [pss_mib(s.worker.pid) if s.worker else None for s in dep.sites]
+                mem = [memory_mib(s.worker.pid) if s.worker else None for s in dep.sites]
+                pss[rnd] = [m["pss"] if m else None for m in mem]
+                uss[rnd] = [m["uss"] if m else None for m in mem]
                 pids = processes_with_env("FLWR_HOME", str(dep.work_dir), below=True)
                 cpu[rnd] = cpu_seconds_by_role(pids)
                 server_pss[rnd] = sum(pss_mib(pid) or 0.0 for pid in pids if role_of(pid) == "ServerApp")
@@ -128,6 +144,7 @@ def deployed(mode: str, preset: str | None, overrides: list[str], sites: int, wo
         status = dep.wait(handle)
         _, recs = run_records(runs, newest=True)
     return {"status": status.get("status"), "rounds": round_seconds(recs), "pss": [pss[r] for r in sorted(pss)],
+            "uss": [uss[r] for r in sorted(uss)],
             "messages": messages_per_round(recs, sites), "cpu_per_round": steady_cpu(cpu),
             "serverapp_pss": [server_pss[r] for r in sorted(server_pss)]}
 
@@ -206,16 +223,19 @@ def main(argv: list[str] | None = None) -> dict:
         if res.get("cpu_per_round"):
             print(f"{mode}: CPU seconds a steady round: "
                   + ", ".join(f"{role} {sec:.3f}" for role, sec in sorted(res["cpu_per_round"].items())))
-    warm = results.get("warm", {}).get("pss") or []
-    if warm:
-        print("warm workers' PSS (MiB) after each round, per site: "
+    for kind in ("pss", "uss"):
+        warm = results.get("warm", {}).get(kind) or []
+        if not warm:
+            continue
+        name = kind.upper()
+        print(f"warm workers' {name} (MiB) after each round, per site: "
               + "; ".join(f"site {i + 1}: " + " ".join("-" if r[i] is None else f"{r[i]:.0f}" for r in warm)
                           for i in range(len(warm[0]))))
-        growth = results["warm"]["pss_growth"] = [pss_growth([r[i] for r in warm]) for i in range(len(warm[0]))]
+        growth = results["warm"][f"{kind}_growth"] = [pss_growth([r[i] for r in warm]) for i in range(len(warm[0]))]
         if any(growth):  # a worker the supervisor restarted mixes two processes' readings
-            print("warm workers' PSS from round 10 on: " + "; ".join(
-                f"site {i + 1}: {g['first_mib']:.0f} MiB at round {g['first_round']}, {g['last_mib']:.0f} at round "
-                f"{g['last_round']} ({g['mib_a_round']:+.3f} MiB a round)" for i, g in enumerate(growth) if g))
+            print(f"warm workers' {name} from round 10 on: " + "; ".join(
+                f"site {i + 1}: {g['first_mib']:.1f} MiB at round {g['first_round']}, {g['last_mib']:.1f} at round "
+                f"{g['last_round']} ({g['mib_a_round']:+.4f} MiB a round)" for i, g in enumerate(growth) if g))
     if results.get("warm", {}).get("serverapp_pss"):
         print("the ServerApp's PSS (MiB) after each round: "
               + " ".join(f"{v:.0f}" for v in results["warm"]["serverapp_pss"]))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from simulations.bench_deploy import cpu_seconds_by_role, pss_growth, steady_cpu
+from simulations.bench_deploy import cpu_seconds_by_role, memory_mib, pss_growth, pss_mib, steady_cpu
 
 
 def test_a_process_is_counted_under_the_role_its_command_line_names():
@@ -43,3 +43,9 @@ def test_a_workers_growth_is_read_from_round_10_on_by_least_squares():
     assert pss_growth(early + [None, 400.0, 400.0, None])["first_round"] == 11  # the rounds read, named
     assert pss_growth(early + [400.0] * 5)["mib_a_round"] == pytest.approx(0.0)
     assert pss_growth(early + [400.0]) is None and pss_growth([1.0, 2.0], start=1)["mib_a_round"] == pytest.approx(1.0)
+
+
+def test_a_process_memory_is_read_as_pss_and_its_private_pages():
+    mem = memory_mib(os.getpid())
+    assert mem is not None and 0 < mem["uss"] <= mem["pss"] + 1e-6  # private pages count whole in PSS too
+    assert pss_mib(os.getpid()) > 0 and memory_mib(2**22 + 12345) is None  # no such process
