@@ -7,11 +7,11 @@ kernels for hundreds of rounds: about 21 kernels and 0.56 MB for every new batch
 digits VAE (docs/RESULTS.md, "The warm workers' memory, found"). :func:`pad_conv_batches`
 makes each convolution of a module run on a few batch sizes only (:class:`BatchShapes`): the
 multiples of :data:`BATCH_MULTIPLE` within about two standard deviations of the expected batch
-(``client.dp.make_private`` knows it: sample rate times records). A batch is padded with zero
-rows up to the smallest of those sizes that holds it; a larger one than the largest runs in
-pieces; the outputs are cut back to the real rows and joined (:func:`in_pieces`). A Poisson
-batch of mean 32 then meets 4 shapes, all within a site's first few rounds, instead of 40 over
-hundreds.
+(``client.dp.make_private`` knows it: sample rate times records), in a coarser step when that
+would be more than eight sizes. A batch is padded with zero rows up to the smallest of those
+sizes that holds it; a larger one than the largest runs in pieces; the outputs are cut back to
+the real rows and joined (:func:`in_pieces`). A Poisson batch of mean 32 then meets 4 shapes,
+all within a site's first few rounds, instead of 40 over hundreds.
 ``client.dp.conv2d_grad_sample`` runs the one per-example gradient that is itself a
 convolution over the batch (a layer with a single output channel) the same way, and merf's
 fixed feature map (``common/models/merf_features.py``) its function-call convolutions.
@@ -60,6 +60,9 @@ SPREAD = 2.0
 # of BATCH_MULTIPLE), so that each size stays a few percent of steps and oneDNN's cache of 1024
 # kernels (about 21 a size for the digits VAE) never fills.
 MAX_SIZES = 8
+# A batch this many standard deviations below the expected one is not a Poisson batch of the plan
+# (about one step in three million is): it runs as its own multiple (BatchShapes.small).
+SMALL = 5.0
 
 
 def padded_rows(rows: int, multiple: int = BATCH_MULTIPLE) -> int:
@@ -78,9 +81,9 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 class BatchShapes:
     """The batch sizes a padded convolution runs on: ``sizes``, multiples of ``multiple`` (empty:
     every multiple). A batch runs as the smallest size that holds it, padded with zero rows; one
-    above the largest size runs in pieces of the largest and a last piece of the rest; one of at
-    most half the smallest size is not a batch the plan is for (canaries, a held-out batch, with
-    a full-batch plan) and runs as its own multiple of ``multiple``.
+    above the largest size runs in pieces of the largest and a last piece of the rest; one of
+    fewer than ``small`` rows is not a batch the plan is for (canaries, a held-out batch, a GAN's
+    fakes alone) and runs as its own multiple of ``multiple``.
 
     Rounding up to a multiple alone leaves the rare sizes of a Poisson batch's tails (a batch of
     mean 32 below 16 or above 48 rows: a few steps in a thousand), each met for the first time
@@ -90,12 +93,13 @@ class BatchShapes:
 
     sizes: tuple[int, ...] = ()
     multiple: int = BATCH_MULTIPLE
+    small: int = 0
 
     def __post_init__(self) -> None:
-        if self.multiple < 1 or any(n < 1 or n % self.multiple for n in self.sizes) \
+        if self.multiple < 1 or self.small < 0 or any(n < 1 or n % self.multiple for n in self.sizes) \
                 or list(self.sizes) != sorted(set(self.sizes)):
-            raise ValueError(f"BatchShapes needs multiple >= 1 and sizes that are increasing positive "
-                             f"multiples of it; got {self}")
+            raise ValueError(f"BatchShapes needs multiple >= 1, small >= 0 and sizes that are increasing "
+                             f"positive multiples of it; got {self}")
 
     @classmethod
     def around(cls, sample_rate: float, records: int, fixed_rows: int = 0,
@@ -105,7 +109,10 @@ class BatchShapes:
         multiples from the one that holds the mean minus :data:`SPREAD` standard deviations to
         the first that holds the mean plus as many, in steps of ``multiple`` (coarser when that
         would make more than :data:`MAX_SIZES`), and ``fixed_rows`` alone (a GAN's discriminator
-        sees its fixed fakes with each real batch, and alone in the generator's steps)."""
+        sees its fixed fakes with each real batch, and alone in the generator's steps). ``small``
+        is :data:`SMALL` standard deviations below the mean, which a Poisson batch is about once
+        in three million steps: a batch smaller than that is another's (128 canaries under a
+        full-batch plan of 2,000 records run as 128 rows, not 2,000)."""
         mean = sample_rate * records + fixed_rows
         spread = SPREAD * math.sqrt(max(sample_rate * (1 - sample_rate) * records, 0.0))
         low = max(multiple, padded_rows(max(math.floor(mean - spread), 0), multiple))
@@ -114,13 +121,12 @@ class BatchShapes:
         sizes = set(range(low, high + step, step))
         if fixed_rows:
             sizes.add(padded_rows(fixed_rows, multiple))
-        return cls(tuple(sorted(sizes)), multiple)
+        small = max(0, math.floor(mean - spread / SPREAD * SMALL))
+        return cls(tuple(sorted(sizes)), multiple, small)
 
     def pieces(self, rows: int) -> list[tuple[int, int]]:
         """A batch of ``rows`` as (real rows, rows run) per piece, in order; [] for no rows."""
-        if not self.sizes:
-            return [(rows, padded_rows(rows, self.multiple))] if rows else []
-        if 2 * rows <= self.sizes[0]:
+        if not self.sizes or rows < self.small:
             return [(rows, padded_rows(rows, self.multiple))] if rows else []
         out, largest = [], self.sizes[-1]
         while rows > largest:
@@ -202,7 +208,7 @@ class PaddedForward:
     ``torch.jit.trace``, which would record one batch's cut (nothing here traces a model).
     Under Opacus' functorch fallback for a layer it has no per-example gradient function for (a
     ConvTranspose in a private module; none has one today) each example would run padded to
-    the smallest planned size: right, but that much slower."""
+    :data:`BATCH_MULTIPLE` rows: right, but that much slower."""
 
     def __init__(self, layer: nn.Module, shapes: BatchShapes) -> None:
         self.layer = layer

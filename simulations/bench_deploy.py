@@ -28,10 +28,11 @@ ServerApp...: the deployment shares this machine's cores, so CPU is what a round
 For the warm workers, each one's PSS (proportional set size, ``/proc/PID/smaps_rollup``) after
 every round, and the ServerApp's: flat means no growth from round to round. With 11 rounds or
 more, each worker's PSS at round 10 and at the last round, and its least-squares growth a round
-between them; the same for its USS (unique set size: its private pages, clean and dirty). PSS
+between them; the same for its USS (unique set size: the pages no other process maps). PSS
 divides each shared page among the processes that map it, so another process that maps torch
-(a test run beside the benchmark) moves every worker's PSS; USS moves only with what the worker
-itself holds.
+(a test run beside the benchmark) moves every worker's PSS; the workers' USS stays, because they
+already share those pages with each other (a page becomes a process's own when every other
+process that mapped it has gone).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from simulations.runs import round_seconds, run_records
 
 
 def memory_mib(pid: int) -> dict[str, float] | None:
-    """A process's PSS and USS (its private pages) in MiB, {"pss", "uss"} (None once it is gone)."""
+    """A process's PSS and USS (the pages only it maps) in MiB, {"pss", "uss"} (None once it is gone)."""
     fields: dict[str, float] = {}
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():

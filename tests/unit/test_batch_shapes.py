@@ -67,27 +67,32 @@ def test_the_sizes_around_a_poisson_batch():
         assert sizes[0] - 8 < low <= sizes[0] and sizes[-1] - step < high <= sizes[-1]
         assert sizes == tuple(range(sizes[0], sizes[-1] + 1, step)) and step % 8 == 0
         assert len(sizes) <= MAX_SIZES and (step == 8 or len(sizes) >= MAX_SIZES - 1)
+        # Below mean - 5 sd a batch is not the plan's (a Poisson batch is, once in millions of steps).
+        assert BatchShapes.around(q, n).small == max(0, math.floor(mean - 5 * sd))
     assert BatchShapes.around(0.1, 60000).sizes[1] - BatchShapes.around(0.1, 60000).sizes[0] == 48
+    assert (digits.small, gan.small, BatchShapes.around(1.0, 2000).small) == (4, 36, 2000)
 
 
 def test_pieces_hold_every_row_in_the_planned_sizes():
-    shapes = BatchShapes((24, 32, 40, 48))
-    assert shapes.pieces(0) == [] and shapes.pieces(13) == [(13, 24)] and shapes.pieces(33) == [(33, 40)]
+    shapes = BatchShapes((24, 32, 40, 48), small=5)
+    assert shapes.pieces(0) == [] and shapes.pieces(5) == [(5, 24)] and shapes.pieces(33) == [(33, 40)]
     assert shapes.pieces(48) == [(48, 48)] and shapes.pieces(50) == [(48, 48), (2, 24)]
     assert shapes.pieces(97) == [(48, 48), (48, 48), (1, 24)]
-    for rows in range(13, 200):
+    for rows in range(5, 200):
         pieces = shapes.pieces(rows)
         assert sum(real for real, _ in pieces) == rows
         assert all(run in shapes.sizes and real <= run for real, run in pieces)
     assert BatchShapes().pieces(13) == [(13, 16)]  # no sizes: every multiple, one piece
-    # A batch of at most half the smallest size (canaries scored under a full-batch plan) is not
-    # the plan's: its own multiple, not 2,000 rows.
-    full = BatchShapes((2000,))
-    assert full.pieces(128) == [(128, 128)] and full.pieces(1000) == [(1000, 1000)]
-    assert full.pieces(1001) == [(1001, 2000)] and shapes.pieces(12) == [(12, 16)] and shapes.pieces(1) == [(1, 8)]
+    # A batch below ``small`` (canaries scored under a full-batch plan) is not the plan's: its own
+    # multiple, not 2,000 rows.
+    full = BatchShapes.around(1.0, 2000)
+    assert full.pieces(128) == [(128, 128)] and full.pieces(1995) == [(1995, 2000)]
+    assert full.pieces(2000) == [(2000, 2000)] and shapes.pieces(4) == [(4, 8)] and shapes.pieces(1) == [(1, 8)]
     for bad in [(16, 8), (8, 8), (12,), (0,)]:
         with pytest.raises(ValueError, match="increasing positive multiples"):
             BatchShapes(bad)
+    with pytest.raises(ValueError, match="small >= 0"):
+        BatchShapes((8,), small=-1)
 
 
 def test_in_pieces_runs_each_piece_padded_and_joins_the_real_rows():
