@@ -54,14 +54,15 @@ BATCH_MULTIPLE = 8
 PADDED_MODES = ("hooks", "ghost", "bk")  # Opacus grad-sample modes whose hooks see only the real rows
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # How far from the expected batch the planned sizes reach, in standard deviations: a smaller
-# batch runs as the smallest size, a larger one in pieces of the largest (BatchShapes).
+# batch (down to BatchShapes.small) runs as the smallest size, a larger one in pieces of the largest.
 SPREAD = 2.0
 # At most this many sizes for the Poisson batch: a wider spread takes a coarser step (a multiple
 # of BATCH_MULTIPLE), so that each size stays a few percent of steps and oneDNN's cache of 1024
 # kernels (about 21 a size for the digits VAE) never fills.
 MAX_SIZES = 8
 # A batch this many standard deviations below the expected one is not a Poisson batch of the plan
-# (about one step in three million is): it runs as its own multiple (BatchShapes.small).
+# (at most about one step in a million is: the exact binomial gives 3e-11 for digits-quick's
+# batch, 2e-6 at a sample rate of 0.99): it runs as its own multiple (BatchShapes.small).
 SMALL = 5.0
 
 
@@ -82,8 +83,8 @@ class BatchShapes:
     """The batch sizes a padded convolution runs on: ``sizes``, multiples of ``multiple`` (empty:
     every multiple). A batch runs as the smallest size that holds it, padded with zero rows; one
     above the largest size runs in pieces of the largest and a last piece of the rest; one of
-    fewer than ``small`` rows is not a batch the plan is for (canaries, a held-out batch, a GAN's
-    fakes alone) and runs as its own multiple of ``multiple``.
+    fewer than ``small`` rows is not a batch the plan is for (canaries, a held-out batch) and runs
+    as its own multiple of ``multiple``.
 
     Rounding up to a multiple alone leaves the rare sizes of a Poisson batch's tails (a batch of
     mean 32 below 16 or above 48 rows: a few steps in a thousand), each met for the first time
@@ -110,18 +111,19 @@ class BatchShapes:
         the first that holds the mean plus as many, in steps of ``multiple`` (coarser when that
         would make more than :data:`MAX_SIZES`), and ``fixed_rows`` alone (a GAN's discriminator
         sees its fixed fakes with each real batch, and alone in the generator's steps). ``small``
-        is :data:`SMALL` standard deviations below the mean, which a Poisson batch is about once
-        in three million steps: a batch smaller than that is another's (128 canaries under a
-        full-batch plan of 2,000 records run as 128 rows, not 2,000)."""
+        is :data:`SMALL` standard deviations below the mean, where a Poisson batch almost never
+        is: a batch smaller than that is another's (128 canaries under a full-batch plan of
+        2,000 records run as 128 rows, not 2,000)."""
         mean = sample_rate * records + fixed_rows
-        spread = SPREAD * math.sqrt(max(sample_rate * (1 - sample_rate) * records, 0.0))
+        sd = math.sqrt(max(sample_rate * (1 - sample_rate) * records, 0.0))
+        spread = SPREAD * sd
         low = max(multiple, padded_rows(max(math.floor(mean - spread), 0), multiple))
         high = max(low, math.ceil(mean + spread))
         step = multiple * max(1, math.ceil((high - low) / (multiple * (MAX_SIZES - 1))))
         sizes = set(range(low, high + step, step))
         if fixed_rows:
             sizes.add(padded_rows(fixed_rows, multiple))
-        small = max(0, math.floor(mean - spread / SPREAD * SMALL))
+        small = max(0, math.floor(mean - SMALL * sd))
         return cls(tuple(sorted(sizes)), multiple, small)
 
     def pieces(self, rows: int) -> list[tuple[int, int]]:

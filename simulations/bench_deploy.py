@@ -30,9 +30,10 @@ every round, and the ServerApp's: flat means no growth from round to round. With
 more, each worker's PSS at round 10 and at the last round, and its least-squares growth a round
 between them; the same for its USS (unique set size: the pages no other process maps). PSS
 divides each shared page among the processes that map it, so another process that maps torch
-(a test run beside the benchmark) moves every worker's PSS; the workers' USS stays, because they
-already share those pages with each other (a page becomes a process's own when every other
-process that mapped it has gone).
+(a test run beside the benchmark) moves every worker's PSS; with two sites or more the workers'
+USS mostly stays, as they already share most of those pages with each other (a page counts as a
+process's own while no other process maps it: when the others that did have gone, or before
+another one touches it).
 """
 
 from __future__ import annotations
@@ -54,14 +55,19 @@ from simulations.runs import round_seconds, run_records
 
 def memory_mib(pid: int) -> dict[str, float] | None:
     """A process's PSS and USS (the pages only it maps) in MiB, {"pss", "uss"} (None once it is gone)."""
-    fields: dict[str, float] = {}
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            name, _, rest = line.partition(":")
-            if name in ("Pss", "Private_Clean", "Private_Dirty"):
-                fields[name] = int(rest.split()[0]) / 1024
+        return rollup_mib(Path(f"/proc/{pid}/smaps_rollup").read_text())
     except OSError:
         return None
+
+
+def rollup_mib(text: str) -> dict[str, float] | None:
+    """PSS and USS (Private_Clean + Private_Dirty) in MiB from the text of an ``smaps_rollup``."""
+    fields: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("Pss", "Private_Clean", "Private_Dirty"):
+            fields[name] = int(rest.split()[0]) / 1024
     if "Pss" not in fields:
         return None
     return {"pss": fields["Pss"], "uss": fields.get("Private_Clean", 0.0) + fields.get("Private_Dirty", 0.0)}

@@ -71,6 +71,8 @@ def test_the_sizes_around_a_poisson_batch():
         assert BatchShapes.around(q, n).small == max(0, math.floor(mean - 5 * sd))
     assert BatchShapes.around(0.1, 60000).sizes[1] - BatchShapes.around(0.1, 60000).sizes[0] == 48
     assert (digits.small, gan.small, BatchShapes.around(1.0, 2000).small) == (4, 36, 2000)
+    # A Poisson batch far below the mean still runs as a planned size; the GAN's fakes alone too.
+    assert digits.pieces(12) == [(12, 24)] and digits.pieces(5) == [(5, 24)] and gan.pieces(32) == [(32, 32)]
 
 
 def test_pieces_hold_every_row_in_the_planned_sizes():

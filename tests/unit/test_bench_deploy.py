@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from simulations.bench_deploy import cpu_seconds_by_role, memory_mib, pss_growth, pss_mib, steady_cpu
+from simulations.bench_deploy import cpu_seconds_by_role, memory_mib, pss_growth, pss_mib, rollup_mib, steady_cpu
 
 
 def test_a_process_is_counted_under_the_role_its_command_line_names():
@@ -49,3 +49,11 @@ def test_a_process_memory_is_read_as_pss_and_its_private_pages():
     mem = memory_mib(os.getpid())
     assert mem is not None and 0 < mem["uss"] <= mem["pss"] + 1e-6  # private pages count whole in PSS too
     assert pss_mib(os.getpid()) > 0 and memory_mib(2**22 + 12345) is None  # no such process
+
+
+def test_uss_is_the_private_pages_clean_and_dirty():
+    rollup = ("55d0-7ffd ---p 00000000 00:00 0  [rollup]\nRss:  409600 kB\nPss:  307200 kB\n"
+              "Pss_Anon:  102400 kB\nShared_Clean:  102400 kB\nPrivate_Clean:  51200 kB\nPrivate_Dirty:  153600 kB\n"
+              "Referenced:  409600 kB\n")
+    assert rollup_mib(rollup) == {"pss": 300.0, "uss": 200.0}
+    assert rollup_mib("Rss: 4 kB\n") is None
