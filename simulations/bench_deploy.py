@@ -179,7 +179,8 @@ def simulated(preset: str | None, overrides: list[str], sites: int, work: Path) 
     runs = work / "runs"
     code = launch(preset, overrides, sites, runs, quiet=True)
     _, recs = run_records(runs, newest=True)
-    return {"status": "finished:completed" if code == 0 else f"exit {code}", "rounds": round_seconds(recs), "pss": [],
+    return {"status": "finished:completed" if code == 0 else f"exit {code}", "rounds": round_seconds(recs),
+            "pss": [], "uss": [],
             "messages": messages_per_round(recs, sites)}
 
 
@@ -230,22 +231,24 @@ def main(argv: list[str] | None = None) -> dict:
         if res.get("cpu_per_round"):
             print(f"{mode}: CPU seconds a steady round: "
                   + ", ".join(f"{role} {sec:.3f}" for role, sec in sorted(res["cpu_per_round"].items())))
-    for kind in ("pss", "uss"):
-        warm = results.get("warm", {}).get(kind) or []
-        if not warm:
-            continue
-        name = kind.upper()
-        print(f"warm workers' {name} (MiB) after each round, per site: "
-              + "; ".join(f"site {i + 1}: " + " ".join("-" if r[i] is None else f"{r[i]:.0f}" for r in warm)
-                          for i in range(len(warm[0]))))
-        growth = results["warm"][f"{kind}_growth"] = [pss_growth([r[i] for r in warm]) for i in range(len(warm[0]))]
-        if any(growth):  # a worker the supervisor restarted mixes two processes' readings
-            print(f"warm workers' {name} from round 10 on: " + "; ".join(
-                f"site {i + 1}: {g['first_mib']:.1f} MiB at round {g['first_round']}, {g['last_mib']:.1f} at round "
-                f"{g['last_round']} ({g['mib_a_round']:+.4f} MiB a round)" for i, g in enumerate(growth) if g))
-    if results.get("warm", {}).get("serverapp_pss"):
-        print("the ServerApp's PSS (MiB) after each round: "
-              + " ".join(f"{v:.0f}" for v in results["warm"]["serverapp_pss"]))
+    for mode, res in results.items():  # every mode whose sites ran warm workers (warm, warm-sqlite, +secagg)
+        for kind in ("pss", "uss"):
+            rows = res.get(kind) or []
+            if not any(v is not None for r in rows for v in r):
+                continue
+            name = kind.upper()
+            print(f"{mode} workers' {name} (MiB) after each round, per site: "
+                  + "; ".join(f"site {i + 1}: " + " ".join("-" if r[i] is None else f"{r[i]:.0f}" for r in rows)
+                              for i in range(len(rows[0]))))
+            growth = res[f"{kind}_growth"] = [pss_growth([r[i] for r in rows]) for i in range(len(rows[0]))]
+            if any(growth):  # a worker the supervisor restarted mixes two processes' readings
+                print(f"{mode} workers' {name} from round 10 on: " + "; ".join(
+                    f"site {i + 1}: {g['first_mib']:.1f} MiB at round {g['first_round']}, {g['last_mib']:.1f} at "
+                    f"round {g['last_round']} ({g['mib_a_round']:+.4f} MiB a round)"
+                    for i, g in enumerate(growth) if g))
+        if res.get("serverapp_pss"):
+            print(f"{mode}: the ServerApp's PSS (MiB) after each round: "
+                  + " ".join(f"{v:.0f}" for v in res["serverapp_pss"]))
     if args.json:
         args.json.write_text(json.dumps({"preset": args.preset, "sites": args.sites, "results": results}, indent=1))
     return results

@@ -57,3 +57,22 @@ def test_uss_is_the_private_pages_clean_and_dirty():
               "Referenced:  409600 kB\n")
     assert rollup_mib(rollup) == {"pss": 300.0, "uss": 200.0}
     assert rollup_mib("Rss: 4 kB\n") is None
+
+
+def test_every_mode_with_warm_workers_reports_their_memory_and_a_mode_without_none(monkeypatch, capsys):
+    import simulations.bench_deploy as bench
+
+    def deployed(mode, preset, overrides, sites, work):
+        reading = None if mode == "stock" else 400.0
+        rows = [[reading, reading] for _ in range(12)]
+        return {"status": "finished:completed", "rounds": [2.0] + [1.0] * 11, "pss": rows, "uss": rows,
+                "messages": 6, "cpu_per_round": {}, "serverapp_pss": [] if mode == "stock" else [450.0] * 12}
+
+    monkeypatch.setattr(bench, "deployed", deployed)
+    results = bench.main(["--modes", "warm", "warm-sqlite", "stock", "--sites", "2", "--rounds", "12"])
+    out = capsys.readouterr().out
+    for mode in ("warm", "warm-sqlite"):
+        assert f"{mode} workers' PSS from round 10 on" in out and f"{mode} workers' USS from round 10 on" in out
+        assert results[mode]["uss_growth"][0]["mib_a_round"] == pytest.approx(0.0)
+        assert f"{mode}: the ServerApp's PSS" in out
+    assert "stock workers'" not in out and "uss_growth" not in results["stock"]
