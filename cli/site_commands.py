@@ -123,7 +123,7 @@ def status_cmd(ledger: LedgerOpt, policy: Annotated[Path | None, typer.Option(
     except LedgerError as err:
         raise fail(str(err)) from None
     spend = [{"dataset": key, "epsilon": e.get("epsilon"), "budget": e.get("budget"), "delta": e.get("delta"),
-              "rounds": len(e.get("rounds", []))} for key, e in entries.items()]
+              "rounds": len(Ledger(ledger).all_rounds(key))} for key, e in entries.items()]  # archived ones too
     pending = Approvals(ledger).requests(PENDING)
     verdict = SiteLog(ledger).verify()
     payload = {"policy": rules, "spend": spend, "pending": pending,

@@ -24,6 +24,16 @@ on a restart); DP training then needs the node config's loudly named override
 ``unsafe-memory-ledger = true``. Simulations always have a per-run ledger folder
 (``privacy.ledger-dir``, set by ``simulations/launch.py``).
 
+The ledger file keeps each entry's pending lines and its newest :data:`ROUND_LINES_KEPT`
+confirmed ones; older confirmed lines move to an append-only archive beside it
+(``<ledger>.rounds.jsonl``, :meth:`Ledger.archived`), so that what every round reads, prices
+and writes stays the same size however many rounds the site has served (a warm worker's memory
+and its round's CPU grew with the file: docs/RESULTS.md, "What still grows is the privacy
+ledger"). The history, from which every epsilon is computed, stays whole in the file; a line
+is appended to the archive (and fsync'd) before the file that drops it is written, so an
+interrupted write leaves a line in both places, never in neither (:meth:`Ledger.archived`
+reads each line once).
+
 The ledger key is the dataset's name and a SHA-256 digest of the records the site trains
 on (the loaded tensors), so moving a data folder keeps its spend. Ledgers written by
 fedgen before the digest key (version 1, keyed by name and folder path) are carried over
@@ -38,6 +48,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -58,6 +69,10 @@ log = logging.getLogger(__name__)
 LEDGER_VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # version 1: no pending lines, keys of name + folder path
 STATE_KEY = "fedgen-privacy"  # Context.state record of a site without a ledger file
+# Confirmed round lines an entry keeps in the ledger file; older ones go to the archive. A request
+# asked again is recognised by the newest line (the update saved beside the ledger is the last
+# one) and a crashed round by its pending line, which is never archived.
+ROUND_LINES_KEPT = 50
 
 
 class LedgerError(RuntimeError):
@@ -236,6 +251,53 @@ class Ledger:
                "checksum": _checksum(entries)}
         write_bytes(self.path, json.dumps(doc, indent=1).encode())
 
+    @property
+    def archive_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".rounds.jsonl")
+
+    def archive(self, key: str, lines: list[dict]) -> None:
+        """Append ``key``'s confirmed round ``lines`` to the archive, on disk before the ledger drops them."""
+        if not lines:
+            return
+        data = "".join(json.dumps({"key": key, **line}, sort_keys=True) + "\n" for line in lines).encode()
+        with open(self.archive_path, "ab+") as fh:
+            if fh.seek(0, os.SEEK_END):  # after a torn append (the machine died in one), start a new line
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    data = b"\n" + data
+            fh.write(data)  # append mode: at the end whatever was read
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def archived(self, key: str) -> list[dict]:
+        """``key``'s round lines moved out of the ledger file, oldest first, each once (by its id: an
+        interrupted write can leave a line in the archive twice, and in the file too)."""
+        if not self.archive_path.exists():
+            return []
+        out, seen = [], set()
+        for raw in self.archive_path.read_text().splitlines():
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue  # the torn last line of an append the machine died in: that line is still in the file
+            if line.pop("key", None) == key and line.get("id") not in seen:
+                seen.add(line.get("id"))
+                out.append(line)
+        return out
+
+    def all_rounds(self, key: str) -> list[dict]:
+        """Every round line of ``key``: the archive's, then the file's (those already archived once)."""
+        old = self.archived(key)
+        ids = {line.get("id") for line in old}
+        return old + [line for line in self.load(key).rounds if line.get("id") not in ids]
+
+
+def _archivable(rounds: list[dict]) -> list[dict]:
+    """The confirmed lines older than the newest :data:`ROUND_LINES_KEPT` (a version-1 line, which has
+    no state, is a confirmed one); pending lines stay whatever their age."""
+    confirmed = [line for line in rounds if line.get("state") != "pending"]
+    return confirmed[:-ROUND_LINES_KEPT] if len(confirmed) > ROUND_LINES_KEPT else []
+
 
 # --- the site's state: price, charge ahead, confirm ----------------------------------------
 
@@ -327,6 +389,11 @@ class SitePrivacy:
             entries = self.ledger.read()
             entry = self._from_file(entries)
             yield entry
+            old = _archivable(entry.rounds)
+            if old:  # the archive first: a crash between the two writes leaves the lines in both
+                self.ledger.archive(self.key, old)
+                moved = {id(line) for line in old}
+                entry.rounds = [line for line in entry.rounds if id(line) not in moved]
             entries[self.key] = entry.to_json()
             self.ledger.write(entries)
 

@@ -513,3 +513,63 @@ def test_a_model_opacus_would_get_wrong_is_refused_before_anything_is_charged(tm
     with pytest.raises(ValueError, match=r"vae: vae\..* \(Conv2d\) has padding_mode='reflect'"):
         train_round(cfg, s, global_arrays(cfg), 1, RecordDict())
     assert site_entry(cfg, s).history == []
+
+
+def _cycles(cfg, s, n: int, *, crash_at: int | None = None):
+    """``n`` one-step releases through SitePrivacy (reserve, then confirm); the ``crash_at``-th is
+    reserved and never confirmed (its process died). Returns the SitePrivacy, the plan and the ids."""
+    from client.privacy_state import SitePrivacy, dataset_key
+
+    data, _ = site_dataset(cfg, s)
+    plan = make_plan(cfg, len(data))
+    sp, ids = SitePrivacy(cfg, s, dataset_key(cfg, data)), []
+    for i in range(1, n + 1):
+        res = sp.reserve(plan, 1, line={"run": "r", "family": "vae", "round": i, "request": f"req-{i}"})
+        ids.append(res.line_id)
+        if i != crash_at:
+            sp.confirm(res, [(plan.noise_multiplier, plan.sample_rate, 1)])
+    return sp, plan, ids
+
+
+def test_old_confirmed_lines_move_to_the_archive_and_none_is_lost(tmp_path, monkeypatch):
+    """The ledger file keeps the pending lines and the newest ROUND_LINES_KEPT confirmed ones, so a
+    round's read and write do not grow with the rounds served; the older lines are appended to the
+    archive beside it first, and the history (every epsilon's source) stays whole in the file."""
+    import client.privacy_state as ps
+
+    monkeypatch.setattr(ps, "ROUND_LINES_KEPT", 3)
+    cfg, s = cfg_(), site_(tmp_path)
+    sp, plan, ids = _cycles(cfg, s, 10, crash_at=2)
+    entry = site_entry(cfg, s)
+    assert [(r["round"], r["state"]) for r in entry.rounds] == [(2, "pending"), (8, "confirmed"), (9, "confirmed"),
+                                                                 (10, "confirmed")]
+    archived = sp.ledger.archived(sp.key)
+    assert [r["round"] for r in archived] == [1, 3, 4, 5, 6, 7] and {r["state"] for r in archived} == {"confirmed"}
+    every = sp.ledger.all_rounds(sp.key)
+    assert sorted(r["id"] for r in every) == sorted(ids)
+    assert sum(r["steps"] for r in every) == sum(x for _, _, x in entry.history) == 10
+    assert entry.epsilon == pytest.approx(privacy.epsilon(entry.history, plan.delta))
+    assert sp.ledger.archived("another dataset") == []
+
+
+def test_an_interrupted_archiving_leaves_lines_in_both_places_and_each_is_read_once(tmp_path, monkeypatch):
+    import client.privacy_state as ps
+
+    monkeypatch.setattr(ps, "ROUND_LINES_KEPT", 2)
+    cfg, s = cfg_(), site_(tmp_path)
+    sp, plan, ids = _cycles(cfg, s, 3)  # round 1's line already archived
+    res = sp.reserve(plan, 1, line={"run": "r", "family": "vae", "round": 4, "request": "req-4"})
+    restore = _failing_write(monkeypatch, fail_on=1)  # round 2's line appended to the archive, then the write failed
+    with pytest.raises(OSError, match="disk full"):
+        sp.confirm(res, [(plan.noise_multiplier, plan.sample_rate, 1)])
+    restore()
+    assert [(r["round"], r["state"]) for r in site_entry(cfg, s).rounds] == [(2, "confirmed"), (3, "confirmed"),
+                                                                             (4, "pending")]  # as it was
+    with open(sp.ledger.archive_path, "a") as fh:
+        fh.write('{"key": "torn')  # and the machine then died in an append
+    _, _, more = _cycles(cfg, s, 2)  # two more releases: rounds 2 (again) and 3 archived
+    lines = sp.ledger.archive_path.read_text().splitlines()
+    assert len(lines) == 5 and lines[2] == '{"key": "torn'  # 1, 2, the torn one, 2 again, 3: each on its own line
+    every = sp.ledger.all_rounds(sp.key)
+    assert sorted(r["id"] for r in every) == sorted([*ids, res.line_id, *more])  # each once
+    assert sum(r["steps"] for r in every) == sum(x for _, _, x in site_entry(cfg, s).history) == 6
