@@ -72,7 +72,7 @@ STATE_KEY = "fedgen-privacy"  # Context.state record of a site without a ledger 
 # Confirmed round lines an entry keeps in the ledger file; older ones go to the archive. A request
 # asked again is recognised by the newest line (the update saved beside the ledger is the last
 # one) and a crashed round by its pending line, which is never archived.
-ROUND_LINES_KEPT = 50
+ROUND_LINES_KEPT = 10
 
 
 class LedgerError(RuntimeError):
