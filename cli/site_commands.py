@@ -120,10 +120,11 @@ def status_cmd(ledger: LedgerOpt, policy: Annotated[Path | None, typer.Option(
             raise fail(str(err)) from None
     try:
         entries = Ledger(ledger).read()  # verified: a damaged ledger is said so, not shown
+        lines = {key: len(Ledger(ledger).all_rounds(key)) for key in entries}  # the archived lines too
     except LedgerError as err:
         raise fail(str(err)) from None
     spend = [{"dataset": key, "epsilon": e.get("epsilon"), "budget": e.get("budget"), "delta": e.get("delta"),
-              "rounds": len(Ledger(ledger).all_rounds(key))} for key, e in entries.items()]  # archived ones too
+              "rounds": lines[key]} for key, e in entries.items()]
     pending = Approvals(ledger).requests(PENDING)
     verdict = SiteLog(ledger).verify()
     payload = {"policy": rules, "spend": spend, "pending": pending,

@@ -69,9 +69,11 @@ log = logging.getLogger(__name__)
 LEDGER_VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # version 1: no pending lines, keys of name + folder path
 STATE_KEY = "fedgen-privacy"  # Context.state record of a site without a ledger file
-# Confirmed round lines an entry keeps in the ledger file; older ones go to the archive. A request
-# asked again is recognised by the newest line (the update saved beside the ledger is the last
-# one) and a crashed round by its pending line, which is never archived.
+# Confirmed round lines an entry keeps in the ledger file; older ones go to the archive. Kept
+# whatever their age: every pending line (a crashed round's charge, taken over by its request) and
+# the newest confirmed line that names a request (the update saved beside the ledger is that
+# round's: a request asked again is answered with it only if its line is in the file; audits and
+# rounds without a run name add lines that name none).
 ROUND_LINES_KEPT = 10
 
 
@@ -270,33 +272,52 @@ class Ledger:
             os.fsync(fh.fileno())
 
     def archived(self, key: str) -> list[dict]:
-        """``key``'s round lines moved out of the ledger file, oldest first, each once (by its id: an
-        interrupted write can leave a line in the archive twice, and in the file too)."""
+        """``key``'s round lines moved out of the ledger file, oldest first, each once (an interrupted
+        write can leave a line in the archive twice, and in the file too).
+
+        Not verified: no privacy decision reads the archive (epsilon comes from the checksummed
+        history, a replay from the file's lines); it is the record of old rounds for operators,
+        beside the site's hash-chained log of every request (``client/site_log.py``). A line that
+        does not parse is skipped: the torn end of an append the machine died in, whose lines the
+        ledger file still holds."""
         if not self.archive_path.exists():
             return []
-        out, seen = [], set()
-        for raw in self.archive_path.read_text().splitlines():
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                continue  # the torn last line of an append the machine died in: that line is still in the file
-            if line.pop("key", None) == key and line.get("id") not in seen:
-                seen.add(line.get("id"))
-                out.append(line)
-        return out
+        return _once(line for line in _parsed(self.archive_path.read_text()) if line.pop("key", None) == key)
 
     def all_rounds(self, key: str) -> list[dict]:
-        """Every round line of ``key``: the archive's, then the file's (those already archived once)."""
-        old = self.archived(key)
-        ids = {line.get("id") for line in old}
-        return old + [line for line in self.load(key).rounds if line.get("id") not in ids]
+        """Every round line of ``key``: the archive's, then the file's, each once, read under the
+        ledger's lock (a round archiving meanwhile would otherwise hide a line from both reads)."""
+        with self.locked():
+            recent = self.load(key).rounds
+            return _once([*self.archived(key), *recent])
+
+
+def _parsed(text: str) -> Iterator[dict]:
+    for raw in text.splitlines():
+        try:
+            yield json.loads(raw)
+        except ValueError:
+            continue
+
+
+def _once(lines) -> list[dict]:
+    """``lines`` without repeats: by id, or by their whole content for a line written before ids."""
+    out, seen = [], set()
+    for line in lines:
+        mark = line.get("id") or json.dumps(line, sort_keys=True)
+        if mark not in seen:
+            seen.add(mark)
+            out.append(line)
+    return out
 
 
 def _archivable(rounds: list[dict]) -> list[dict]:
     """The confirmed lines older than the newest :data:`ROUND_LINES_KEPT` (a version-1 line, which has
-    no state, is a confirmed one); pending lines stay whatever their age."""
+    no state, is a confirmed one), but for the newest confirmed line that names a request; pending
+    lines stay whatever their age."""
     confirmed = [line for line in rounds if line.get("state") != "pending"]
-    return confirmed[:-ROUND_LINES_KEPT] if len(confirmed) > ROUND_LINES_KEPT else []
+    saved = next((line for line in reversed(confirmed) if line.get("request")), None)
+    return [line for line in confirmed[:max(len(confirmed) - ROUND_LINES_KEPT, 0)] if line is not saved]
 
 
 # --- the site's state: price, charge ahead, confirm ----------------------------------------

@@ -516,15 +516,16 @@ def test_a_model_opacus_would_get_wrong_is_refused_before_anything_is_charged(tm
 
 
 def _cycles(cfg, s, n: int, *, crash_at: int | None = None):
-    """``n`` one-step releases through SitePrivacy (reserve, then confirm); the ``crash_at``-th is
-    reserved and never confirmed (its process died). Returns the SitePrivacy, the plan and the ids."""
+    """``n`` one-step releases through SitePrivacy (reserve, then confirm), lines like an audit's (no
+    request: no saved update); the ``crash_at``-th is reserved and never confirmed (its process
+    died). Returns the SitePrivacy, the plan and the lines' ids."""
     from client.privacy_state import SitePrivacy, dataset_key
 
     data, _ = site_dataset(cfg, s)
     plan = make_plan(cfg, len(data))
     sp, ids = SitePrivacy(cfg, s, dataset_key(cfg, data)), []
     for i in range(1, n + 1):
-        res = sp.reserve(plan, 1, line={"run": "r", "family": "vae", "round": i, "request": f"req-{i}"})
+        res = sp.reserve(plan, 1, line={"run": "r", "family": "vae", "round": i, "audit": True})
         ids.append(res.line_id)
         if i != crash_at:
             sp.confirm(res, [(plan.noise_multiplier, plan.sample_rate, 1)])
@@ -558,7 +559,7 @@ def test_an_interrupted_archiving_leaves_lines_in_both_places_and_each_is_read_o
     monkeypatch.setattr(ps, "ROUND_LINES_KEPT", 2)
     cfg, s = cfg_(), site_(tmp_path)
     sp, plan, ids = _cycles(cfg, s, 3)  # round 1's line already archived
-    res = sp.reserve(plan, 1, line={"run": "r", "family": "vae", "round": 4, "request": "req-4"})
+    res = sp.reserve(plan, 1, line={"run": "r", "family": "vae", "round": 4, "audit": True})
     restore = _failing_write(monkeypatch, fail_on=1)  # round 2's line appended to the archive, then the write failed
     with pytest.raises(OSError, match="disk full"):
         sp.confirm(res, [(plan.noise_multiplier, plan.sample_rate, 1)])
@@ -573,3 +574,40 @@ def test_an_interrupted_archiving_leaves_lines_in_both_places_and_each_is_read_o
     every = sp.ledger.all_rounds(sp.key)
     assert sorted(r["id"] for r in every) == sorted([*ids, res.line_id, *more])  # each once
     assert sum(r["steps"] for r in every) == sum(x for _, _, x in site_entry(cfg, s).history) == 6
+
+
+def test_the_saved_updates_line_stays_in_the_file_however_many_lines_come_after_it(tmp_path, monkeypatch):
+    """A request asked again is answered with the saved update only if its line is in the file:
+    audits (and rounds without a run name) add lines that name no request and save no update,
+    so the newest line naming one is kept whatever its age (else a second charge and release)."""
+    import client.privacy_state as ps
+
+    monkeypatch.setattr(ps, "ROUND_LINES_KEPT", 2)
+    cfg, s, arrays = cfg_(), site_(tmp_path), global_arrays(cfg_())
+    train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    sp, _, _ = _cycles(cfg, s, 4)  # four audit-like releases after it
+    assert [r["round"] for r in sp.ledger.archived(sp.key)] == [1, 2]  # two of the audit-like lines
+    assert [r["round"] for r in site_entry(cfg, s).rounds] == [1, 3, 4]  # round 1 of run-a, then the newest two
+    steps = sum(x for _, _, x in site_entry(cfg, s).history)
+    res = train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    assert res.metrics[R.REPLAYED] == 1.0 and sum(x for _, _, x in site_entry(cfg, s).history) == steps == STEPS + 4
+
+
+def test_lines_written_before_ids_are_archived_and_counted_once_each(tmp_path, monkeypatch):
+    import client.privacy_state as ps
+    from client.privacy_state import SitePrivacy, dataset_key
+
+    monkeypatch.setattr(ps, "ROUND_LINES_KEPT", 3)
+    cfg, s = cfg_(), site_(tmp_path)
+    data, _ = site_dataset(cfg, s)
+    plan, key = make_plan(cfg, len(data)), dataset_key(cfg, data)
+    n, q = plan.noise_multiplier, plan.sample_rate
+    old = [{"run": "old", "family": "vae", "round": i, "steps": 1, "noise": n, "sample_rate": q} for i in range(1, 7)]
+    Ledger(tmp_path / "ledger.json").write({key: {"history": [[n, q, 6]], "delta": plan.delta, "epsilon": 0.0,
+                                                  "budget": 8.0, "accountant": "rdp", "rounds": old}})
+    sp = SitePrivacy(cfg, s, key)
+    sp.confirm(sp.reserve(plan, 1, line={"run": "new", "family": "vae", "round": 1}), [(n, q, 1)])
+    assert [r["round"] for r in sp.ledger.archived(key)] == [1, 2, 3, 4]
+    every = sp.ledger.all_rounds(key)
+    assert [(r["run"], r["round"]) for r in every] == [("old", i) for i in range(1, 7)] + [("new", 1)]
+    assert sum(r["steps"] for r in every) == sum(x for _, _, x in site_entry(cfg, s).history) == 7
