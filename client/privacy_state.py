@@ -28,7 +28,7 @@ The ledger file keeps each entry's pending lines and its newest :data:`ROUND_LIN
 confirmed ones; older confirmed lines move to an append-only archive beside it
 (``<ledger>.rounds.jsonl``, :meth:`Ledger.archived`), so that what every round reads, prices
 and writes stays the same size however many rounds the site has served (a warm worker's memory
-and its round's CPU grew with the file: docs/RESULTS.md, "What still grows is the privacy
+and its round's CPU grew with the file: docs/RESULTS.md, "What grew after that was the privacy
 ledger"). The history, from which every epsilon is computed, stays whole in the file; a line
 is appended to the archive (and fsync'd) before the file that drops it is written, so an
 interrupted write leaves a line in both places, never in neither (:meth:`Ledger.archived`
@@ -285,11 +285,11 @@ class Ledger:
         return _once(line for line in _parsed(self.archive_path.read_text()) if line.pop("key", None) == key)
 
     def all_rounds(self, key: str) -> list[dict]:
-        """Every round line of ``key``: the archive's, then the file's, each once, read under the
-        ledger's lock (a round archiving meanwhile would otherwise hide a line from both reads)."""
-        with self.locked():
-            recent = self.load(key).rounds
-            return _once([*self.archived(key), *recent])
+        """Every round line of ``key``: the archive's, then the file's, each once. The file is read
+        first: a line leaves it only after it reached the archive, so a round archiving between
+        the two reads cannot hide it (no lock: the status command must not hold up a round)."""
+        recent = self.load(key).rounds
+        return _once([*self.archived(key), *recent])
 
 
 def _parsed(text: str) -> Iterator[dict]:
@@ -301,11 +301,11 @@ def _parsed(text: str) -> Iterator[dict]:
 
 
 def _once(lines) -> list[dict]:
-    """``lines`` without repeats: by id, or by their whole content for a line written before ids."""
+    """``lines`` without repeats, by id (a line written before ids, only ever in the file, counts)."""
     out, seen = [], set()
     for line in lines:
-        mark = line.get("id") or json.dumps(line, sort_keys=True)
-        if mark not in seen:
+        mark = line.get("id")
+        if mark is None or mark not in seen:
             seen.add(mark)
             out.append(line)
     return out
@@ -410,7 +410,12 @@ class SitePrivacy:
             entries = self.ledger.read()
             entry = self._from_file(entries)
             yield entry
-            old = _archivable(entry.rounds)
+            # A line written before lines had ids gets one first, in a write of its own (an id
+            # assigned and lost in a failed write could otherwise archive it twice under two ids).
+            unnamed = [line for line in entry.rounds if not line.get("id")]
+            for line in unnamed:
+                line["id"] = uuid.uuid4().hex
+            old = [] if unnamed else _archivable(entry.rounds)
             if old:  # the archive first: a crash between the two writes leaves the lines in both
                 self.ledger.archive(self.key, old)
                 moved = {id(line) for line in old}
@@ -503,6 +508,10 @@ class SitePrivacy:
             entry.history = privacy.compact([*history, *charged])
             entry.epsilon = privacy.epsilon(entry.history, plan.delta, plan.accountant)
             line.update({"steps": int(sum(s for _, _, s in charged)), "state": "confirmed", **extra})
+            # Lines in the order they were confirmed: the newest confirmed line naming a request is
+            # then the update saved last (a round taken over is saved and confirmed after others).
+            entry.rounds.remove(line)
+            entry.rounds.append(line)
             eps = entry.epsilon
         return eps
 

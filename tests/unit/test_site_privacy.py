@@ -603,11 +603,41 @@ def test_lines_written_before_ids_are_archived_and_counted_once_each(tmp_path, m
     plan, key = make_plan(cfg, len(data)), dataset_key(cfg, data)
     n, q = plan.noise_multiplier, plan.sample_rate
     old = [{"run": "old", "family": "vae", "round": i, "steps": 1, "noise": n, "sample_rate": q} for i in range(1, 7)]
-    Ledger(tmp_path / "ledger.json").write({key: {"history": [[n, q, 6]], "delta": plan.delta, "epsilon": 0.0,
+    old.append(dict(old[-1]))  # the same audit seed run twice wrote two identical lines
+    Ledger(tmp_path / "ledger.json").write({key: {"history": [[n, q, 7]], "delta": plan.delta, "epsilon": 0.0,
                                                   "budget": 8.0, "accountant": "rdp", "rounds": old}})
+    assert len(Ledger(tmp_path / "ledger.json").all_rounds(key)) == 7  # each counted, none archived yet
     sp = SitePrivacy(cfg, s, key)
+    restore = _failing_write(monkeypatch, fail_on=1)  # ids given to the old lines, then the write failed
+    with pytest.raises(OSError, match="disk full"):
+        sp.reserve(plan, 1, line={"run": "new", "family": "vae", "round": 1})
+    restore()
     sp.confirm(sp.reserve(plan, 1, line={"run": "new", "family": "vae", "round": 1}), [(n, q, 1)])
-    assert [r["round"] for r in sp.ledger.archived(key)] == [1, 2, 3, 4]
+    assert [r["round"] for r in sp.ledger.archived(key)] == [1, 2, 3, 4, 5]  # ids first (the reserve), then archived
     every = sp.ledger.all_rounds(key)
-    assert [(r["run"], r["round"]) for r in every] == [("old", i) for i in range(1, 7)] + [("new", 1)]
-    assert sum(r["steps"] for r in every) == sum(x for _, _, x in site_entry(cfg, s).history) == 7
+    assert [(r["run"], r["round"]) for r in every] == [("old", i) for i in (1, 2, 3, 4, 5, 6, 6)] + [("new", 1)]
+    assert len({r["id"] for r in every}) == 8
+    assert sum(r["steps"] for r in every) == sum(x for _, _, x in site_entry(cfg, s).history) == 8
+
+
+def test_a_round_taken_over_keeps_its_line_for_the_replay(tmp_path, monkeypatch):
+    """Run a's round was charged ahead and its process died; run b then trained a round (its update
+    saved); run a's round, asked again, is trained under its charge and saved last. Its line is
+    confirmed last, so it is the one kept for the replay however many lines follow."""
+    import client.privacy_state as ps
+    from client.privacy_state import SitePrivacy, dataset_key
+    from client.site import request_digest
+
+    monkeypatch.setattr(ps, "ROUND_LINES_KEPT", 1)
+    cfg, s, arrays = cfg_(), site_(tmp_path), global_arrays(cfg_())
+    data, _ = site_dataset(cfg, s)
+    plan, key = make_plan(cfg, len(data)), dataset_key(cfg, data)
+    digest = request_digest(cfg, s, key=key, run_name="run-a", server_round=1, proximal_mu=0.0, global_arrays=arrays)
+    SitePrivacy(cfg, s, key).reserve(plan, plan.steps_per_round,
+                                     line={"run": "a", "family": "vae", "round": 1, "request": digest})
+    train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-b")
+    assert train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a").metrics[R.REPLAYED] == 0.0  # taken over
+    _cycles(cfg, s, 2)  # two audit-like releases after it
+    steps = sum(x for _, _, x in site_entry(cfg, s).history)
+    res = train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    assert res.metrics[R.REPLAYED] == 1.0 and sum(x for _, _, x in site_entry(cfg, s).history) == steps == 2 * STEPS + 2
