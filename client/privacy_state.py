@@ -496,12 +496,31 @@ class SitePrivacy:
                  "under that charge", self.ledger.path, line.get("round"))
         return Reservation(plan, int(line["steps"]), now, now, self.budget, line["id"])
 
+    def settle_sent(self, request: str) -> None:
+        """The saved update of ``request`` is being sent again: a pending line for it (its process
+        saved the update, then died before confirming) becomes confirmed at the steps charged
+        ahead, which stay in the history as they are (an over-count if training had stopped
+        early). :meth:`adopt` takes over pending lines only, so once an update has left, its
+        request is never trained again under the same charge; asked after another round's
+        update replaced the saved one, it is trained and charged anew."""
+        def pending(entry: LedgerEntry) -> dict | None:
+            return next((r for r in entry.rounds if r.get("request") == request and r.get("state") == "pending"), None)
+
+        if self.ledger is None or pending(self.load()) is None:
+            return  # the usual replay (its line confirmed): the ledger is not written
+        with self._entry() as entry:
+            line = pending(entry)
+            if line is not None:
+                line.update({"state": "confirmed", "sent-again": True})
+                entry.rounds.remove(line)
+                entry.rounds.append(line)  # confirmation order (ROUND_LINES_KEPT)
+
     def confirm(self, res: Reservation, charged: list[HistoryEntry], **extra) -> float:
         """Replace the pending charge by what the accountant ``charged``; return the site's epsilon now."""
         plan = res.plan
         with self._entry() as entry:
             line = next((r for r in entry.rounds if r.get("id") == res.line_id), None)
-            if line is None:
+            if line is None or line.get("state") != "pending":
                 raise LedgerError(f"the pending charge {res.line_id} is no longer in the ledger; it was edited "
                                   "during the round")
             history = _without(entry.history, (plan.noise_multiplier, plan.sample_rate, res.steps))

@@ -236,6 +236,9 @@ def _train_round(
         replay = saved.load(key_digest) if paid else None
         if replay is not None:
             arrays, sent = replay
+            # A pending line whose update goes out now is settled at its charge: adopt() must never
+            # train that request again under the same charge once this update has left.
+            sp.settle_sent(key_digest)
             log.info("site %d: round %d of run %s asked again with the same model and settings: sending the "
                      "update already trained and paid for (epsilon stays %.4f)", site.partition_id, server_round,
                      run_name, spent)

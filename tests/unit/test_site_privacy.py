@@ -641,3 +641,21 @@ def test_a_round_taken_over_keeps_its_line_for_the_replay(tmp_path, monkeypatch)
     steps = sum(x for _, _, x in site_entry(cfg, s).history)
     res = train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
     assert res.metrics[R.REPLAYED] == 1.0 and sum(x for _, _, x in site_entry(cfg, s).history) == steps == 2 * STEPS + 2
+
+
+def test_an_update_sent_again_from_a_pending_charge_is_never_trained_again_under_it(tmp_path, monkeypatch):
+    """Round 1 saved its update and its process died before confirming; asked again, the saved
+    update is sent (no charge). Round 2 then replaces the saved update; round 1 asked a third
+    time must be trained under a new charge, not taken over under the old one (two different
+    updates for one charge)."""
+    cfg, s, arrays = cfg_(), site_(tmp_path), global_arrays(cfg_())
+    restore = _failing_write(monkeypatch, fail_on=2)  # the confirmation after training
+    with pytest.raises(OSError, match="disk full"):
+        train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    restore()
+    res = train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    assert res.metrics[R.REPLAYED] == 1.0 and [r["state"] for r in site_entry(cfg, s).rounds] == ["confirmed"]
+    train_round(cfg, s, arrays, 2, RecordDict(), run_name="run-a")
+    assert sum(x for _, _, x in site_entry(cfg, s).history) == 2 * STEPS
+    res = train_round(cfg, s, arrays, 1, RecordDict(), run_name="run-a")
+    assert res.metrics[R.REPLAYED] == 0.0 and sum(x for _, _, x in site_entry(cfg, s).history) == 3 * STEPS
