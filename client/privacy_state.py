@@ -521,8 +521,9 @@ class SitePrivacy:
         with self._entry() as entry:
             line = next((r for r in entry.rounds if r.get("id") == res.line_id), None)
             if line is None or line.get("state") != "pending":
-                raise LedgerError(f"the pending charge {res.line_id} is no longer in the ledger; it was edited "
-                                  "during the round")
+                raise LedgerError(f"the pending charge {res.line_id} is no longer pending in the ledger "
+                                  f"({'gone' if line is None else 'already ' + str(line.get('state'))}); it was "
+                                  "edited during the round")
             history = _without(entry.history, (plan.noise_multiplier, plan.sample_rate, res.steps))
             entry.history = privacy.compact([*history, *charged])
             entry.epsilon = privacy.epsilon(entry.history, plan.delta, plan.accountant)
