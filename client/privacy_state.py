@@ -277,7 +277,7 @@ class Ledger:
 
         Not verified: no privacy decision reads the archive (epsilon comes from the checksummed
         history, a replay from the file's lines); it is the record of old rounds for operators,
-        beside the site's hash-chained log of every request (``client/site_log.py``). A line that
+        beside the site's hash-chained log of requests (``client/site_log.py``). A line that
         does not parse is skipped: the torn end of an append the machine died in, whose lines the
         ledger file still holds."""
         if not self.archive_path.exists():
