@@ -311,6 +311,20 @@ def _once(lines) -> list[dict]:
     return out
 
 
+def _pending_line(entry: LedgerEntry, request: str) -> dict | None:
+    """The pending line that charged ``request`` ahead, if there is one."""
+    return next((r for r in entry.rounds if r.get("request") == request and r.get("state") == "pending"), None)
+
+
+def _confirmed(entry: LedgerEntry, line: dict, fields: dict) -> None:
+    """Mark ``line`` confirmed (with ``fields``) and move it to the end: lines are kept in the order
+    they were confirmed, so the newest confirmed line naming a request is the update saved last (a
+    round taken over is saved and confirmed after others), the line :func:`_archivable` keeps."""
+    line.update({**fields, "state": "confirmed"})
+    entry.rounds.remove(line)
+    entry.rounds.append(line)
+
+
 def _archivable(rounds: list[dict]) -> list[dict]:
     """The confirmed lines older than the newest :data:`ROUND_LINES_KEPT` (a version-1 line, which has
     no state, is a confirmed one), but for the newest confirmed line that names a request; pending
@@ -488,7 +502,7 @@ class SitePrivacy:
             return None
         with self.ledger.locked():
             entry = self._from_file(self.ledger.read())
-        line = next((r for r in entry.rounds if r.get("request") == request and r.get("state") == "pending"), None)
+        line = _pending_line(entry, request)
         if line is None or (line["noise"], line["sample_rate"]) != (plan.noise_multiplier, plan.sample_rate):
             return None
         now = privacy.epsilon(entry.history, plan.delta, plan.accountant)
@@ -503,17 +517,12 @@ class SitePrivacy:
         early). :meth:`adopt` takes over pending lines only, so once an update has left, its
         request is never trained again under the same charge; asked after another round's
         update replaced the saved one, it is trained and charged anew."""
-        def pending(entry: LedgerEntry) -> dict | None:
-            return next((r for r in entry.rounds if r.get("request") == request and r.get("state") == "pending"), None)
-
-        if self.ledger is None or pending(self.load()) is None:
+        if self.ledger is None or _pending_line(self.load(), request) is None:
             return  # the usual replay (its line confirmed): the ledger is not written
         with self._entry() as entry:
-            line = pending(entry)
+            line = _pending_line(entry, request)
             if line is not None:
-                line.update({"state": "confirmed", "sent-again": True})
-                entry.rounds.remove(line)
-                entry.rounds.append(line)  # confirmation order (ROUND_LINES_KEPT)
+                _confirmed(entry, line, {"sent-again": True})
 
     def confirm(self, res: Reservation, charged: list[HistoryEntry], **extra) -> float:
         """Replace the pending charge by what the accountant ``charged``; return the site's epsilon now."""
@@ -527,11 +536,7 @@ class SitePrivacy:
             history = _without(entry.history, (plan.noise_multiplier, plan.sample_rate, res.steps))
             entry.history = privacy.compact([*history, *charged])
             entry.epsilon = privacy.epsilon(entry.history, plan.delta, plan.accountant)
-            line.update({"steps": int(sum(s for _, _, s in charged)), "state": "confirmed", **extra})
-            # Lines in the order they were confirmed: the newest confirmed line naming a request is
-            # then the update saved last (a round taken over is saved and confirmed after others).
-            entry.rounds.remove(line)
-            entry.rounds.append(line)
+            _confirmed(entry, line, {"steps": int(sum(s for _, _, s in charged)), **extra})
             eps = entry.epsilon
         return eps
 
